@@ -1,0 +1,132 @@
+"""InstantBooth as one object: the concept encoder and patch encoder heads plus one adapter per transformer block,
+with the layout that ties adapters to a denoiser's blocks (seed 000)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .encoders import ConceptEncoder, PatchEncoder
+
+FAMILIES = {
+    # base-model family -> text-encoder width (the concept token's width); "toy" is the project's own toy world
+    "sd1": 768,
+    "sd2": 1024,
+    "sdxl": 2048,
+    "toy": None,
+}
+
+
+@dataclass
+class AdapterLayout:
+    """Where the adapters go. Index i is the i-th transformer block in execution order (input/down blocks, middle,
+    output/up blocks), the order both ComfyUI and diffusers run them in.
+
+    dims/heads/levels are per block; ``levels`` is the resolution level (0 = full latent resolution, 1 = half, ...);
+    ``depths`` is the number of blocks in each spatial transformer, in the same order, so a host that numbers
+    transformers and blocks within them (ComfyUI's transformer_index/block_index) can find index i."""
+
+    dims: list[int]
+    heads: list[int]
+    levels: list[int]
+    depths: list[int]
+
+    def __post_init__(self):
+        n = len(self.dims)
+        if not (len(self.heads) == len(self.levels) == n) or sum(self.depths) != n:
+            raise ValueError(f"inconsistent adapter layout: {n} dims, {len(self.heads)} heads, {len(self.levels)} "
+                             f"levels, depths summing to {sum(self.depths)}")
+        self._offsets = [sum(self.depths[:i]) for i in range(len(self.depths))]
+
+    def __len__(self) -> int:
+        return len(self.dims)
+
+    def index(self, transformer_index: int, block_index: int) -> int:
+        """Adapter index of block ``block_index`` inside spatial transformer ``transformer_index``."""
+        if not 0 <= transformer_index < len(self.depths) or not 0 <= block_index < self.depths[transformer_index]:
+            raise IndexError(f"no adapter for transformer {transformer_index}, block {block_index}: this layout has "
+                             f"depths {self.depths}")
+        return self._offsets[transformer_index] + block_index
+
+    def select(self, skip_levels: Iterable[int] = (), skip_blocks: Iterable[int] = ()) -> list[bool]:
+        """Which adapters run, leaving out whole resolution levels and/or single blocks (as IP-Adapter users weight
+        layers). The full-resolution level holds most of the adapters' cost."""
+        skip_levels, skip_blocks = set(skip_levels), set(skip_blocks)
+        unknown = skip_blocks - set(range(len(self)))
+        if unknown:
+            raise ValueError(f"blocks {sorted(unknown)} do not exist; this model has adapters 0..{len(self) - 1}")
+        return [lvl not in skip_levels and i not in skip_blocks for i, lvl in enumerate(self.levels)]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class InstantBoothConfig:
+    vision_global_dim: int  # width of the backbone's global feature (CLIP image_embeds)
+    vision_token_dim: int  # width of the backbone's tokens (CLIP last_hidden_state)
+    tokens_per_image: int  # 257 for ViT-L/14 at 224 px
+    ctx_dim: int  # text-encoder width: f_c and f_p live there
+    layout: AdapterLayout
+    family: str = "sd1"
+    identifier: str = "sks"
+    class_noun: str = "person"
+    alpha: float = 0.4  # concept-token renormalisation at inference (eq. 6)
+    beta: float = 0.3  # adapter weight at inference (1 during training)
+    image_size: int = 224  # backbone input size
+    crop_margin: float = 0.1  # preprocessing used in training, repeated at inference
+    background: float = 0.0
+    extra: dict = field(default_factory=dict)  # training settings etc., kept in the file's metadata
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown base-model family {self.family!r}; expected one of {sorted(FAMILIES)}")
+        want = FAMILIES[self.family]
+        if want is not None and want != self.ctx_dim:
+            raise ValueError(f"family {self.family} has text width {want}, but ctx_dim is {self.ctx_dim}")
+
+
+@dataclass
+class Concept:
+    """What the encoders make of N images of one subject."""
+
+    f_c: torch.Tensor  # [ctx]
+    f_p: torch.Tensor  # [N*T, ctx]
+    identifier: str
+    class_noun: str
+    num_images: int
+
+
+class InstantBooth(nn.Module):
+    def __init__(self, config: InstantBoothConfig):
+        super().__init__()
+        self.config = config
+        self.concept_encoder = ConceptEncoder(config.vision_global_dim, config.ctx_dim)
+        self.patch_encoder = PatchEncoder(config.vision_token_dim, config.ctx_dim)
+        lay = config.layout
+        self.adapters = nn.ModuleList(Adapter(d, config.ctx_dim, h) for d, h in zip(lay.dims, lay.heads))
+
+    def encode(self, global_features: torch.Tensor, tokens: torch.Tensor, identifier: str | None = None,
+               class_noun: str | None = None) -> Concept:
+        """Backbone outputs of N images ([N, Dg] and [N, T, Dt]) -> Concept(f_c [ctx], f_p [N*T, ctx])."""
+        if global_features.ndim != 2 or tokens.ndim != 3 or global_features.shape[0] != tokens.shape[0]:
+            raise ValueError(f"expected global features [N, D] and tokens [N, T, D] for the same N images, got "
+                             f"{tuple(global_features.shape)} and {tuple(tokens.shape)}")
+        c = self.config
+        if global_features.shape[-1] != c.vision_global_dim or tokens.shape[-1] != c.vision_token_dim:
+            raise ValueError(f"the CLIP vision model gives features of width {global_features.shape[-1]} / tokens of "
+                             f"width {tokens.shape[-1]}, but this InstantBooth file was trained on a backbone with "
+                             f"{c.vision_global_dim} / {c.vision_token_dim}: load the matching CLIP vision model.")
+        dtype = self.concept_encoder.fc.weight.dtype
+        f_c = self.concept_encoder(global_features.to(dtype))
+        f_p = self.patch_encoder(tokens.to(dtype))
+        return Concept(f_c=f_c, f_p=f_p, identifier=identifier or c.identifier,
+                       class_noun=class_noun or c.class_noun, num_images=tokens.shape[0])
+
+    def patch_kv(self, f_p: torch.Tensor, enabled: list[bool] | None = None) -> list:
+        """Keys/values of f_p for every adapter (None where disabled): computed once, reused at every step."""
+        f_p = f_p if f_p.ndim == 3 else f_p[None]
+        return [a.patch_kv(f_p) if enabled is None or enabled[i] else None for i, a in enumerate(self.adapters)]

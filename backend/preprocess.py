@@ -1,0 +1,93 @@
+"""Conditioning-image preprocessing of InstantBooth (seed 000, sec. 3.2): crop each image to its subject's mask box,
+mask out the background, resize to the backbone's input size and apply CLIP normalisation. Training adds heavy
+augmentation that moves image and mask together. Images are [N, 3, H, W] floats in [0, 1], masks [N, 1, H, W]."""
+from __future__ import annotations
+
+import torch
+from kornia.geometry.transform import crop_and_resize
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _check(images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+    if masks is None:
+        return torch.ones_like(images[:, :1])
+    if masks.ndim == 3:
+        masks = masks[:, None]
+    if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"{masks.shape[0]} masks of size {tuple(masks.shape[-2:])} do not match "
+                         f"{images.shape[0]} images of size {tuple(images.shape[-2:])}")
+    return masks.to(images.dtype)
+
+
+def mask_boxes(masks: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """Square box around each mask's subject, grown by ``margin`` of its side: [N, 4, 2] corner points
+    (top-left, top-right, bottom-right, bottom-left, x/y) as kornia's crop_and_resize wants them.
+    An empty mask gives the whole image."""
+    n, _, h, w = masks.shape
+    boxes = []
+    for m in masks[:, 0] > 0.5:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if len(ys) == 0:
+            y0, y1, x0, x1 = 0.0, h - 1.0, 0.0, w - 1.0
+        else:
+            y0, y1, x0, x1 = ys.min().item(), ys.max().item(), xs.min().item(), xs.max().item()
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        half = max(y1 - y0, x1 - x0) / 2 * (1 + 2 * margin) + 0.5
+        # stay inside the image where possible, so the crop is filled with pixels, not padding
+        half = min(half, max(h, w) / 2)
+        cy = min(max(cy, half - 0.5), h - half - 0.5) if 2 * half <= h else (h - 1) / 2
+        cx = min(max(cx, half - 0.5), w - half - 0.5) if 2 * half <= w else (w - 1) / 2
+        t, b, l, r = cy - half + 0.5, cy + half - 0.5, cx - half + 0.5, cx + half - 0.5
+        boxes.append([[l, t], [r, t], [r, b], [l, b]])
+    return torch.tensor(boxes, dtype=torch.float32, device=masks.device)
+
+
+def crop_to_mask(images: torch.Tensor, masks: torch.Tensor | None, size: int, margin: float = 0.1,
+                 background: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop to each subject, fill the background with ``background``, resize to size×size.
+    Returns the masked crops in [0, 1] and their masks."""
+    masks = _check(images, masks)
+    boxes = mask_boxes(masks, margin).to(images.dtype)
+    # mask at full resolution first, so resizing never blends background pixels into the subject's edge;
+    # shifting by the background value makes the crop's zero padding come out as background too
+    masked = (images - background) * masks
+    crops = crop_and_resize(masked, boxes, (size, size), mode="bilinear") + background
+    crop_masks = (crop_and_resize(masks, boxes, (size, size), mode="bilinear") > 0.5).to(images.dtype)
+    return crops, crop_masks
+
+
+def clip_normalize(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    mean = torch.tensor(mean, dtype=images.dtype, device=images.device)[:, None, None]
+    std = torch.tensor(std, dtype=images.dtype, device=images.device)[:, None, None]
+    return (images - mean) / std
+
+
+def prepare_concept_images(images: torch.Tensor, masks: torch.Tensor | None, size: int, margin: float = 0.1,
+                           background: float = 0.0, normalize: bool = True) -> torch.Tensor:
+    """The inference path: crop, mask, resize, normalise (no augmentation, as in the paper)."""
+    crops, _ = crop_to_mask(images, masks, size, margin, background)
+    return clip_normalize(crops) if normalize else crops
+
+
+class TrainAugment:
+    """Heavy augmentation for the conditioning images in training: flip, scale/crop, rotation and colour jitter,
+    applied to image and mask with the same parameters so the mask stays on the subject."""
+
+    def __init__(self, degrees: float = 15.0, scale: tuple[float, float] = (0.75, 1.15), jitter: float = 0.2,
+                 p_flip: float = 0.5):
+        import kornia.augmentation as K  # kornia's augmentation module is slow to import; only training needs it
+
+        self.geometric = K.AugmentationSequential(
+            K.RandomHorizontalFlip(p=p_flip),
+            K.RandomAffine(degrees=degrees, translate=(0.05, 0.05), scale=scale, p=1.0),
+            data_keys=["input", "mask"],
+        )
+        self.color = K.ColorJitter(jitter, jitter, jitter, jitter / 4, p=0.8)
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = self.geometric(images, masks)
+        return self.color(images).clamp(0, 1), (masks > 0.5).to(images.dtype)

@@ -1,0 +1,145 @@
+"""The diffusers host: InstantBooth on a diffusers ``UNet2DConditionModel`` and text encoder.
+
+The adapters go between self- and cross-attention of every ``BasicTransformerBlock`` through forward hooks (a
+pre-hook on the block keeps its input, a hook on ``attn1`` adds the adapter's gated residual), so the UNet's modules
+and weights are never touched and ``remove()`` restores bit-identical outputs."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from ..backend.identifier import find_identifier_rows, inject_concept
+from ..backend.instantbooth import AdapterLayout, Concept, InstantBooth
+from ..backend.preprocess import prepare_concept_images
+
+log = logging.getLogger(__name__)
+
+
+def transformer_blocks(unet) -> list[tuple[object, int, int]]:
+    """(BasicTransformerBlock, level, transformer number) for every block, in execution order."""
+    out = []
+    n_levels = len(unet.down_blocks)
+    stages = [(b, i) for i, b in enumerate(unet.down_blocks)]
+    if unet.mid_block is not None:
+        stages.append((unet.mid_block, n_levels - 1))
+    stages += [(b, n_levels - 1 - j) for j, b in enumerate(unet.up_blocks)]
+    t = 0
+    for stage, level in stages:
+        for transformer in getattr(stage, "attentions", None) or []:
+            for block in transformer.transformer_blocks:
+                out.append((block, level, t))
+            t += 1
+    return out
+
+
+def adapter_layout(unet) -> AdapterLayout:
+    """The adapter layout of a UNet, read from its modules (widths and heads from the blocks themselves)."""
+    blocks = transformer_blocks(unet)
+    if not blocks:
+        raise ValueError("this UNet has no transformer blocks; InstantBooth needs a UNet with cross-attention blocks")
+    depths: list[int] = []
+    for _, _, t in blocks:
+        if t == len(depths):
+            depths.append(0)
+        depths[t] += 1
+    return AdapterLayout(dims=[b.attn1.to_q.in_features for b, _, _ in blocks],
+                         heads=[b.attn1.heads for b, _, _ in blocks],
+                         levels=[lvl for _, lvl, _ in blocks], depths=depths)
+
+
+class InstantBoothHooks:
+    """InstantBooth's adapters attached to a diffusers UNet. Use as a context manager or call ``remove()``.
+
+    Keys/values of f_p are computed once here and reused at every denoising step."""
+
+    def __init__(self, unet, instantbooth: InstantBooth, f_p: torch.Tensor, beta: float,
+                 enabled: Sequence[bool] | None = None):
+        layout = adapter_layout(unet)
+        want = instantbooth.config.layout
+        if (layout.dims, layout.depths) != (want.dims, want.depths):
+            raise ValueError(f"the UNet's transformer blocks (widths {layout.dims}, depths {layout.depths}) do not "
+                             f"match the InstantBooth file's (widths {want.dims}, depths {want.depths}); the file is "
+                             f"for another base model")
+        self.instantbooth, self.beta = instantbooth, float(beta)
+        self.enabled = list(enabled) if enabled is not None else [True] * len(layout)
+        with torch.no_grad():
+            self.kv = instantbooth.patch_kv(f_p, self.enabled) if self.beta != 0 else [None] * len(layout)
+        self._handles = []
+        for i, (block, _, _) in enumerate(transformer_blocks(unet)):
+            if getattr(block, "norm_type", "layer_norm") not in ("layer_norm", "layer_norm_i2vgen"):
+                self.remove()
+                raise ValueError(f"transformer block {i} uses norm_type {block.norm_type!r}; the InstantBooth adapter "
+                                 f"supports Stable Diffusion's layer-norm blocks only")
+            if self.beta == 0 or not self.enabled[i]:
+                continue
+            state = {}
+            self._handles.append(block.register_forward_pre_hook(self._keep_input(state), with_kwargs=True))
+            self._handles.append(block.attn1.register_forward_hook(self._add_adapter(i, state)))
+
+    @staticmethod
+    def _keep_input(state):
+        def hook(module, args, kwargs):
+            state["x"] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _add_adapter(self, i: int, state):
+        adapter = self.instantbooth.adapters[i]
+
+        def hook(module, args, output):
+            # the block will compute output + x; the adapter sees y = output + x and adds its gated residual
+            return output + adapter.residual(output + state["x"], beta=self.beta, kv=self.kv[i])
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def encode_images(vision_model, images: torch.Tensor, masks: torch.Tensor | None, instantbooth: InstantBooth):
+    """Run the frozen CLIP vision backbone (transformers ``CLIPVisionModelWithProjection``) on the preprocessed
+    concept images: -> (global features [N, D] = image_embeds, tokens [N, T, D] = last_hidden_state)."""
+    c = instantbooth.config
+    pixels = prepare_concept_images(images, masks, c.image_size, c.crop_margin, c.background)
+    param = next(vision_model.parameters())
+    with torch.no_grad():
+        out = vision_model(pixel_values=pixels.to(param.device, param.dtype))
+    return out.image_embeds, out.last_hidden_state
+
+
+def tokenize_chunks(tokenizer, prompt: str) -> list[list[int]]:
+    """One chunk of model_max_length tokens, as the diffusers pipelines feed the text encoder (longer prompts are
+    truncated there; the ComfyUI nodes handle any number of chunks)."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    return [list(ids)]
+
+
+def identifier_rows(tokenizer, prompt: str, identifier: str) -> list[int]:
+    ident_ids = tokenizer(identifier, add_special_tokens=False).input_ids
+    rows = find_identifier_rows(tokenize_chunks(tokenizer, prompt), ident_ids)
+    if not rows:
+        raise ValueError(f"the prompt {prompt!r} does not contain the identifier {identifier!r} within its first "
+                         f"{tokenizer.model_max_length} tokens; add it before the class noun (e.g. "
+                         f"'a photo of {identifier} {{class noun}}')")
+    return rows
+
+
+def encode_prompt(text_encoder, tokenizer, prompt: str) -> torch.Tensor:
+    """SD1.x/SD2.x/toy text conditioning, as diffusers' StableDiffusionPipeline computes it: [1, 77, ctx]."""
+    ids = torch.tensor(tokenize_chunks(tokenizer, prompt), device=text_encoder.device)
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def condition_with_concept(cond: torch.Tensor, tokenizer, prompt: str, concept: Concept, alpha: float) -> torch.Tensor:
+    """Replace the identifier's rows of an encoded prompt by α·f_c."""
+    rows = identifier_rows(tokenizer, prompt, concept.identifier)
+    return inject_concept(cond, rows, concept.f_c, alpha)

@@ -1,0 +1,55 @@
+"""Tiny random-weight models of the real architectures, built in milliseconds (diffusers' test configs)."""
+def tiny_unet(cross_attention_dim: int = 32, depth: int = 1, sample_size: int = 16):
+    """A diffusers UNet2DConditionModel of the SD layout, a few thousand parameters (diffusers' own test config)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, sample_size=sample_size,
+        in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2, transformer_layers_per_block=depth,
+    ).eval()
+
+
+def tiny_clip_vision(image_size: int = 32, hidden: int = 24, proj: int = 16):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=2, num_attention_heads=2, projection_dim=proj)
+    return CLIPVisionModelWithProjection(cfg).eval()
+
+
+def tiny_clip_text(hidden: int = 32, vocab: int = 99):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=1)
+    return CLIPTextModel(cfg).eval()
+
+
+def tiny_tokenizer(folder, words=("a", "photo", "of", "sks", "cat", "dog", "on", "grass", "the", "beach", "man")):
+    """A real CLIPTokenizer over a handful of whole words (BPE merges that build each word from its letters)."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = {}, []
+    for c in sorted(set("".join(words))):
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    for w in words:
+        cur = w[0]
+        for i, ch in enumerate(w[1:], 1):
+            nxt = ch + "</w>" if i == len(w) - 1 else ch
+            merges.append(f"{cur} {nxt}")
+            cur += nxt
+            vocab.setdefault(cur, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
