@@ -54,7 +54,7 @@ class InstantBoothHooks:
 
     Keys/values of f_p are computed once here and reused at every denoising step."""
 
-    def __init__(self, unet, instantbooth: InstantBooth, f_p: torch.Tensor, beta: float,
+    def __init__(self, unet, instantbooth: InstantBooth, f_p: torch.Tensor | None, beta: float,
                  enabled: Sequence[bool] | None = None):
         layout = adapter_layout(unet)
         want = instantbooth.config.layout
@@ -64,8 +64,10 @@ class InstantBoothHooks:
                              f"for another base model")
         self.instantbooth, self.beta = instantbooth, float(beta)
         self.enabled = list(enabled) if enabled is not None else [True] * len(layout)
-        with torch.no_grad():
-            self.kv = instantbooth.patch_kv(f_p, self.enabled) if self.beta != 0 else [None] * len(layout)
+        self.kv = [None] * len(layout)
+        if f_p is not None:
+            with torch.no_grad():  # sampling: f_p is fixed for the whole run
+                self.set_f_p(f_p)
         self._handles = []
         for i, (block, _, _) in enumerate(transformer_blocks(unet)):
             if getattr(block, "norm_type", "layer_norm") not in ("layer_norm", "layer_norm_i2vgen"):
@@ -77,6 +79,12 @@ class InstantBoothHooks:
             state = {}
             self._handles.append(block.register_forward_pre_hook(self._keep_input(state), with_kwargs=True))
             self._handles.append(block.attn1.register_forward_hook(self._add_adapter(i, state)))
+
+    def set_f_p(self, f_p: torch.Tensor) -> None:
+        """Keys/values of f_p ([M, ctx] or per sample [B, M, ctx]) for every enabled adapter. In training this runs
+        with gradients on every step, so they flow back into the patch encoder and the adapters."""
+        self.kv = (self.instantbooth.patch_kv(f_p, self.enabled) if self.beta != 0
+                   else [None] * len(self.enabled))
 
     @staticmethod
     def _keep_input(state):

@@ -53,3 +53,38 @@ def tiny_tokenizer(folder, words=("a", "photo", "of", "sks", "cat", "dog", "on",
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, sample_size=32).eval()
+
+
+def tiny_sd_folder(folder, with_vae: bool = True, cross_attention_dim: int = 32):
+    """A diffusers model folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/, vae/) of tiny
+    random models, loadable by the same code as a real SD1.x folder."""
+    import json
+    from pathlib import Path
+
+    from diffusers import DDPMScheduler
+
+    folder = Path(folder)
+    tok = tiny_tokenizer(folder / "tokenizer_src")
+    tok.save_pretrained(folder / "tokenizer")
+    tiny_clip_text(hidden=cross_attention_dim, vocab=len(tok.get_vocab())).save_pretrained(folder / "text_encoder")
+    unet = tiny_unet(cross_attention_dim=cross_attention_dim, sample_size=16)
+    if not with_vae:
+        from diffusers import UNet2DConditionModel
+
+        cfg = dict(unet.config)
+        cfg.update(in_channels=3, out_channels=3)
+        unet = UNet2DConditionModel.from_config(cfg)
+    unet.save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    if with_vae:
+        tiny_vae().save_pretrained(folder / "vae")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder

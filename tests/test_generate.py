@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import tiny_clip_vision, tiny_sd_folder
+
+from boothkit.backend.formats import save_instantbooth
+from boothkit.backend.instantbooth import InstantBooth, InstantBoothConfig
+from boothkit.hosts.diffusers_host import adapter_layout
+from boothkit.hosts.generate import main as generate
+from boothkit.hosts.loading import load_sd
+
+
+def write_subject(folder, n=2, size=40):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        m = np.zeros((size, size), np.uint8)
+        m[5:30, 8:33] = 255
+        Image.fromarray(m).save(folder / f"img{i}_mask.png")
+    return folder
+
+
+@pytest.mark.parametrize("with_vae", [True, False])
+def test_generate_end_to_end_on_a_diffusers_folder(tmp_path, with_vae):
+    sd = tiny_sd_folder(tmp_path / "sd", with_vae=with_vae)
+    model = load_sd(sd)
+    assert model.family == "toy" and (model.vae is not None) == with_vae
+    vision = tiny_clip_vision()
+    vision.save_pretrained(tmp_path / "vision")
+    cfg = InstantBoothConfig(vision_global_dim=16, vision_token_dim=24, tokens_per_image=17, ctx_dim=32,
+                             layout=adapter_layout(model.unet), family="toy", class_noun="cat", image_size=32)
+    ib = InstantBooth(cfg)
+    with torch.no_grad():
+        for a in ib.adapters:
+            a.gate.fill_(1.0)
+    save_instantbooth(tmp_path / "ib.safetensors", ib)
+    images = write_subject(tmp_path / "subject")
+    out = tmp_path / "out.png"
+    common = ["--model", str(sd), "--clip-vision", str(tmp_path / "vision"), "--instantbooth",
+              str(tmp_path / "ib.safetensors"), "--images", str(images), "--prompt", "a photo of a cat on grass",
+              "--steps", "3", "--seed", "1"]
+    assert generate(common + ["--out", str(out)]) == 0
+    img = np.asarray(Image.open(out))
+    side = model.resolution
+    assert img.shape == (side, side, 3)
+    # β=0 switches the adapters off: a different image from the same seed
+    generate(common + ["--beta", "0", "--out", str(tmp_path / "b0.png")])
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "b0.png")), img)
+    with pytest.raises(ValueError, match="neither the identifier 'sks' nor a class noun"):
+        generate(common[:-6] + ["--prompt", "a photo of grass", "--out", str(out)])

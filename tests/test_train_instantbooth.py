@@ -1,0 +1,173 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import tiny_clip_vision, tiny_sd_folder
+
+from boothkit.backend.formats import load_instantbooth, read_safetensors
+from boothkit.training.cli import main as train_main
+from boothkit.training.data import DataError, FolderDataset
+from boothkit.training.trainer import TrainingStopped
+
+
+def write_dataset(folder, n=6, size=32, captions=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+        m = np.zeros((size, size), np.uint8)
+        m[4:24, 6:28] = 255
+        Image.fromarray(m).save(folder / f"{i:03d}_mask.png")
+        if captions:
+            (folder / f"{i:03d}.txt").write_text(["a photo of a cat on grass", "a cat on the beach"][i % 2])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    sd = tiny_sd_folder(root / "sd", with_vae=True)
+    tiny_clip_vision().save_pretrained(root / "vision")
+    data = write_dataset(root / "data")
+    val = write_dataset(root / "val", n=2)
+    cfg = root / "ib.toml"
+    cfg.write_text(f"""
+[model]
+base = "{sd}"
+clip_vision = "{root / 'vision'}"
+[data]
+train = "{data}"
+validation = "{val}"
+[method]
+category = "cat"
+lr_adapters = 1e-3
+sample_steps = 2
+validation_images = 1
+[train]
+batch_size = 2
+steps = 2
+checkpoint_every = 2
+log_every = 1
+""")
+    return root, cfg
+
+
+def weights(path):
+    return read_safetensors(path)[0]
+
+
+def test_two_steps_write_the_file_the_nodes_load(setup, tmp_path):
+    root, cfg = setup
+    out = tmp_path / "run"
+    assert train_main(["instantbooth", "--config", str(cfg), "--output-dir", str(out)]) == 0
+    path = out / "instantbooth.safetensors"
+    tensors, meta = read_safetensors(path)
+    assert meta["format"] == "boothkit.instantbooth" and meta["family"] == "toy"
+    assert all(k.startswith(("concept_encoder.", "patch_encoder.", "adapters.")) for k in tensors), "heads+adapters only"
+    training = json.loads(meta["training"])
+    assert training["config"]["train"]["steps"] == 2 and training["settings"]["lr_heads"] == 1e-4
+    ib = load_instantbooth(path, family="toy", ctx_dim=32)
+    assert any(float(a.gate) != 0 for a in ib.adapters), "the gates were trained"
+    assert (out / "checkpoints" / "checkpoint-0000002.safetensors").exists()
+    assert list((out / "samples").glob("*.png")), "sample grid written"
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(setup, tmp_path):
+    root, cfg = setup
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["instantbooth", "--config", str(cfg), "--set", "train.checkpoint_every=2"]
+    train_main(common + ["--output-dir", str(full), "--steps", "4"])
+    train_main(common + ["--output-dir", str(part), "--steps", "2"])
+    train_main(common + ["--output-dir", str(part), "--steps", "4", "--resume"])
+    a, b = weights(full / "instantbooth.safetensors"), weights(part / "instantbooth.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches(setup, tmp_path):
+    """Kill the trainer process hard right after a checkpoint, resume, and compare with an uninterrupted run."""
+    root, cfg = setup
+    args = ["instantbooth", "--config", str(cfg), "--set", "train.checkpoint_every=1", "--steps", "4"]
+    cmd = [sys.executable, "-m", "boothkit.cli", "train"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + args + ["--output-dir", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints" / "checkpoint-0000002.safetensors").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "instantbooth.safetensors").exists(), "killed before the end"
+    # same thread count in every run: float reductions depend on it
+    subprocess.run(cmd + args + ["--output-dir", str(killed), "--resume"], env=env, check=True, capture_output=True)
+    subprocess.run(cmd + args + ["--output-dir", str(tmp_path / "straight")], env=env, check=True,
+                   capture_output=True)
+    a = weights(killed / "instantbooth.safetensors")
+    b = weights(tmp_path / "straight" / "instantbooth.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    root, cfg = setup
+    from boothkit.training import instantbooth
+
+    real = instantbooth.InstantBoothTraining.loss
+    calls = {"n": 0}
+
+    def flaky(self, indices, g):
+        calls["n"] += 1
+        loss = real(self, indices, g)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(instantbooth.InstantBoothTraining, "loss", flaky)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingStopped, match=r"loss became \[nan\] at step 2.*checkpoint-0000002"):
+        train_main(["instantbooth", "--config", str(cfg), "--output-dir", str(out), "--steps", "4"])
+    assert not (out / "instantbooth.safetensors").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-0000002.safetensors"]
+
+
+def test_frozen_base_is_untouched(setup, tmp_path):
+    root, cfg = setup
+    from boothkit.hosts.loading import load_sd
+
+    before = {k: v.clone() for k, v in load_sd(root / "sd").unet.state_dict().items()}
+    train_main(["instantbooth", "--config", str(cfg), "--output-dir", str(tmp_path / "r")])
+    after = load_sd(root / "sd").unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dataset_errors_name_the_files(tmp_path):
+    d = write_dataset(tmp_path / "d", n=4)
+    (d / "001.txt").unlink()
+    (d / "002.txt").write_text("   ")
+    (d / "003.png").write_bytes(b"not an image")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "000_mask.png")
+    with pytest.raises(DataError) as e:
+        FolderDataset(d, 32)
+    msg = str(e.value)
+    assert "4 bad item(s)" in msg and "--skip-bad" in msg
+    assert "001.png: no caption" in msg and "002.png: empty caption" in msg
+    assert "003.png: cannot read the image" in msg and "000_mask.png: mask is 8x8 but its image is 32x32" in msg
+    write_dataset(tmp_path / "ok", n=3)
+    (tmp_path / "ok" / "002.txt").unlink()
+    ds = FolderDataset(tmp_path / "ok", 32, skip_bad=True)
+    assert len(ds) == 2
+
+
+def test_config_errors(setup, tmp_path):
+    root, cfg = setup
+    with pytest.raises(ValueError, match=r"\[train\] has unknown key\(s\) \['stepz'\]"):
+        train_main(["instantbooth", "--config", str(cfg), "--set", "train.stepz=3"])
+    with pytest.raises(ValueError, match="must look like section.key=value"):
+        train_main(["instantbooth", "--config", str(cfg), "--set", "steps=3"])

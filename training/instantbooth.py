@@ -1,0 +1,255 @@
+"""Training InstantBooth (seed 000, sec. 3.3): the concept-encoder head, the patch-encoder head and the adapters, on
+top of a frozen Stable Diffusion model and a frozen CLIP vision backbone.
+
+Recipe: the identifier is inserted before the class noun; the conditioning images are the (augmented, cropped,
+masked) images themselves, since no paired data is needed; the full image is the denoising target; β = 1; the FC
+heads learn at 1e-4 and the adapters at 1e-6; everything else is frozen."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..backend.formats import save_instantbooth
+from ..backend.identifier import class_nouns_for, insert_identifier
+from ..backend.instantbooth import InstantBooth, InstantBoothConfig
+from ..backend.preprocess import TrainAugment, prepare_concept_images
+from ..backend.identifier import find_identifier_rows
+from ..hosts.diffusers_host import InstantBoothHooks, adapter_layout, tokenize_chunks
+from ..hosts.loading import SDModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InstantBoothSettings:
+    identifier: str = "sks"
+    category: str = "person"  # picks the class-noun list (backend.identifier.CLASS_NOUNS) ...
+    class_nouns: list[str] = field(default_factory=list)  # ... extended by these
+    num_images: int = 1  # N conditioning images per concept
+    same_image: bool = True  # paper: condition on the target image itself; False: other images of its identity
+    class_noun_free_prob: float = 0.0  # share of prompts with the class noun removed ("a photo of sks")
+    lr_heads: float = 1e-4
+    lr_adapters: float = 1e-6
+    beta: float = 1.0  # adapter weight while training
+    alpha_inference: float = 0.4  # written into the file as the defaults for sampling
+    beta_inference: float = 0.3
+    crop_margin: float = 0.1
+    background: float = 0.0
+    augment: bool = True
+    cache_latents: bool = True  # VAE latents of the targets, computed once (no augmentation touches them)
+    cache_text: bool = True  # text-encoder outputs per caption, computed once (the text encoder is frozen)
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa | xformers
+    masked_loss: bool = False
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of sks {noun}"])
+    sample_steps: int = 25
+    sample_guidance: float = 5.0
+    validation_images: int = 4
+
+
+class InstantBoothTraining:
+    name = "instantbooth"
+
+    def __init__(self, model: SDModel, vision, dataset, settings: InstantBoothSettings, validation=None,
+                 device: torch.device | str = "cpu"):
+        s = self.s = settings
+        if s.attention not in ("sdpa", "xformers"):
+            raise ValueError(f"attention is {s.attention!r}; expected sdpa or xformers")
+        if s.num_images < 1:
+            raise ValueError("num_images must be at least 1")
+        self.model, self.vision, self.dataset, self.validation = model, vision, dataset, validation
+        self.device = torch.device(device)
+        for part in model.parts() + [vision]:
+            part.requires_grad_(False).eval().to(self.device)
+        if s.attention == "xformers":
+            model.unet.enable_xformers_memory_efficient_attention()  # raises a clear error if not installed
+        if s.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            model.unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout/BN to change
+
+        vc = vision.config
+        self.nouns = class_nouns_for(s.category, s.class_nouns)
+        config = InstantBoothConfig(
+            vision_global_dim=int(vc.projection_dim), vision_token_dim=int(vc.hidden_size),
+            tokens_per_image=(int(vc.image_size) // int(vc.patch_size)) ** 2 + 1, ctx_dim=model.ctx_dim,
+            layout=adapter_layout(model.unet), family=model.family, identifier=s.identifier,
+            class_noun=s.class_nouns[0] if s.class_nouns else s.category, alpha=s.alpha_inference,
+            beta=s.beta_inference, image_size=int(vc.image_size), crop_margin=s.crop_margin, background=s.background)
+        self.ib = InstantBooth(config).to(self.device)
+        self.module = self.ib
+        self.hooks = InstantBoothHooks(model.unet, self.ib, None, beta=s.beta)
+        self.augment = TrainAugment() if s.augment else None
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._latent_cache: torch.Tensor | None = None
+        self.prompts = [self._prompts(item.caption, item.path) for item in dataset.items]
+
+    # ---- prompts -----------------------------------------------------------------------------------
+    def _prompts(self, caption: str, path) -> tuple[str, str]:
+        """(prompt with the identifier before the class noun, the same without the class noun)."""
+        try:
+            with_noun = insert_identifier(caption, self.s.identifier, self.nouns)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        words = with_noun.split()
+        k = words.index(self.s.identifier) if self.s.identifier in words else -1
+        without = " ".join(words[: k + 1] + words[k + 2:]) if 0 <= k < len(words) - 1 else with_noun
+        return with_noun, without
+
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen text-encoder output per prompt (cached) and the identifier-row mask [B, T]."""
+        tok, te = self.model.tokenizer, self.model.text_encoder
+        ident = tok(self.s.identifier, add_special_tokens=False).input_ids
+        embs, masks = [], []
+        for p in prompts:
+            chunks = tokenize_chunks(tok, p)
+            if p not in self._text_cache:
+                with torch.no_grad():
+                    emb = te(torch.tensor(chunks, device=self.device))[0][0]
+                if not self.s.cache_text:
+                    embs.append(emb)
+                else:
+                    self._text_cache[p] = emb
+            if p in self._text_cache:
+                embs.append(self._text_cache[p])
+            rows = find_identifier_rows(chunks, ident)
+            if not rows:
+                raise ValueError(f"prompt {p!r} lost its identifier to truncation at {tok.model_max_length} tokens")
+            m = torch.zeros(len(chunks) * len(chunks[0]), dtype=torch.bool)
+            m[rows] = True
+            masks.append(m)
+        return torch.stack(embs), torch.stack(masks).to(self.device)
+
+    # ---- targets -----------------------------------------------------------------------------------
+    def _latents(self, indices: list[int]) -> torch.Tensor:
+        vae = self.model.vae
+        if vae is None:  # pixel space (toy world)
+            return self.dataset.images[indices].to(self.device) * 2 - 1
+        if self.s.cache_latents:
+            if self._latent_cache is None:
+                self._latent_cache = torch.cat([self._encode_vae(self.dataset.images[i:i + 16])
+                                                for i in range(0, len(self.dataset), 16)])
+            return self._latent_cache[indices]
+        return self._encode_vae(self.dataset.images[indices])
+
+    @torch.no_grad()
+    def _encode_vae(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        x = images.to(self.device, next(vae.parameters()).dtype) * 2 - 1
+        return vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+
+    # ---- the method --------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        heads = list(self.ib.concept_encoder.parameters()) + list(self.ib.patch_encoder.parameters())
+        return [{"params": heads, "lr": self.s.lr_heads}, {"params": list(self.ib.adapters.parameters()),
+                                                            "lr": self.s.lr_adapters}]
+
+    def concept_features(self, images: torch.Tensor, masks: torch.Tensor, b: int, n: int):
+        """[B*N] conditioning images -> (f_c [B, ctx], f_p [B, N*T, ctx]) through the frozen backbone and the heads."""
+        c = self.ib.config
+        pixels = prepare_concept_images(images, masks, c.image_size, c.crop_margin, c.background)
+        with torch.no_grad():
+            out = self.vision(pixel_values=pixels.to(self.device, next(self.vision.parameters()).dtype))
+        g = out.image_embeds.float().view(b, n, -1)
+        t = out.last_hidden_state.float().view(b, n, *out.last_hidden_state.shape[1:])
+        return self.ib.concept_encoder(g), self.ib.patch_encoder(t)
+
+    def loss(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        s, ds, b = self.s, self.dataset, len(indices)
+        latents = self._latents(indices)
+        use_free = torch.rand(b, generator=generator) < s.class_noun_free_prob
+        prompts = [self.prompts[i][int(f)] for i, f in zip(indices, use_free)]
+        text, rows = self._encode_text(prompts)
+
+        cidx = [j for i in indices for j in ds.concept_indices(i, s.num_images, generator, s.same_image)]
+        images, masks = ds.images[cidx], ds.masks[cidx]
+        if self.augment is not None:
+            images, masks = self.augment(images, masks)
+        f_c, f_p = self.concept_features(images.to(self.device), masks.to(self.device), b, s.num_images)
+        # the identifier's rows become f_c (α = 1 in training); every other row stays the frozen encoding
+        cond = torch.where(rows[..., None], f_c[:, None, :].to(text.dtype), text)
+        self.hooks.set_f_p(f_p)
+
+        sched = self.model.scheduler
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(self.device)
+        noisy = sched.add_noise(latents, noise, t)
+        pred = self.model.unet(noisy, t, encoder_hidden_states=cond).sample
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        err = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if s.masked_loss:
+            m = F.interpolate(ds.masks[indices].to(self.device), size=err.shape[-2:], mode="nearest")
+            return (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1)
+        return err.mean()
+
+    # ---- outputs -----------------------------------------------------------------------------------
+    def export(self, path: Path, weights: dict[str, torch.Tensor], config: dict) -> Path:
+        ib = InstantBooth(self.ib.config)
+        ib.config.extra = {"settings": asdict(self.s), "config": config}
+        ib.load_state_dict(weights)
+        return save_instantbooth(path, ib)
+
+    @torch.no_grad()
+    def sample(self, out_dir: Path, step: int) -> Path | None:
+        """A grid: one row per validation concept (its image, then one sample per prompt), fixed seeds."""
+        if self.validation is None or self.model.family == "sdxl":
+            return None
+        from ..backend.identifier import inject_concept
+        from ..backend.imageio import save_png
+        from ..hosts.sampling import sample
+
+        ds = self.validation
+        self.hooks.remove()
+        rows_out = []
+        try:
+            for i in range(min(self.s.validation_images, len(ds))):
+                f_c, f_p = self.concept_features(ds.images[i:i + 1].to(self.device), ds.masks[i:i + 1].to(self.device),
+                                                 1, 1)
+                row = [ds.images[i].to(self.device)]
+                for k, template in enumerate(self.s.sample_prompts):
+                    prompt = template.format(noun=self.ib.config.class_noun)
+                    text, rows = self._encode_text([prompt])
+                    cond = inject_concept(text, torch.nonzero(rows[0]).flatten().tolist(), f_c[0],
+                                          self.ib.config.alpha)
+                    uncond, _ = self._encode_text_plain("")
+                    with InstantBoothHooks(self.model.unet, self.ib, f_p[0], self.ib.config.beta):
+                        img = sample(self.model, cond, uncond, seed=k, steps=self.s.sample_steps,
+                                     guidance=self.s.sample_guidance)
+                    row.append(F.interpolate(img, size=row[0].shape[-2:], mode="bilinear")[0] if img.shape[-1] !=
+                               row[0].shape[-1] else img[0])
+                rows_out.append(torch.cat(row, dim=-1))
+        finally:
+            self.hooks = InstantBoothHooks(self.model.unet, self.ib, None, beta=self.s.beta)
+        if not rows_out:
+            return None
+        path = save_png(torch.cat(rows_out, dim=-2), Path(out_dir) / f"step-{step:07d}.png")
+        log.info("samples: %s", path)
+        return path
+
+    def _encode_text_plain(self, prompt: str):
+        with torch.no_grad():
+            ids = torch.tensor(tokenize_chunks(self.model.tokenizer, prompt), device=self.device)
+            return self.model.text_encoder(ids)[0], None
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Denoising loss on held-out images with fixed noise, so the number is comparable across steps."""
+        if self.validation is None:
+            return {}
+        main_ds = self.dataset
+        self.dataset = self.validation
+        try:
+            g = torch.Generator().manual_seed(1234)
+            idx = list(range(min(len(self.validation), 16)))
+            prompts = self.prompts
+            self.prompts = [self._prompts(it.caption, it.path) for it in self.validation.items]
+            cache = self._latent_cache
+            self._latent_cache = None
+            augment, self.augment = self.augment, None
+            loss = self.loss(idx, g).item()
+        finally:
+            self.dataset, self.prompts, self._latent_cache, self.augment = main_ds, prompts, cache, augment
+        return {"denoising_loss": loss}

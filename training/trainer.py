@@ -1,0 +1,212 @@
+"""The training machinery every BoothKit method shares (InstantBooth now, E4T later): accelerate for devices,
+processes and mixed precision; gradient accumulation; atomic checkpoints with exact resume; a NaN guard; EMA;
+progress, TensorBoard, samples and validation. A method supplies its trainable module, its parameter groups, a loss
+for a list of dataset indices, and an export.
+
+Determinism: every micro-batch draws its data, noise and augmentation from generators seeded by
+(seed, step, micro-batch, process), so a run resumed from a checkpoint continues exactly as if never stopped."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .checkpoint import list_checkpoints, load_checkpoint, optimizer_from_tensors, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early (non-finite loss); the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainSettings:
+    output_dir: str = "runs/train"
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 4  # per process and micro-batch
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # 0 = only at the end
+    validate_every: int = 0
+    ema_decay: float = 0.0  # 0 = no EMA
+    extra: dict = field(default_factory=dict)
+
+
+class Method(Protocol):
+    name: str
+    module: torch.nn.Module  # holds exactly the trained parameters
+
+    def param_groups(self) -> list[dict]: ...
+    def loss(self, indices: list[int], generator: torch.Generator) -> torch.Tensor: ...
+    def export(self, path: Path, weights: dict[str, torch.Tensor], config: dict) -> Path: ...
+    def sample(self, out_dir: Path, step: int) -> Path | None: ...
+    def validate(self) -> dict[str, float]: ...
+
+
+def _micro_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, method: Method, dataset, settings: TrainSettings, config: dict):
+        from accelerate import Accelerator
+
+        if settings.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision is {settings.mixed_precision!r}; expected no, bf16 or fp16")
+        if settings.steps <= 0 or settings.batch_size <= 0 or settings.grad_accum <= 0:
+            raise ValueError("steps, batch_size and grad_accum must be positive")
+        self.method, self.dataset, self.s, self.config = method, dataset, settings, config
+        self.out = Path(settings.output_dir)
+        log_with = None
+        try:
+            import tensorboard  # noqa: F401  (optional: logs go to TensorBoard when it is installed)
+
+            log_with = "tensorboard"
+        except ImportError:
+            pass
+        mp = settings.mixed_precision
+        if mp == "fp16" and not torch.cuda.is_available():
+            raise ValueError("fp16 mixed precision needs a GPU; use bf16 on CPU")
+        self.acc = Accelerator(mixed_precision=mp, log_with=log_with, project_dir=str(self.out))
+        self.params = [p for p in method.module.parameters() if p.requires_grad]
+        self.names = [n for n, p in method.module.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(method.param_groups(), weight_decay=0.0)
+        warm = max(settings.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.ema = ({n: p.detach().clone() for n, p in zip(self.names, self.params)}
+                    if settings.ema_decay > 0 else None)
+        self.step = 0
+
+    # ---- state ------------------------------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in zip(self.names, self.params)}
+
+    def checkpoint(self) -> Path | None:
+        if not self.acc.is_main_process:
+            return None
+        path = save_checkpoint(self.out / "checkpoints", self.step, self.weights(), self.optimizer, self.scheduler,
+                               self.config, self.ema, self.s.keep_last)
+        log.info("checkpoint %s", path)
+        return path
+
+    def resume(self) -> bool:
+        found = list_checkpoints(self.out / "checkpoints")
+        if not found:
+            log.info("no checkpoint in %s; starting from step 0", self.out / "checkpoints")
+            return False
+        step, weights, ema, opt_t, opt_meta, sched, _ = load_checkpoint(found[-1])
+        params = dict(zip(self.names, self.params))
+        if set(weights) != set(params):
+            raise ValueError(f"{found[-1]}: its weights do not match this method's trainable parameters "
+                             f"(missing {sorted(set(params) - set(weights))[:3]}, "
+                             f"unexpected {sorted(set(weights) - set(params))[:3]})")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(weights[n])
+        optimizer_from_tensors(self.optimizer, opt_t, opt_meta)
+        self.scheduler.load_state_dict(sched)
+        if self.ema is not None and ema is not None:
+            self.ema = {k: v.clone() for k, v in ema.items()}
+        self.step = step
+        log.info("resumed from %s at step %d", found[-1], step)
+        return True
+
+    # ---- loop -------------------------------------------------------------------------------------------
+    def micro_step(self, micro: int) -> torch.Tensor:
+        acc, s = self.acc, self.s
+        seed = _micro_seed(s.seed, self.step, micro, acc.process_index)
+        torch.manual_seed(seed)  # kornia's augmentation draws from the global generator
+        g = torch.Generator().manual_seed(seed)
+        position = self.step * s.grad_accum + micro
+        idx = self.dataset.indices(s.seed, position, s.batch_size, acc.process_index, acc.num_processes)
+        with acc.autocast():
+            loss = self.method.loss(idx, g)
+        return loss
+
+    def train(self, resume: bool = False) -> Path:
+        acc, s = self.acc, self.s
+        if resume:
+            self.resume()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if acc.log_with:
+                acc.init_trackers("boothkit", config={k: str(v) for k, v in asdict(s).items()})
+        last_good = None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=s.steps, initial=self.step, disable=not acc.is_main_process, desc=self.method.name,
+                   dynamic_ncols=True)
+        t0, steps0 = time.perf_counter(), self.step
+        while self.step < s.steps:
+            total = 0.0
+            for micro in range(s.grad_accum):
+                loss = self.micro_step(micro)
+                check = acc.gather(loss.detach().float().reshape(1))
+                if not torch.isfinite(check).all():
+                    bar.close()
+                    good = list_checkpoints(self.out / "checkpoints")
+                    raise TrainingStopped(f"loss became {check.tolist()} at step {self.step}; stopped without saving. "
+                                          f"Last good checkpoint: {good[-1] if good else 'none'} (resume from it with "
+                                          f"a lower learning rate, or check the data)")
+                (loss / s.grad_accum).backward()
+                total += loss.item() / s.grad_accum
+            if acc.num_processes > 1:  # data parallel: average the gradients of every process
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+            if s.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                with torch.no_grad():
+                    for n, p in zip(self.names, self.params):
+                        self.ema[n].lerp_(p.detach(), 1 - s.ema_decay)
+            self.step += 1
+            bar.update(1)
+            rate = (self.step - steps0) / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{total:.4f}", it_s=f"{rate:.2f}")
+            if self.step % s.log_every == 0 and acc.log_with:
+                acc.log({"loss": total, "lr": self.scheduler.get_last_lr()[0]}, step=self.step)
+            if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                last_good = self.checkpoint()
+            if s.validate_every and self.step % s.validate_every == 0 and acc.is_main_process:
+                self._validate()
+            if s.sample_every and self.step % s.sample_every == 0 and acc.is_main_process:
+                self.method.sample(self.out / "samples", self.step)
+        bar.close()
+        if last_good is None or self.step % s.checkpoint_every:
+            self.checkpoint()
+        exported = None
+        if acc.is_main_process:
+            if s.validate_every:
+                self._validate()
+            self.method.sample(self.out / "samples", self.step)
+            weights = self.ema if self.ema is not None else self.weights()
+            exported = self.method.export(self.out / f"{self.method.name}.safetensors", weights, self.config)
+            log.info("exported %s", exported)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return exported
+
+    def _validate(self):
+        metrics = self.method.validate()
+        if metrics:
+            log.info("validation at step %d: %s", self.step,
+                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if math.isfinite(v)))
+            if self.acc.log_with:
+                self.acc.log({f"val/{k}": v for k, v in metrics.items()}, step=self.step)
