@@ -57,10 +57,12 @@ class Adapter(nn.Module):
         k_p, v_p = kv
         b = y.shape[0]
         x = self.norm(y)
-        q = self._heads(self.to_q(x))
+        # one GEMM for q, k and v of y's tokens (the weights stay three plain Linears in the file)
+        qkv = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
+        q, k_y, v_y = (self._heads(t) for t in qkv.chunk(3, dim=-1))
         # Only the first len(y) outputs of S([y, f_p]) are kept, so only y's tokens need queries.
-        k = torch.cat([self._heads(self.to_k(x)), k_p.to(x.dtype).expand(b, -1, -1, -1)], dim=2)
-        v = torch.cat([self._heads(self.to_v(x)), v_p.to(x.dtype).expand(b, -1, -1, -1)], dim=2)
+        k = torch.cat([k_y, k_p.to(x.dtype).expand(b, -1, -1, -1)], dim=2)
+        v = torch.cat([v_y, v_p.to(x.dtype).expand(b, -1, -1, -1)], dim=2)
         out = F.scaled_dot_product_attention(q, k, v)
         out = self.to_out(out.transpose(1, 2).flatten(2))
         return (beta * torch.tanh(self.gate)).to(y.dtype) * out

@@ -29,6 +29,7 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--tiny", action="store_true", help="a tiny UNet, to check the bench itself runs")
     return p.parse_args(argv)
 
@@ -43,22 +44,24 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**(TINY_UNET if args.tiny else SD15_UNET)).eval()
-    unet = unet.to(dtype) if dtype != torch.float32 else unet
+    unet = unet.to(device, dtype)
     latent = 16 if args.tiny else args.latent
     ctx = 768
     layout = adapter_layout(unet)
     ib = InstantBooth(InstantBoothConfig(vision_global_dim=768, vision_token_dim=1024, tokens_per_image=257,
-                                         ctx_dim=ctx, layout=layout, family="sd1")).eval().to(dtype)
+                                         ctx_dim=ctx, layout=layout, family="sd1")).eval().to(device, dtype)
     with torch.no_grad():
         for a in ib.adapters:
             a.gate.fill_(0.5)  # a trained-looking gate, so the adapters really compute
 
-    x = torch.randn(2, 4, latent, latent, dtype=dtype)
-    t = torch.tensor([500, 500])
-    cond = torch.randn(2, 77, ctx, dtype=dtype)
-    f_p = {n: torch.randn(257 * n, ctx, dtype=dtype) for n in (1, 4)}
+    x = torch.randn(2, 4, latent, latent, dtype=dtype, device=device)
+    t = torch.tensor([500, 500], device=device)
+    cond = torch.randn(2, 77, ctx, dtype=dtype, device=device)
+    f_p = {n: torch.randn(257 * n, ctx, dtype=dtype, device=device) for n in (1, 4)}
 
     def step():
         with torch.no_grad():
@@ -87,8 +90,10 @@ def main(argv=None) -> int:
         setup, timed = variant
         hooks = setup()
         try:
+            sync()
             t0 = time.perf_counter()
             timed(hooks)
+            sync()
             return time.perf_counter() - t0
         finally:
             if hooks is not None:
@@ -107,7 +112,8 @@ def main(argv=None) -> int:
     n_level0 = sum(1 for lvl in layout.levels if lvl == 0)
     print(f"UNet {'tiny' if args.tiny else 'SD1.5-shaped'} ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M "
           f"params), {len(layout)} adapters ({sum(p.numel() for p in ib.adapters.parameters()) / 1e6:.0f}M params, "
-          f"{n_level0} at level 0), latent {latent}x{latent}, batch 2, {args.dtype}, {torch.get_num_threads()} threads, "
+          f"{n_level0} at level 0), latent {latent}x{latent}, batch 2, {args.dtype}, {device.type}"
+          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, "
           f"median of {args.repeats}")
     print(f"{'variant':<40} {'s/step':>8} {'ratio':>7}")
     ratios = {}
@@ -123,6 +129,7 @@ def main(argv=None) -> int:
         "ratio_n4_skip_level0": round(ratios[names[5]], 3),
         "baseline_s": round(base, 4),
         "dtype": args.dtype,
+        "device": device.type,
     }
     print(json.dumps(result))
     return 0

@@ -68,12 +68,19 @@ class InstantBoothHooks:
         if f_p is not None:
             with torch.no_grad():  # sampling: f_p is fixed for the whole run
                 self.set_f_p(f_p)
+        self.unet = unet
         self._handles = []
         for i, (block, _, _) in enumerate(transformer_blocks(unet)):
             if getattr(block, "norm_type", "layer_norm") not in ("layer_norm", "layer_norm_i2vgen"):
-                self.remove()
                 raise ValueError(f"transformer block {i} uses norm_type {block.norm_type!r}; the InstantBooth adapter "
                                  f"supports Stable Diffusion's layer-norm blocks only")
+        self.attach()
+
+    def attach(self) -> None:
+        """Register the hooks (done on construction; again after ``remove()``)."""
+        if self._handles:
+            return
+        for i, (block, _, _) in enumerate(transformer_blocks(self.unet)):
             if self.beta == 0 or not self.enabled[i]:
                 continue
             state = {}

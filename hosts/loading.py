@@ -40,7 +40,8 @@ def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, config: str | 
     if str(path) == "toy":
         from ..toyworld.base import load_base
 
-        return load_base(dtype=dtype)
+        b = load_base(dtype=dtype)
+        return SDModel(b.unet, b.text_encoder, b.tokenizer, b.scheduler, None, "toy", b.resolution)
     path = Path(path)
     if path.is_dir():
         if not (path / "model_index.json").exists():

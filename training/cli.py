@@ -59,7 +59,7 @@ def run_instantbooth(config: dict, resume: bool) -> Path:
     from accelerate import PartialState
 
     torch.manual_seed(settings.seed)  # the heads' and adapters' initial weights are part of the run's seed
-    method = InstantBoothTraining(model, vision, dataset, method_settings, validation, device=PartialState().device)
+    method = InstantBoothTraining(model, vision, dataset, method_settings, validation, device=PartialState(cpu=not torch.cuda.is_available()).device)
     return Trainer(method, dataset, settings, config).train(resume=resume)
 
 

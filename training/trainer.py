@@ -79,7 +79,14 @@ class Trainer:
         mp = settings.mixed_precision
         if mp == "fp16" and not torch.cuda.is_available():
             raise ValueError("fp16 mixed precision needs a GPU; use bf16 on CPU")
-        self.acc = Accelerator(mixed_precision=mp, log_with=log_with, project_dir=str(self.out))
+        # cpu=True without a GPU: accelerate then forms a gloo process group from torchrun/accelerate-launch env
+        # Mixed precision is our own autocast (and GradScaler for fp16) rather than accelerate's, whose state is a
+        # process-wide singleton: one process can then host trainers of different precisions (benches, tests).
+        self.acc = Accelerator(log_with=log_with, project_dir=str(self.out), cpu=not torch.cuda.is_available())
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+        self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
+        log.info("processes: %d (%s), device %s", self.acc.num_processes, self.acc.distributed_type.value,
+                 self.acc.device)
         self.params = [p for p in method.module.parameters() if p.requires_grad]
         self.names = [n for n, p in method.module.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(method.param_groups(), weight_decay=0.0)
@@ -132,9 +139,47 @@ class Trainer:
         g = torch.Generator().manual_seed(seed)
         position = self.step * s.grad_accum + micro
         idx = self.dataset.indices(s.seed, position, s.batch_size, acc.process_index, acc.num_processes)
-        with acc.autocast():
+        with torch.autocast(acc.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
             loss = self.method.loss(idx, g)
         return loss
+
+    def optimizer_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        acc, s = self.acc, self.s
+        total = 0.0
+        for micro in range(s.grad_accum):
+            loss = self.micro_step(micro)
+            check = acc.gather(loss.detach().float().reshape(1))
+            if not torch.isfinite(check).all():
+                good = list_checkpoints(self.out / "checkpoints")
+                raise TrainingStopped(f"loss became {check.tolist()} at step {self.step}; stopped without saving. "
+                                      f"Last good checkpoint: {good[-1] if good else 'none'} (resume from it with "
+                                      f"a lower learning rate, or check the data)")
+            scaled = loss / s.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.item() / s.grad_accum
+        if acc.num_processes > 1:  # data parallel: average the gradients of every process
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if s.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in zip(self.names, self.params):
+                    self.ema[n].lerp_(p.detach(), 1 - s.ema_decay)
+        self.step += 1
+        return total
 
     def train(self, resume: bool = False) -> Path:
         acc, s = self.acc, self.s
@@ -151,32 +196,11 @@ class Trainer:
                    dynamic_ncols=True)
         t0, steps0 = time.perf_counter(), self.step
         while self.step < s.steps:
-            total = 0.0
-            for micro in range(s.grad_accum):
-                loss = self.micro_step(micro)
-                check = acc.gather(loss.detach().float().reshape(1))
-                if not torch.isfinite(check).all():
-                    bar.close()
-                    good = list_checkpoints(self.out / "checkpoints")
-                    raise TrainingStopped(f"loss became {check.tolist()} at step {self.step}; stopped without saving. "
-                                          f"Last good checkpoint: {good[-1] if good else 'none'} (resume from it with "
-                                          f"a lower learning rate, or check the data)")
-                (loss / s.grad_accum).backward()
-                total += loss.item() / s.grad_accum
-            if acc.num_processes > 1:  # data parallel: average the gradients of every process
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
-            if s.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                with torch.no_grad():
-                    for n, p in zip(self.names, self.params):
-                        self.ema[n].lerp_(p.detach(), 1 - s.ema_decay)
-            self.step += 1
+            try:
+                total = self.optimizer_step()
+            except TrainingStopped:
+                bar.close()
+                raise
             bar.update(1)
             rate = (self.step - steps0) / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{total:.4f}", it_s=f"{rate:.2f}")
