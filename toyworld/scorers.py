@@ -142,6 +142,13 @@ def clip_config(tokenizer, *, vision_hidden: int = 128, vision_layers: int = 4, 
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim, **special)
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of a tokenizer's vocabulary (token → id): tells whether two tokenizers give the same ids."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
+
+
 def preprocessor_config(image_size: int) -> dict:
     """The ``preprocessor_config.json`` of the toy CLIP: a standard CLIPImageProcessor at the toy resolution."""
     return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
@@ -150,9 +157,10 @@ def preprocessor_config(image_size: int) -> dict:
             "image_std": list(CLIP_STD), "do_convert_rgb": True}
 
 
-def save_clip(model, folder: str | Path, **info: Any) -> list[Path]:
+def save_clip(model, folder: str | Path, tokenizer=None, **info: Any) -> list[Path]:
     """Save a toy ``CLIPModel`` as a folder ``CLIPModel.from_pretrained`` loads, with boothkit metadata in
-    ``model.safetensors`` and the CLIP normalisation in ``preprocessor_config.json``. Returns the written files."""
+    ``model.safetensors``, the CLIP normalisation in ``preprocessor_config.json`` and, when given, the tokenizer it
+    was trained with (like a real CLIP folder). Returns the written files."""
     from safetensors.torch import load_file, save_file
 
     folder = Path(folder)
@@ -169,7 +177,9 @@ def save_clip(model, folder: str | Path, **info: Any) -> list[Path]:
     tmp.replace(weights)
     pre = folder / "preprocessor_config.json"
     pre.write_text(json.dumps(preprocessor_config(model.config.vision_config.image_size), indent=2) + "\n")
-    return [folder / "config.json", weights, pre]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return sorted(p for p in folder.iterdir() if p.is_file())
 
 
 def _load_clip_parts(folder: Path, vision_only: bool, device):
@@ -286,15 +296,23 @@ class Scorers:
 
 
 def load_scorers(device: str | torch.device = "cpu", weights_dir: str | Path = store.WEIGHTS_DIR) -> Scorers:
-    """The shipped toy scorers, every file sha256-verified against the manifest first."""
-    from .tokenizer import load_tokenizer
+    """The shipped toy scorers, every file sha256-verified against the manifest first.
+
+    The text side uses the tokenizer saved beside the CLIP weights (the one it was trained with)."""
+    from transformers import CLIPTokenizer
 
     device = torch.device(device)
     folder = store.verified_dir(CLIP_DIR, weights_dir)
     clip = _load_clip_parts(folder, False, device)
+    if not (folder / "tokenizer_config.json").exists():
+        raise FileNotFoundError(f"{folder / 'tokenizer_config.json'}: the toy CLIP folder has no tokenizer; "
+                                f"re-export it with training/train_toy_scorers.py.")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    if len(tokenizer) != clip.config.text_config.vocab_size:
+        raise ScorerFileError(f"{folder}: tokenizer has {len(tokenizer)} tokens, expected the text model's "
+                              f"vocab_size {clip.config.text_config.vocab_size}.")
     identity_net = load_identity_net(store.verified(IDENTITY_FILE, weights_dir), device)
-    return Scorers(clip=clip, identity_net=identity_net, tokenizer=load_tokenizer(), device=device,
-                   clip_folder=folder)
+    return Scorers(clip=clip, identity_net=identity_net, tokenizer=tokenizer, device=device, clip_folder=folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,11 +337,37 @@ def roc_auc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _verification(emb: torch.Tensor, ids: torch.Tensor, classes: list[str]) -> dict:
-    """Same- vs different-identity cosines over all pairs of distinct renders."""
-    sim = emb @ emb.T
-    iu = torch.triu_indices(len(ids), len(ids), offset=1)
-    s = sim[iu[0], iu[1]]
+def gaussian_blur(images: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of [B,C,H,W] (``sigma`` a float or one value per image; 0 leaves an image as is)."""
+    b = images.shape[0]
+    sig = torch.as_tensor(sigma, dtype=images.dtype, device=images.device).flatten().expand(b).clamp(min=1e-3)
+    x = torch.arange(-3, 4, dtype=images.dtype, device=images.device)
+    k = torch.exp(-0.5 * (x[None] / sig[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)  # [B,7]
+    c, h, w = images.shape[1:]
+    pad = F.pad(images, (3, 3, 3, 3), mode="replicate")
+    # one kernel per image: fold the batch into channels and use a grouped convolution
+    kx = k.repeat_interleave(c, 0)[:, None, None, :]
+    ky = k.repeat_interleave(c, 0)[:, None, :, None]
+    out = F.conv2d(pad.reshape(1, b * c, h + 6, w + 6), kx, groups=b * c)
+    out = F.conv2d(out, ky, groups=b * c)
+    return out.reshape(b, c, h, w)
+
+
+def _pairs(n: int, cross: bool) -> torch.Tensor:
+    """Index pairs (i, j): i<j within one set, or i≠j between two aligned sets (``cross``)."""
+    if not cross:
+        return torch.triu_indices(n, n, offset=1)
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    keep = i != j
+    return torch.stack([i[keep], j[keep]])
+
+
+def _verification(emb: torch.Tensor, ids: torch.Tensor, classes: list[str], other: torch.Tensor | None = None) -> dict:
+    """Same- vs different-identity cosines over all pairs of distinct renders (``other``: the second image of each
+    pair comes from these embeddings of the same renders, e.g. blurred ones)."""
+    iu = _pairs(len(ids), other is not None)
+    s = (emb[iu[0]] * (emb if other is None else other)[iu[1]]).sum(-1)
     same = ids[iu[0]] == ids[iu[1]]
     same_class = torch.tensor([classes[a] == classes[b] for a, b in zip(iu[0].tolist(), iu[1].tolist())])
     hard = ~same & same_class
@@ -333,13 +377,30 @@ def _verification(emb: torch.Tensor, ids: torch.Tensor, classes: list[str]) -> d
             "auc_same_class": roc_auc(s[same], s[hard]) if hard.any() else float("nan")}
 
 
+def _by_attributes(emb: torch.Tensor, idents: list, per: int) -> dict:
+    """Mean cosine between renders of two same-class identities, by how many identity attributes differ: a graded
+    metric should fall as more attributes differ."""
+    mean = F.normalize(emb.reshape(len(idents), per, -1).mean(1), dim=-1)
+    sums: dict[int, list[float]] = {}
+    for a in range(len(idents)):
+        for b in range(a + 1, len(idents)):
+            ia, ib = idents[a].attributes, idents[b].attributes
+            if ia[0] != ib[0]:
+                continue
+            n = sum(x != y for x, y in zip(ia[1:], ib[1:]))
+            sums.setdefault(n, []).append(float(mean[a] @ mean[b]))
+    return {str(n): round(sum(v) / len(v), 4) for n, v in sorted(sums.items())}
+
+
 def validate(scorers: Scorers, *, split: str = "heldout", renders_per_identity: int = 4, max_identities: int = 64,
-             n_alternatives: int = 7, seed: int = 1234) -> dict:
+             n_alternatives: int = 7, blur_sigma: float = 1.0, seed: int = 1234) -> dict:
     """Measure the scorers on ``split`` identities (held out from training by default).
 
     Identity network and CLIP-I: cosine of same-identity vs different-identity render pairs (means and verification
-    ROC-AUC; also against different identities of the same class only). CLIP-T: how often the true context prompt
-    beats ``n_alternatives`` prompts of other random contexts for the same class (chance = 1/(n_alternatives+1))."""
+    ROC-AUC; also against different identities of the same class only; ``auc_blurred``: one image of each pair
+    blurred, as generated images are soft), and the mean cosine by number of differing identity attributes.
+    CLIP-T: how often the true context prompt beats ``n_alternatives`` prompts of other random contexts for the same
+    class (chance = 1/(n_alternatives+1)), and beats every prompt that changes exactly one context field."""
     import random
 
     from . import domain
@@ -357,14 +418,23 @@ def validate(scorers: Scorers, *, split: str = "heldout", renders_per_identity: 
             classes.append(ident.class_name)
             contexts.append(ctx)
     images_t = torch.stack(images).float()
+    blurred = gaussian_blur(images_t, blur_sigma).clamp(0, 1)
     ids_t = torch.tensor(ids)
-    results = {"split": split, "identities": len(idents), "renders": len(images)}
-    chunks = lambda f: torch.cat([f(images_t[i:i + 256]) for i in range(0, len(images_t), 256)])  # noqa: E731
-    results["identity"] = _verification(chunks(scorers.identity_embeds).cpu(), ids_t, classes)
-    img_emb = chunks(scorers.image_embeds).cpu()
-    results["clip_i"] = _verification(img_emb, ids_t, classes)
+    results = {"split": split, "identities": len(idents), "renders": len(images), "blur_sigma": blur_sigma}
 
-    correct, chance = 0, 0.0
+    def chunks(f, x):
+        return torch.cat([f(x[i:i + 256]) for i in range(0, len(x), 256)]).cpu()
+
+    for name, embed in (("identity", scorers.identity_embeds), ("clip_i", scorers.image_embeds)):
+        emb = chunks(embed, images_t)
+        r = _verification(emb, ids_t, classes)
+        r["auc_blurred"] = _verification(emb, ids_t, classes, other=chunks(embed, blurred))["auc"]
+        if hasattr(idents[0], "attributes"):
+            r["cos_by_attributes_differing"] = _by_attributes(emb, idents, renders_per_identity)
+        results[name] = r
+    img_emb = chunks(scorers.image_embeds, images_t)
+
+    correct, chance, correct_one, chance_one = 0, 0.0, 0, 0.0
     for k, (cls, ctx) in enumerate(zip(classes, contexts)):
         prompts = [domain.context_prompt(cls, ctx)]
         tries = 0
@@ -376,8 +446,16 @@ def validate(scorers: Scorers, *, split: str = "heldout", renders_per_identity: 
         sims = img_emb[k] @ scorers.text_embeds(prompts).cpu().T
         correct += int(sims.argmax()) == 0
         chance += 1 / len(prompts)
+        one = [domain.Context(b, ctx.light, ctx.obj) for b in domain.BACKGROUNDS if b != ctx.background]
+        one += [domain.Context(ctx.background, li, ctx.obj) for li in domain.LIGHTS if li != ctx.light]
+        one += [domain.Context(ctx.background, ctx.light, o) for o in (None, *domain.OBJECTS) if o != ctx.obj]
+        sims = img_emb[k] @ scorers.text_embeds([prompts[0]] + [domain.context_prompt(cls, c) for c in one]).cpu().T
+        correct_one += int(sims.argmax()) == 0
+        chance_one += 1 / (1 + len(one))
     results["clip_t"] = {"context_accuracy": correct / len(classes), "chance": chance / len(classes),
-                         "n_alternatives": n_alternatives}
+                         "n_alternatives": n_alternatives,
+                         "one_change_accuracy": correct_one / len(classes),
+                         "one_change_chance": chance_one / len(classes)}
     return results
 
 
@@ -389,8 +467,11 @@ def format_validation(results: dict) -> str:
         r = results[name]
         lines.append(f"  {name:8s} same-id cos {r['same_mean']:.3f}  diff-id cos {r['diff_mean']:.3f} "
                      f"(same class {r['diff_same_class_mean']:.3f})  AUC {r['auc']:.4f} "
-                     f"(same class {r['auc_same_class']:.4f})")
+                     f"(same class {r['auc_same_class']:.4f}, one side blurred {r['auc_blurred']:.4f})")
+        if "cos_by_attributes_differing" in r:
+            lines.append(f"           cos by attributes differing (same class): {r['cos_by_attributes_differing']}")
     t = results["clip_t"]
     lines.append(f"  clip_t   context accuracy {t['context_accuracy']:.3f} among {t['n_alternatives'] + 1} prompts "
-                 f"(chance {t['chance']:.3f})")
+                 f"(chance {t['chance']:.3f}); against all one-field changes {t['one_change_accuracy']:.3f} "
+                 f"(chance {t['one_change_chance']:.3f})")
     return "\n".join(lines)

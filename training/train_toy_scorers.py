@@ -25,6 +25,7 @@ import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,14 +41,15 @@ CKPT_FORMAT = "boothkit.toyworld.scorer_checkpoint"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m boothkit.training.train_toy_scorers", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m boothkit.training.train_toy_scorers",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=store.WEIGHTS_DIR, help="weights folder (holds MANIFEST.json)")
     p.add_argument("--run-dir", type=Path, default=Path("/work/runs/toy_scorers"), help="checkpoints and logs")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--identity-steps", type=int, default=1500)
+    p.add_argument("--identity-steps", type=int, default=800)
     p.add_argument("--identity-batch", type=int, default=128)
     p.add_argument("--identity-lr", type=float, default=2e-3)
     p.add_argument("--arcface-scale", type=float, default=16.0)
@@ -55,18 +57,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-steps", type=int, default=1000)
     p.add_argument("--clip-identities", type=int, default=64, help="identities per CLIP batch (2 renders each)")
     p.add_argument("--clip-lr", type=float, default=1e-3)
-    p.add_argument("--identity-weight", type=float, default=0.5, help="weight of the CLIP identity (SupCon) term")
+    p.add_argument("--identity-weight", type=float, default=1.0, help="weight of the CLIP identity (SupCon) term")
     p.add_argument("--supcon-temperature", type=float, default=0.1)
+    p.add_argument("--renders-per-identity", type=int, default=40, help="size of the shared render pool")
     p.add_argument("--augment-p", type=float, default=0.4, help="chance a view is background-masked/cropped")
+    p.add_argument("--degrade-p", type=float, default=0.3, help="chance a training image is blurred and noised")
     p.add_argument("--tiny", action="store_true", help="tiny networks (tests)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--validate-identities", type=int, default=64, help="held-out identities in the final check")
     args = p.parse_args(argv)
-    for name in ("identity_steps", "clip_steps", "identity_batch", "clip_identities", "threads", "checkpoint_every",
-                 "log_every", "validate_identities"):
+    for name in ("renders_per_identity", "identity_steps", "clip_steps", "identity_batch", "clip_identities",
+                 "threads", "checkpoint_every", "log_every", "validate_identities"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.renders_per_identity < 2:
+        p.error("--renders-per-identity must be at least 2 (the identity term pairs two renders)")
     if args.clip_identities < 2:
         p.error("--clip-identities must be at least 2 (the identity term needs negatives)")
     return args
@@ -76,48 +82,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # data
 
 
-def mask_and_crop(image: torch.Tensor, mask: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    """The reference preprocessing downstream, randomised: background masked to a flat fill, and sometimes cropped
-    to the subject's (square, padded) mask box and resized back."""
+def mask_and_crop(image: torch.Tensor, mask: torch.Tensor, fill: float, crop: bool) -> torch.Tensor:
+    """The reference preprocessing done downstream: background set to a flat ``fill``, and with ``crop`` the image cut
+    to the subject's square, padded mask box and resized back to full size."""
     r = image.shape[-1]
     m = (mask > 0.5).float()
-    fill = rng.choice([0.0, 0.5, 1.0])
     out = image * m + fill * (1 - m)
     ys, xs = torch.nonzero(m[0], as_tuple=True)
-    if len(ys) and rng.random() < 0.5:
+    if crop and len(ys):
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-        side = max(y1 - y0, x1 - x0) + 2
-        cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
-        half = side // 2
-        y0, x0 = max(0, min(r - side, cy - half)), max(0, min(r - side, cx - half))
-        side = min(side, r)
-        crop = out[:, y0:y0 + side, x0:x0 + side]
-        out = F.interpolate(crop[None], size=(r, r), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        side = min(r, max(y1 - y0, x1 - x0) + 2)
+        y0 = max(0, min(r - side, (y0 + y1 - side) // 2))
+        x0 = max(0, min(r - side, (x0 + x1 - side) // 2))
+        crop_ = out[:, y0:y0 + side, x0:x0 + side]
+        out = F.interpolate(crop_[None], size=(r, r), mode="bilinear", align_corners=False)[0].clamp(0, 1)
     return out
 
 
-def render_views(domain, idents: list, picks: list[int], views: int, rng: random.Random, augment_p: float,
-                 keep_first_raw: bool = True):
-    """``views`` renders of each picked identity, each in its own random context (the first one never augmented
-    when ``keep_first_raw``).
+@dataclass
+class RenderPool:
+    """Renders of the train identities made once and shared by both phases (rendering costs as much as a CNN step).
 
-    Returns images [len(picks)·views,3,R,R], captions, labels (indices into ``idents``) and a flag per render that
-    says whether it is unaugmented (its caption's background/light then describes it)."""
-    images, captions, labels, raw = [], [], [], []
-    for i in picks:
-        ident = idents[i]
-        for v in range(views):
+    Captions are drawn per use (template and noun vary), augmentation is applied per use."""
+
+    images: torch.Tensor   # [N,3,R,R] float16
+    masks: torch.Tensor    # [N,1,R,R] bool
+    labels: torch.Tensor   # [N] index into the identity list
+    contexts: list
+    by_label: list[list[int]]
+
+
+def render_pool(domain, idents: list, per_identity: int, seed: int) -> RenderPool:
+    from tqdm import tqdm
+
+    rng = random.Random(f"pool/{seed}")
+    images, masks, labels, contexts = [], [], [], []
+    for i, ident in enumerate(tqdm(idents, desc="render pool", mininterval=30, file=sys.stderr)):
+        for _ in range(per_identity):
             ctx = domain.random_context(rng)
-            s = domain.render(ident, ctx, rng.randrange(2**31))
-            img = s.image.float()
-            is_raw = (keep_first_raw and v == 0) or rng.random() >= augment_p
-            if not is_raw:
-                img = mask_and_crop(img, s.mask, rng)
-            images.append(img)
-            captions.append(domain.caption(ident.class_name, ctx, rng=rng))
+            sample = domain.render(ident, ctx, rng.randrange(2**31))
+            images.append(sample.image.half())
+            masks.append(sample.mask > 0.5)
             labels.append(i)
-            raw.append(is_raw)
-    return torch.stack(images), captions, torch.tensor(labels), torch.tensor(raw)
+            contexts.append(ctx)
+    by_label = [list(range(i * per_identity, (i + 1) * per_identity)) for i in range(len(idents))]
+    return RenderPool(torch.stack(images), torch.stack(masks), torch.tensor(labels), contexts, by_label)
+
+
+def degrade(images: torch.Tensor, rng: random.Random, p: float) -> torch.Tensor:
+    """With chance ``p`` per image: Gaussian blur (σ 0.3–1.2 px) and pixel noise (σ ≤ 0.04), because the scorers
+    judge generated images, which are softer and noisier than renders."""
+    hit = [k for k in range(len(images)) if rng.random() < p]
+    if hit:
+        sigma = torch.tensor([rng.uniform(0.3, 1.2) for _ in hit])
+        noise = torch.tensor([rng.uniform(0.0, 0.04) for _ in hit]).view(-1, 1, 1, 1)
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+        x = sc.gaussian_blur(images[hit], sigma)
+        images[hit] = (x + noise * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    return images
+
+
+def draw(pool: RenderPool, domain, idents: list, picks: list[int], rng: random.Random, augment: list[bool],
+         degrade_p: float = 0.0):
+    """Pool renders ``picks`` as float images (``augment[k]``: background masked/cropped; some degraded, see
+    :func:`degrade`) with fresh captions."""
+    images = pool.images[picks].float()
+    for k, aug in enumerate(augment):
+        if aug:
+            images[k] = mask_and_crop(images[k], pool.masks[picks[k]].float(), rng.choice([0.0, 0.5, 1.0]),
+                                      rng.random() < 0.5)
+    images = degrade(images, rng, degrade_p)
+    captions = [domain.caption(idents[int(pool.labels[i])].class_name, pool.contexts[i], rng=rng) for i in picks]
+    return images, captions, pool.labels[picks]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,9 +269,9 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.
 
 def _fingerprint(args: argparse.Namespace, phase: str, **extra) -> dict:
     keys = {"identity": ("seed", "identity_steps", "identity_batch", "identity_lr", "arcface_scale",
-                         "arcface_margin", "augment_p", "tiny"),
+                         "arcface_margin", "augment_p", "degrade_p", "renders_per_identity", "tiny"),
             "clip": ("seed", "clip_steps", "clip_identities", "clip_lr", "identity_weight", "supcon_temperature",
-                     "augment_p", "tiny")}[phase]
+                     "augment_p", "degrade_p", "renders_per_identity", "tiny")}[phase]
     return {"phase": phase, **{k: getattr(args, k) for k in keys}, **extra}
 
 
@@ -269,7 +305,7 @@ def _run_phase(name: str, args, modules: dict[str, nn.Module], optimizer, total:
         m.eval()
 
 
-def train_identity(args, domain, train_ids: list) -> sc.IdentityNet:
+def train_identity(args, domain, train_ids: list, pool: RenderPool) -> sc.IdentityNet:
     torch.manual_seed(args.seed)
     channels = (8, 16) if args.tiny else (32, 64, 128)
     net = sc.IdentityNet(channels=channels, embed_dim=64, resolution=domain.RESOLUTION).to(args.device)
@@ -279,22 +315,23 @@ def train_identity(args, domain, train_ids: list) -> sc.IdentityNet:
     def step_fn(step: int) -> dict:
         net.train()
         rng = random.Random(f"identity/{args.seed}/{step}")
-        picks = [rng.randrange(len(train_ids)) for _ in range(args.identity_batch)]
-        images, _, labels, _ = render_views(domain, train_ids, picks, 1, rng, args.augment_p, keep_first_raw=False)
+        picks = [rng.randrange(len(pool.labels)) for _ in range(args.identity_batch)]
+        images, _, labels = draw(pool, domain, train_ids, picks, rng,
+                                 [rng.random() < args.augment_p for _ in picks], args.degrade_p)
         images, labels = images.to(args.device), labels.to(args.device)
         emb = net(images)
         loss = head(emb, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": float(loss)}
+        return {"loss": loss.item()}
 
     _run_phase("identity", args, {"net": net, "head": head}, opt, args.identity_steps, args.identity_lr, step_fn,
                _fingerprint(args, "identity", n_train=len(train_ids), channels=list(channels)))
     return net.requires_grad_(False)
 
 
-def train_clip(args, domain, train_ids: list, tokenizer):
+def train_clip(args, domain, train_ids: list, pool: RenderPool, tokenizer):
     from transformers import CLIPModel
 
     torch.manual_seed(args.seed + 1)
@@ -311,8 +348,13 @@ def train_clip(args, domain, train_ids: list, tokenizer):
     def step_fn(step: int) -> dict:
         model.train()
         rng = random.Random(f"clip/{args.seed}/{step}")
-        picks = rng.sample(range(len(train_ids)), n_ids)
-        images, captions, labels, raw = render_views(domain, train_ids, picks, 2, rng, args.augment_p)
+        # two renders (different contexts) of each of n_ids identities; the first is never augmented
+        picks, raw = [], []
+        for i in rng.sample(range(len(train_ids)), n_ids):
+            picks += rng.sample(pool.by_label[i], 2)
+            raw += [True, rng.random() >= args.augment_p]
+        raw = torch.tensor(raw)
+        images, captions, labels = draw(pool, domain, train_ids, picks, rng, (~raw).tolist(), args.degrade_p)
         pixels = ((images.to(args.device) - mean) / std)
         img = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         # the caption loss only on renders the caption describes (a masked background is no longer "on a beach")
@@ -330,18 +372,19 @@ def train_clip(args, domain, train_ids: list, tokenizer):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return {"loss": float(loss), "clip": float(l_clip), "supcon": float(l_id),
-                "scale": float(model.logit_scale.exp())}
+        return {"loss": loss.item(), "clip": l_clip.item(), "supcon": l_id.item(),
+                "scale": model.logit_scale.exp().item()}
 
+    # the token ids are part of what the text side learns: a rebuilt tokenizer must not resume an old run
     _run_phase("clip", args, {"model": model}, opt, args.clip_steps, args.clip_lr, step_fn,
-               _fingerprint(args, "clip", n_train=len(train_ids), vocab=len(tokenizer), **sizes))
+               _fingerprint(args, "clip", n_train=len(train_ids), tokenizer=sc.tokenizer_digest(tokenizer), **sizes))
     return model.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def export(args, identity_net, clip_model, command: str, validation: dict) -> list[Path]:
+def export(args, identity_net, clip_model, tokenizer, command: str, validation: dict) -> list[Path]:
     """Write the shipped files (each folder/file replaced only once complete) and record them in the manifest."""
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +395,8 @@ def export(args, identity_net, clip_model, command: str, validation: dict) -> li
     tmp_dir = out / (sc.CLIP_DIR + ".tmp")
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
-    sc.save_clip(clip_model, tmp_dir, steps=str(args.clip_steps),
+    sc.save_clip(clip_model, tmp_dir, tokenizer=tokenizer, tokenizer_vocab_sha256=sc.tokenizer_digest(tokenizer),
+                 steps=str(args.clip_steps),
                  loss=f"multi-positive CLIP + {args.identity_weight}*SupCon identity term", **info)
     final = out / sc.CLIP_DIR
     if final.exists():
@@ -363,30 +407,45 @@ def export(args, identity_net, clip_model, command: str, validation: dict) -> li
     return paths
 
 
+def toy_tokenizer():
+    """The shipped toy tokenizer, or (before the base-model trainer has shipped it) the same one built from
+    ``domain.VOCAB``: ``build_tokenizer`` is deterministic."""
+    from ..toyworld import tokenizer as toy_tok
+
+    try:
+        return toy_tok.load_tokenizer()
+    except store.WeightsError:
+        logger.info("toy tokenizer not shipped yet; building it from domain.VOCAB")
+        return toy_tok.build_tokenizer()
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    command = "python -m boothkit.training.train_toy_scorers " + shlex.join(argv)
+    # --resume changes how a run gets there, not what it makes: the recorded recipe leaves it out
+    command = "python -m boothkit.training.train_toy_scorers " + shlex.join(a for a in argv if a != "--resume")
     from ..toyworld import domain
-    from ..toyworld.tokenizer import load_tokenizer
 
     args.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     train_ids = list(domain.identities("train"))
     logger.info("training toy scorers on %d train identities (%s)", len(train_ids), command)
-    tokenizer = load_tokenizer()
-    identity_net = train_identity(args, domain, train_ids)
+    tokenizer = toy_tokenizer()
+    pool = render_pool(domain, train_ids, args.renders_per_identity, args.seed)
+    logger.info("render pool: %d renders in %.1f s", len(pool.labels), time.time() - t0)
+    identity_net = train_identity(args, domain, train_ids, pool)
     t1 = time.time()
-    clip_model = train_clip(args, domain, train_ids, tokenizer)
+    clip_model = train_clip(args, domain, train_ids, pool, tokenizer)
     t2 = time.time()
     scorers = sc.Scorers(clip=clip_model, identity_net=identity_net, tokenizer=tokenizer,
                          device=torch.device(args.device))
     validation = sc.validate(scorers, max_identities=args.validate_identities)
+    paths = export(args, identity_net, clip_model, tokenizer, command, validation)
+    # timings stay out of the exported metadata so a rerun of the recipe gives byte-identical files
     validation["train_seconds"] = {"identity": round(t1 - t0, 1), "clip": round(t2 - t1, 1)}
-    paths = export(args, identity_net, clip_model, command, validation)
     (args.run_dir / "validation.json").write_text(json.dumps(validation, indent=2) + "\n")
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
     logger.info("%s", sc.format_validation(validation))
