@@ -36,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = importlib.import_module(COMMANDS[name][0], package=__package__)
+    from .toyworld.store import WeightsError
+    from .training.trainer import TrainingStopped
+
     try:
         return int(module.main(rest) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, WeightsError, TrainingStopped) as e:  # one clear line, no traceback
         print(f"boothkit {name}: error: {e}", file=sys.stderr)
         return 2
 

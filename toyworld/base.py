@@ -198,7 +198,9 @@ def load_base(dtype=torch.float32, path: str | Path | None = None, device: str |
         raise BaseModelError(f"{folder / 'text_encoder/config.json'}: vocab_size {text_encoder.config.vocab_size} "
                              f"does not match the toy tokenizer's {len(tokenizer)} tokens")
     for m in (unet, text_encoder):
-        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        m.to(device=device).eval().requires_grad_(False)
+        if next(m.parameters()).dtype != dtype:  # diffusers warns on any .to(dtype), even a no-op one
+            m.to(dtype=dtype)
     return ToyBase(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, metadata=meta)
 
 

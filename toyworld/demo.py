@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     bar = tqdm(total=4, desc="demo", dynamic_ncols=True)
     env = ToyEnv.load(sample_steps=args.steps)
-    method = args.method or ("instantbooth" if env.instantbooth is not None else "quicktune")
+    method = args.method or ("instantbooth" if env.instantbooth is not None else "quicktune-demo")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     bar.update(1)

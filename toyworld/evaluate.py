@@ -71,15 +71,19 @@ def prompts_for(subject: Subject, contexts, identifier: str | None) -> tuple[lis
     return with_id, plain
 
 
-def evaluate(methods: list[str], n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
+def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
              seed: int, steps: int) -> dict:
-    from .methods import METHODS, ToyEnv
+    from .methods import DEFAULT_METHODS, METHODS, ToyEnv
     from .scorers import load_scorers
 
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods or [] if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
     env = ToyEnv.load(sample_steps=steps)
+    if methods is None:  # the default: every method whose trained files exist
+        methods = [m for m in DEFAULT_METHODS if m != "instantbooth" or env.instantbooth is not None]
+        if env.instantbooth is None:
+            log.warning("instantbooth left out: the toy world has no trained InstantBooth file yet")
     scorers = load_scorers()
     subjects = make_subjects(n_subjects, k_refs, seed)
     contexts = eval_contexts(n_contexts, seed)
@@ -133,7 +137,8 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(prog="boothkit eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"any of: {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", help=f"any of: {', '.join(METHODS)} (default: "
+                                                f"{' '.join(DEFAULT_METHODS)}, those that are trained)")
     p.add_argument("--subjects", type=int, default=8, help="held-out identities to score")
     p.add_argument("--references", type=int, default=3, help="reference images per subject")
     p.add_argument("--contexts", type=int, default=4, help="prompts (contexts) per subject")

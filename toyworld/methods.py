@@ -42,10 +42,13 @@ class ToyEnv:
 
         return torch.cat([encode_prompt(self.base.text_encoder, self.base.tokenizer, p) for p in prompts])
 
-    def sample(self, cond: torch.Tensor, seed: int) -> torch.Tensor:
+    def sample(self, cond: torch.Tensor, seed: int, unet=None) -> torch.Tensor:
+        import dataclasses
+
         from ..hosts.sampling import sample
 
-        return sample(self.base, cond, self.encode([""]), seed=seed, steps=self.sample_steps, guidance=self.guidance)
+        model = self.base if unet is None else dataclasses.replace(self.base, unet=unet)
+        return sample(model, cond, self.encode([""]), seed=seed, steps=self.sample_steps, guidance=self.guidance)
 
 
 def base_model(env: ToyEnv, subject, seed: int):
@@ -74,8 +77,44 @@ def instantbooth(env: ToyEnv, subject, seed: int):
     return generate
 
 
+def quicktune(embedding: bool = True, denoiser: bool = True, **overrides):
+    """Two-stage quick-tune (seed 002) with the toy defaults (100 + 200 steps); the embedding stage alone is
+    textual inversion, the denoiser stage alone DreamBooth-style fine-tuning. ``overrides`` go to
+    QuickTuneConfig.toy."""
+    def method(env: ToyEnv, subject, seed: int):
+        from ..backend.quicktune import QuickTuneConfig
+        from ..hosts.diffusers_tune import encode_prompt, quick_tune, tuned
+
+        result = quick_tune(env.base, subject.images, subject.noun, masks=subject.masks, identifier=env.identifier,
+                            stage1=embedding, stage2=denoiser, seed=seed, config=QuickTuneConfig.toy(**overrides))
+
+        def generate(prompts, plain_prompts, seed):
+            with torch.no_grad():
+                cond = torch.cat([encode_prompt(env.base, p, result.embedding if embedding else None) for p in prompts])
+            with tuned(env.base, result) as unet:
+                return env.sample(cond, seed, unet=unet)
+        return generate
+    return method
+
+
+def _demo_quicktune():
+    from ..backend.quicktune import StageConfig
+
+    # a shorter budget so that `boothkit demo` stays within a minute on 2 CPU cores
+    return quicktune(stage1=StageConfig(steps=20, lr=5e-3, batch_size=4),
+                     stage2=StageConfig(steps=80, lr=1e-3, batch_size=4, weight_decay=1e-2, max_grad_norm=1.0))
+
+
+def _quicktune_demo(env, subject, seed):
+    return _demo_quicktune()(env, subject, seed)
+
+
 METHODS = {
     "base": base_model,
     "instantbooth": instantbooth,
+    "quicktune": quicktune(),
+    "quicktune-stage1": quicktune(denoiser=False),
+    "quicktune-stage2": quicktune(embedding=False),
+    "quicktune-demo": _quicktune_demo,
 }
-DEFAULT_METHODS = ["base", "instantbooth"]
+DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune"]

@@ -44,7 +44,8 @@ class InstantBoothSettings:
     cache_text: bool = True  # text-encoder outputs per caption, computed once (the text encoder is frozen)
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # sdpa | xformers
-    masked_loss: bool = False
+    masked_loss: bool = False  # loss on the subject's mask only
+    subject_weight: float = 0.0  # > 0: pixels under the mask count (1 + subject_weight) times (0 = the paper)
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of sks {noun}"])
     sample_steps: int = 25
     sample_guidance: float = 5.0
@@ -180,9 +181,10 @@ class InstantBoothTraining:
         pred = self.model.unet(noisy, t, encoder_hidden_states=cond).sample
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         err = F.mse_loss(pred.float(), target.float(), reduction="none")
-        if s.masked_loss:
+        if s.masked_loss or s.subject_weight > 0:
             m = F.interpolate(ds.masks[indices].to(self.device), size=err.shape[-2:], mode="nearest")
-            return (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1)
+            w = m if s.masked_loss else 1 + s.subject_weight * m
+            return (err * w).sum() / (w.sum() * err.shape[1]).clamp(min=1)
         return err.mean()
 
     # ---- outputs -----------------------------------------------------------------------------------

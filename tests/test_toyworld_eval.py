@@ -1,0 +1,87 @@
+"""The toy world's evaluation and demo, run small on the shipped weights."""
+import json
+
+import pytest
+import torch
+
+from boothkit.toyworld import store
+from boothkit.toyworld.evaluate import eval_contexts, main as eval_main, make_subjects, prompts_for, to_markdown
+
+
+def test_subjects_are_held_out_and_deterministic():
+    from boothkit.toyworld import domain
+
+    a, b = make_subjects(4, 3, seed=0), make_subjects(4, 3, seed=0)
+    train_ids = {i.id for i in domain.identities("train")}
+    assert all(s.identity.id not in train_ids for s in a), "evaluation uses held-out identities only"
+    assert {s.class_name for s in a} == set(domain.CLASS_NOUNS), "a small eval still covers every class"
+    assert all(torch.equal(x.images, y.images) for x, y in zip(a, b))
+    assert a[0].images.shape == (3, 3, 32, 32) and a[0].masks.shape == (3, 1, 32, 32)
+    with pytest.raises(ValueError, match="held-out identities exist"):
+        make_subjects(10_000, 1, 0)
+
+
+def test_prompts_carry_the_identifier_and_the_scored_text_does_not():
+    s = make_subjects(1, 1, 0)[0]
+    with_id, plain = prompts_for(s, eval_contexts(3, 0), "sks")
+    assert all(f"sks {s.noun}" in p for p in with_id)
+    assert all("sks" not in p for p in plain)
+
+
+def test_markdown_table_lists_every_method():
+    result = {"settings": {"subjects": 2, "contexts": 1, "samples_per_prompt": 1, "references": 3, "seed": 0,
+                           "sample_steps": 5, "threads": 2},
+              "methods": {"base": {"identity": 0.1, "identity_std": 0.0, "clip_i": 0.5, "clip_t": 0.3,
+                                   "clip_t_vs_base": 1.0, "personalize_s": 0.0, "sample_s_per_image": 0.1},
+                          "instantbooth": {"identity": 0.5, "identity_std": 0.1, "clip_i": 0.6, "clip_t": 0.29,
+                                           "clip_t_vs_base": 0.97, "personalize_s": 0.02,
+                                           "sample_s_per_image": 0.1}}}
+    md = to_markdown(result)
+    assert "| base | 0.100 ± 0.000 |" in md and "| instantbooth | 0.500 ± 0.100 |" in md and "0.970" in md
+
+
+def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
+    assert eval_main(["--methods", "base", "--subjects", "2", "--contexts", "1", "--samples", "1", "--steps", "3",
+                      "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    row = result["methods"]["base"]
+    assert -1 <= row["identity"] <= 1 and -1 <= row["clip_t"] <= 1 and row["clip_t_vs_base"] == 1.0
+    assert (tmp_path / "eval.md").read_text().startswith("Held-out toy-world identities")
+
+
+def _has_instantbooth():
+    try:
+        store.verified("instantbooth.safetensors")
+        return True
+    except store.WeightsError:
+        return False
+
+
+@pytest.mark.skipif(not _has_instantbooth(), reason="no trained toy InstantBooth file shipped yet")
+def test_demo_writes_the_grid(tmp_path, capsys):
+    from PIL import Image
+
+    from boothkit.toyworld.demo import main as demo_main
+
+    out = tmp_path / "demo.png"
+    assert demo_main(["--steps", "3", "--prompts", "2", "--scale", "1", "--out", str(out)]) == 0
+    img = Image.open(out)
+    # 3 input images + gap + base + personalized, each 32 px plus a 1 px border on both sides; one row per prompt
+    assert img.size == (6 * 34, 2 * 34)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_quicktune_method_personalizes_without_touching_the_base():
+    from boothkit.backend.quicktune import StageConfig
+    from boothkit.toyworld.methods import ToyEnv, quicktune
+
+    env = ToyEnv.load(sample_steps=2)
+    before = {k: v.clone() for k, v in env.base.unet.state_dict().items()}
+    subject = make_subjects(1, 2, 0)[0]
+    method = quicktune(stage1=StageConfig(steps=2, lr=5e-3, batch_size=2),
+                       stage2=StageConfig(steps=2, lr=1e-3, batch_size=2))
+    generate = method(env, subject, 0)
+    prompts, plain = prompts_for(subject, eval_contexts(2, 0), env.identifier)
+    images = generate(prompts, plain, 0)
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert all(torch.equal(v, before[k]) for k, v in env.base.unet.state_dict().items()), "base model untouched"
