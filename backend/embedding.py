@@ -23,19 +23,20 @@ log = logging.getLogger(__name__)
 EMBEDDING_FORMAT = "boothkit.embedding"
 EMBEDDING_VERSION = 1
 
-# base family -> (tensor key, text-encoder width or None when the width comes from the model)
-FAMILY_KEYS: dict[str, tuple[tuple[str, int | None], ...]] = {
-    "sd1": (("emb_params", 768),),
-    "sd2": (("emb_params", 1024),),
-    "sdxl": (("clip_l", 768), ("clip_g", 1280)),
-    "toy": (("emb_params", None),),
+# base family -> the tensor key of each text encoder's vectors, in encoder order. Widths are never assumed: they
+# come from the model (``load_embedding(widths=...)``); only a file without metadata is told apart by its width.
+FAMILY_KEYS: dict[str, tuple[str, ...]] = {
+    "sd1": ("emb_params",),
+    "sd2": ("emb_params",),
+    "sdxl": ("clip_l", "clip_g"),
+    "toy": ("emb_params",),
 }
 
 
 def keys_for(family: str) -> tuple[str, ...]:
     if family not in FAMILY_KEYS:
         raise ValueError(f"unknown base-model family {family!r}; expected one of {sorted(FAMILY_KEYS)}")
-    return tuple(k for k, _ in FAMILY_KEYS[family])
+    return FAMILY_KEYS[family]
 
 
 @dataclass
@@ -52,13 +53,10 @@ class Embedding:
         if set(self.vectors) != set(want):
             raise ValueError(f"a {self.family} embedding has the vectors {list(want)}, got {sorted(self.vectors)}")
         ns = set()
-        for key, width in FAMILY_KEYS[self.family]:
+        for key in want:
             v = self.vectors[key]
             if v.ndim != 2 or v.shape[0] < 1:
                 raise ValueError(f"embedding vectors '{key}' must be [num_vectors, width], got {tuple(v.shape)}")
-            if width is not None and v.shape[1] != width:
-                raise ValueError(f"embedding vectors '{key}' of a {self.family} model are {width} wide, got "
-                                 f"{v.shape[1]}")
             ns.add(v.shape[0])
         if len(ns) != 1:
             raise ValueError(f"every text encoder needs the same number of vectors, got "

@@ -130,15 +130,18 @@ class LoRAPair(nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def forward(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
-        """The offset ``(α / rank) · up(down(x))``; a conv takes stride/padding from the module it is attached to
-        (files do not store them)."""
-        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+    def forward(self, x: torch.Tensor, module: nn.Module | None = None, scale: float | None = None) -> torch.Tensor:
+        """The offset ``scale · up(down(x))`` (``scale`` defaults to α / rank); a conv takes stride/padding from the
+        module it is attached to (files do not store them). Few kernels: this runs for every adapted layer."""
+        scale = self.scale if scale is None else scale
+        down = self.down if self.down.dtype == x.dtype else self.down.to(x.dtype)
+        up = self.up if self.up.dtype == x.dtype else self.up.to(x.dtype)
         if self.spec.kind == "linear":
-            return F.linear(F.linear(x, down), up) * self.scale
-        s = module if isinstance(module, nn.Conv2d) else self.spec
-        h = F.conv2d(x, down, stride=s.stride, padding=s.padding, dilation=s.dilation)
-        return F.conv2d(h, up) * self.scale
+            out = F.linear(F.linear(x, down), up)
+        else:
+            s = module if isinstance(module, nn.Conv2d) else self.spec
+            out = F.conv2d(F.conv2d(x, down, stride=s.stride, padding=s.padding, dilation=s.dilation), up)
+        return out if scale == 1 else out * scale
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in the base weight's shape (what a weight patcher such as ComfyUI's adds)."""
@@ -216,7 +219,7 @@ class LoRA(nn.Module):
         def hook(module, args, output):
             if self.multiplier == 0:
                 return output
-            return output + pair(args[0], module) * self.multiplier
+            return output + pair(args[0], module, pair.scale * self.multiplier)
         return hook
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
@@ -353,7 +356,7 @@ def lora_metadata(lora: LoRA, family: str, identifier: str, training: Mapping[st
     rank, alpha = lora.rank_alpha_summary()
     conv = lora.conv_rank_alpha()
     net_args = {"conv_dim": str(conv[0]), "conv_alpha": repr(conv[1])} if conv else {}
-    meta = {
+    meta: dict[str, str] = {
         "format": LORA_FORMAT,
         "version": str(LORA_VERSION),
         "method": "quicktune",
@@ -367,8 +370,9 @@ def lora_metadata(lora: LoRA, family: str, identifier: str, training: Mapping[st
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": repr(float(alpha)),
-        "ss_network_args": json.dumps(net_args) if net_args else "null",
     }
+    if net_args:  # kohya writes ss_network_args only when there are network args
+        meta["ss_network_args"] = json.dumps(net_args)
     meta.update(ss_metadata(family, training, prediction_type))
     meta["ss_unet_lr"] = str(training.get("stage2_lr", ""))
     meta["ss_learning_rate"] = meta["ss_unet_lr"]

@@ -1,0 +1,168 @@
+"""`boothkit tune --images DIR --class-noun cat --out DIR`: two-stage quick-tune of one subject on a diffusers model.
+
+Stage 1 learns the identifier's input embedding (textual inversion, ~100 steps); stage 2 fine-tunes the denoiser as
+a LoRA (default) or fully, with the text encoder frozen (200-400 steps). Writes ``<name>.safetensors`` (the embedding:
+``embedding:<name>`` in ComfyUI, ``<name>`` in A1111) and ``<name>_lora.safetensors`` (kohya keys; stock LoraLoader).
+Defaults come from the model: the toy world's (``--model toy``) or Stable Diffusion's; any flag overrides them.
+Ctrl-C stops within one step and writes nothing."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from dataclasses import replace
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="boothkit tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of 4-6 images of the subject (NAME_mask.png beside an "
+                                                   "image restricts the loss to the mask)")
+    p.add_argument("--class-noun", required=True, help="what the subject is: cat, dog, person, backpack ...")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default="toy", help="diffusers model folder, a .safetensors checkpoint (with --config), "
+                                                  "or 'toy' (default: the shipped toy-world base)")
+    p.add_argument("--config", help="local diffusers folder giving the configuration of a single-file checkpoint")
+    p.add_argument("--identifier", default="sks", help="the word that stands for the subject in prompts (default sks)")
+    p.add_argument("--init-word", help="word the embedding starts from (default: 'rare' as in the paper, or the "
+                                       "class noun if the tokenizer lacks 'rare'); several tokens give several vectors")
+    p.add_argument("--name", help="output file name (default: the identifier); sanitised, no folders")
+    p.add_argument("--prompt", action="append", dest="prompts", metavar="TEMPLATE",
+                   help="training prompt template with {identifier} and {class_noun} (repeatable; default 'a photo "
+                        "of {identifier} {class_noun}')")
+    p.add_argument("--stages", choices=("both", "embedding", "denoiser"), default="both",
+                   help="both (default); embedding = textual inversion alone; denoiser = DreamBooth-style alone")
+    p.add_argument("--mode", choices=("lora", "full"), default="lora", help="stage 2: LoRA (default) or every weight")
+    p.add_argument("--rank", type=int, help="LoRA rank")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--conv-rank", type=int, help="LoRA rank of the 3x3 convolutions (0 = attention layers only)")
+    p.add_argument("--stage1-steps", type=int)
+    p.add_argument("--stage1-lr", type=float)
+    p.add_argument("--stage2-steps", type=int)
+    p.add_argument("--stage2-lr", type=float)
+    p.add_argument("--batch-size", type=int, help="batch size of both stages")
+    p.add_argument("--class-images", help="folder of class images: switches on prior preservation (not the paper's "
+                                          "default)")
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--resolution", type=int, help="training resolution in pixels (default: the model's)")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade speed for memory")
+    p.add_argument("--flip", action="store_true", help="also train on mirrored images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    args = p.parse_args(argv)
+    for name in ("rank", "stage1_steps", "stage2_steps", "batch_size", "resolution"):
+        v = getattr(args, name)
+        if v is not None and v <= 0 and not name.endswith("steps"):
+            p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if v is not None and v < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative, got {v}")
+    if args.stages == "embedding" and args.mode == "full":
+        p.error("--mode full fine-tunes the denoiser, which --stages embedding skips")
+    return args
+
+
+def build_config(args, family: str):
+    from ..backend.quicktune import QuickTuneConfig
+
+    base = QuickTuneConfig.toy(mode=args.mode) if family == "toy" else QuickTuneConfig.sd(mode=args.mode)
+    s1, s2 = base.stage1, base.stage2
+    s1 = replace(s1, **{k: v for k, v in (("steps", args.stage1_steps), ("lr", args.stage1_lr),
+                                            ("batch_size", args.batch_size)) if v is not None})
+    s2 = replace(s2, **{k: v for k, v in (("steps", args.stage2_steps), ("lr", args.stage2_lr),
+                                            ("batch_size", args.batch_size)) if v is not None})
+    over = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha), ("conv_rank", args.conv_rank))
+            if v is not None}
+    return replace(base, stage1=s1, stage2=s2, prior_weight=args.prior_weight, mixed_precision=args.mixed_precision,
+                   gradient_checkpointing=args.gradient_checkpointing, flip=args.flip, **over)
+
+
+def read_images(folder):
+    """Images and their masks; masks are None when no image has one."""
+    from ..backend.imageio import list_images, mask_path, read_images_and_masks
+
+    images, masks = read_images_and_masks(folder)
+    has_mask = any(mask_path(p).exists() for p in list_images(folder))
+    return images, (masks if has_mask else None)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
+    from ..hosts.diffusers_tune import check_identifier, quick_tune
+    from ..hosts.loading import load_sd
+
+    check_identifier(args.identifier, args.class_noun)
+    name = safe_name(args.name or args.identifier)
+    kinds = ["embedding"] + ([] if args.stages == "embedding" else ["lora" if args.mode == "lora" else "unet"])
+    try:
+        output_paths(args.out, name, kinds, args.overwrite)  # refuse before a long run, not after it
+    except FileExistsError as e:
+        raise ValueError(str(e)) from None
+    images, masks = read_images(args.images)
+    class_images = read_images(args.class_images)[0] if args.class_images else None
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_sd(args.model, config=args.config)
+    for part in (model.unet, model.text_encoder, getattr(model, "text_encoder_2", None), model.vae):
+        if part is not None:
+            part.to(device)
+    config = build_config(args, model.family)
+
+    cancelled = {"flag": False}
+
+    def on_sigint(signum, frame):
+        cancelled["flag"] = True
+        log.warning("stopping after the current step (Ctrl-C again to abort at once)")
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    total = (config.stage1.steps if args.stages != "denoiser" else 0) + \
+        (config.stage2.steps if args.stages != "embedding" else 0)
+    bar = tqdm(total=total, desc="quick-tune", unit="step")
+
+    def on_progress(done, n, loss):
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    try:
+        result = quick_tune(model, list(images), args.class_noun, identifier=args.identifier,
+                            init_word=args.init_word, masks=list(masks) if masks is not None else None,
+                            prompts=args.prompts, config=config, class_images=class_images,
+                            stage1=args.stages != "denoiser", stage2=args.stages != "embedding",
+                            resolution=args.resolution, on_progress=on_progress,
+                            should_cancel=lambda: cancelled["flag"], seed=args.seed)
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    result.training["base_model"] = str(args.model)
+    if result.status == CANCELLED:
+        print("quick-tune cancelled; nothing written", file=sys.stderr)
+        return 130
+    try:
+        paths = result.save(args.out, name, overwrite=args.overwrite)
+    except FileExistsError as e:
+        raise ValueError(str(e)) from None
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    print(f"use: prompt 'a photo of embedding:{name} {args.class_noun}' (ComfyUI) or "
+          f"'a photo of {name} {args.class_noun}' (A1111)" + (" with the LoRA loaded" if "lora" in paths else ""))
+    if result.status != DONE:
+        print(f"stopped early ({result.message}); the files hold the last good state", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
