@@ -1,0 +1,209 @@
+"""InstantBooth nodes (seed 000): load a file, encode concept images, patch the MODEL with the adapters, put the concept
+token into the prompt. Each node is thin: the work is in instantbooth_host.py (ComfyUI side) and backend/. Nothing
+heavy is imported until a node runs."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+CATEGORY = "BoothKit"
+MODEL_FOLDER = "instantbooth"  # models/instantbooth, registered in nodes/__init__.py
+
+InstantBoothType = io.Custom("INSTANTBOOTH")
+ConceptType = io.Custom("INSTANTBOOTH_CONCEPT")
+
+
+def _host():
+    from . import instantbooth_host
+
+    return instantbooth_host
+
+
+class LoadInstantBooth(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BoothKitLoadInstantBooth",
+            display_name="Load InstantBooth",
+            category=CATEGORY,
+            description="Loads an InstantBooth file (concept encoder, patch encoder and adapters) from "
+                        "models/instantbooth and checks its metadata.",
+            inputs=[
+                io.Combo.Input("instantbooth_name", options=folder_paths.get_filename_list(MODEL_FOLDER),
+                               tooltip="An InstantBooth .safetensors file in models/instantbooth."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Optional: the model it will patch, to reject a file made for another base "
+                                       "model right away."),
+            ],
+            outputs=[InstantBoothType.Output(display_name="instantbooth")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, instantbooth_name) -> bool | str:
+        if folder_paths.get_full_path(MODEL_FOLDER, instantbooth_name) is None:
+            return (f"InstantBooth file '{instantbooth_name}' is not in models/{MODEL_FOLDER} (searched "
+                    f"{', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))})")
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, instantbooth_name, model=None):
+        path = folder_paths.get_full_path(MODEL_FOLDER, instantbooth_name)
+        return os.path.getmtime(path) if path else instantbooth_name  # a rewritten file is loaded again
+
+    @classmethod
+    def execute(cls, instantbooth_name, model=None) -> io.NodeOutput:
+        from ..backend.formats import load_instantbooth
+
+        host = _host()
+        path = folder_paths.get_full_path_or_raise(MODEL_FOLDER, instantbooth_name)
+        family, width = host.check_family_for_load(model) if model is not None else (None, None)
+        instantbooth = load_instantbooth(path, family=family, ctx_dim=width).eval().requires_grad_(False)
+        return io.NodeOutput(host.BoothModel(instantbooth, instantbooth_name))
+
+
+class InstantBoothEncodeConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BoothKitInstantBoothEncodeConcept",
+            display_name="InstantBooth Encode Concept",
+            category=CATEGORY,
+            description="Encodes N photos of one subject into a concept: crops each photo to its mask, fills the "
+                        "background, runs CLIP vision, then the concept and patch encoders.",
+            inputs=[
+                InstantBoothType.Input("instantbooth"),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the InstantBooth file was trained "
+                                                           "with (ViT-L/14 for the published setup)."),
+                io.Image.Input("images", tooltip="Photos of the subject; a batch of N images gives one concept."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Optional: 1 on the subject, one per image (or one for all). Without it whole "
+                                      "images are used. LoadImage's alpha mask is 1 on the transparent part: invert "
+                                      "it first."),
+            ],
+            outputs=[ConceptType.Output(display_name="concept")],
+        )
+
+    @classmethod
+    def execute(cls, instantbooth, clip_vision, images, masks=None) -> io.NodeOutput:
+        return io.NodeOutput(_host().encode_concept(instantbooth, clip_vision, images, masks))
+
+
+class InstantBoothApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BoothKitInstantBoothApply",
+            display_name="InstantBooth Apply",
+            category=CATEGORY,
+            description="Adds the concept's adapters to every transformer block of a copy of the model (between "
+                        "self- and cross-attention). The input model is not changed.",
+            inputs=[
+                io.Model.Input("model"),
+                ConceptType.Input("concept"),
+                io.Float.Input("beta", default=0.3, min=0.0, max=2.0, step=0.01,
+                               tooltip="β, the adapters' weight: 0 turns them off; about 0.3 balances identity and "
+                                       "prompt (1 in training)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which the adapters start."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which the adapters stop."),
+                io.String.Input("skip_levels", default="",
+                                tooltip="Resolution levels without adapters, comma-separated (0 = full latent "
+                                        "resolution, the most expensive; empty = none)."),
+                io.String.Input("skip_blocks", default="",
+                                tooltip="Single transformer blocks without adapters, by index in execution order, "
+                                        "comma-separated (empty = none)."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, concept, beta, start_percent, end_percent, skip_levels="", skip_blocks=""
+                ) -> io.NodeOutput:
+        return io.NodeOutput(_host().apply(model, concept, beta, start_percent, end_percent, skip_levels, skip_blocks))
+
+
+class InstantBoothCondition(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BoothKitInstantBoothCondition",
+            display_name="InstantBooth Condition",
+            category=CATEGORY,
+            description="Replaces the identifier's rows of an encoded prompt by α·f_c, the concept token.",
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="The encoded prompt (e.g. from CLIPTextEncode)."),
+                io.Clip.Input("clip", tooltip="The CLIP that encoded the prompt (its tokenizer finds the rows)."),
+                ConceptType.Input("concept"),
+                io.String.Input("text", multiline=True, default="",
+                                tooltip="The prompt that was encoded into the conditioning, with the identifier in it. "
+                                        "Tip: convert it to an input and share one text with CLIPTextEncode."),
+                io.Float.Input("alpha", default=0.4, min=0.0, max=2.0, step=0.01,
+                               tooltip="α, the concept token's scale (about 0.4 at inference)."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, clip, concept, text, alpha) -> io.NodeOutput:
+        return io.NodeOutput(_host().condition(conditioning, clip, text, concept, alpha))
+
+
+class InstantBoothTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BoothKitInstantBoothTextEncode",
+            display_name="InstantBooth Text Encode",
+            category=CATEGORY,
+            description="CLIPTextEncode and InstantBooth Condition in one: encodes the prompt (inserting the "
+                        "identifier before the class noun if it is missing) and puts in the concept token.",
+            inputs=[
+                io.Clip.Input("clip"),
+                ConceptType.Input("concept"),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, default="a photo of a person",
+                                tooltip="The prompt."),
+                io.Float.Input("alpha", default=0.4, min=0.0, max=2.0, step=0.01,
+                               tooltip="α, the concept token's scale (about 0.4 at inference)."),
+                io.Boolean.Input("insert_identifier", default=True,
+                                 tooltip="Insert the identifier before the first class noun when the prompt lacks it."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip, concept, text, alpha, insert_identifier=True) -> io.NodeOutput:
+        return io.NodeOutput(_host().encode_text(clip, text, concept, alpha, insert_identifier))
+
+
+class InstantBoothInsertIdentifier(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BoothKitInstantBoothInsertIdentifier",
+            display_name="InstantBooth Insert Identifier",
+            category=CATEGORY,
+            description="Inserts the concept's identifier before the first class noun: 'a photo of a person' -> "
+                        "'a photo of a sks person'. A prompt that has it already is unchanged.",
+            inputs=[
+                ConceptType.Input("concept"),
+                io.String.Input("text", multiline=True, default="a photo of a person"),
+            ],
+            outputs=[io.String.Output(display_name="text")],
+        )
+
+    @classmethod
+    def execute(cls, concept, text) -> io.NodeOutput:
+        return io.NodeOutput(_host().with_identifier(text, concept))
+
+
+NODES = [
+    LoadInstantBooth,
+    InstantBoothEncodeConcept,
+    InstantBoothApply,
+    InstantBoothCondition,
+    InstantBoothTextEncode,
+    InstantBoothInsertIdentifier,
+]

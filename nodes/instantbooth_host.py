@@ -1,0 +1,367 @@
+"""The ComfyUI host of InstantBooth (seed 000): what the nodes in instantbooth.py do, written against ComfyUI's objects
+by duck typing (a ModelPatcher, a CLIP, a CLIP_VISION, CONDITIONING lists), so it imports no ComfyUI module and is
+tested without ComfyUI. The counterpart of hosts/diffusers_host.py; both must give the same result on the same
+weights.
+
+- Adapters: one ``middle_patch`` on a clone of the MODEL. ComfyUI calls it inside every BasicTransformerBlock after
+  the self-attention residual and before cross-attention, with ``transformer_index`` (which spatial transformer, in
+  execution order) and ``block_index`` (depth inside it), which the file's AdapterLayout maps to adapter i.
+- Concept token: the identifier's rows of the encoded prompt, found by re-tokenizing the prompt with the CLIP's own
+  tokenizer, are replaced by α·f_c. The chunk length comes from the tokens, never a hard-coded 77."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..backend.identifier import class_nouns_for, find_identifier_rows, inject_concept, insert_identifier
+from ..backend.instantbooth import FAMILIES, AdapterLayout, Concept, InstantBooth
+
+log = logging.getLogger(__name__)
+
+# text-encoder width of the model to patch -> base-model family (768: SD1.x, 1024: SD2.x, 2048: SDXL)
+FAMILY_BY_CTX = {width: family for family, width in FAMILIES.items() if width is not None}
+
+
+@dataclass
+class BoothModel:
+    """What travels on an INSTANTBOOTH link: the loaded file and its name (for messages)."""
+
+    model: InstantBooth
+    name: str
+
+
+@dataclass
+class BoothConcept:
+    """What travels on an INSTANTBOOTH_CONCEPT link: the encoders' output and the InstantBooth it came from (the
+    Apply node needs that file's adapters)."""
+
+    concept: Concept
+    booth: BoothModel
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the model to patch
+
+
+def model_text_width(model) -> int | None:
+    """Cross-attention width of a ComfyUI MODEL (its text encoder's width), from the model's own config."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    width = (getattr(config, "unet_config", None) or {}).get("context_dim")
+    return int(width) if width else None
+
+
+def model_family(model) -> str | None:
+    width = model_text_width(model)
+    return FAMILY_BY_CTX.get(width) if width is not None else None
+
+
+def model_name(model) -> str:
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    return type(config).__name__ if config is not None else type(getattr(model, "model", model)).__name__
+
+
+def _is_spatial_transformer(layer) -> bool:
+    blocks = getattr(layer, "transformer_blocks", None)
+    return blocks is not None and len(blocks) > 0 and all(hasattr(b, "attn1") for b in blocks)
+
+
+def _changes_level(layer) -> int:
+    """-1/+1 for an up/down-sampling layer of ComfyUI's openaimodel UNet (Upsample/Downsample or an up/down ResBlock),
+    0 otherwise."""
+    name = type(layer).__name__
+    if name == "Downsample":
+        return 1
+    if name == "Upsample":
+        return -1
+    if getattr(layer, "updown", False):
+        return 1 if type(getattr(layer, "h_upd", None)).__name__ == "Downsample" else -1
+    return 0
+
+
+def unet_adapter_layout(diffusion_model) -> AdapterLayout:
+    """The adapter layout of a ComfyUI UNet (comfy/ldm/modules/diffusionmodules/openaimodel.py), read from its modules
+    in the order its forward numbers them with ``transformer_index``: input blocks, middle block, output blocks."""
+    if not hasattr(diffusion_model, "input_blocks") or not hasattr(diffusion_model, "output_blocks"):
+        raise ValueError(f"the model's denoiser is a {type(diffusion_model).__name__}, not a UNet: InstantBooth works "
+                         f"with Stable Diffusion UNets (SD1.x, SD2.x, SDXL)")
+    dims, heads, levels, depths = [], [], [], []
+    level = 0
+    middle = diffusion_model.middle_block
+    stages = ([("input", b) for b in diffusion_model.input_blocks]
+              + ([("middle", middle)] if middle is not None else [])
+              + [("output", b) for b in diffusion_model.output_blocks])
+    for where, block in stages:
+        for layer in block:
+            if _is_spatial_transformer(layer):
+                depths.append(len(layer.transformer_blocks))
+                for tb in layer.transformer_blocks:
+                    dims.append(int(tb.attn1.to_q.in_features))
+                    heads.append(int(getattr(tb, "n_heads", getattr(tb.attn1, "heads", 1))))
+                    levels.append(level)
+            elif where != "middle":
+                level += _changes_level(layer)
+    if not dims:
+        raise ValueError("the model's UNet has no transformer blocks, so InstantBooth has nowhere to go")
+    return AdapterLayout(dims=dims, heads=heads, levels=levels, depths=depths)
+
+
+def check_model(booth: BoothModel, model) -> AdapterLayout:
+    """The file must be for this model: same family/text width and the same transformer blocks. Returns the file's
+    layout. Errors say which file and what it was made for."""
+    c = booth.model.config
+    width, family = model_text_width(model), model_family(model)
+    if (width is not None and width != c.ctx_dim) or (c.family != "toy" and family is not None and family != c.family):
+        raise ValueError(f"InstantBooth file '{booth.name}' was trained for base family '{c.family}' (text width "
+                         f"{c.ctx_dim}), but the model is {model_name(model)} (family '{family}', text width {width}); "
+                         f"load an InstantBooth file made for {family or 'this model'}.")
+    layout = unet_adapter_layout(model.get_model_object("diffusion_model"))
+    want = c.layout
+    if (layout.dims, layout.depths) != (want.dims, want.depths):
+        raise ValueError(f"InstantBooth file '{booth.name}' does not fit this model's transformer blocks: the model "
+                         f"has widths {layout.dims} with depths {layout.depths}, the file has widths {want.dims} with "
+                         f"depths {want.depths}; the file is for another base model.")
+    return want
+
+
+def check_family_for_load(model) -> tuple[str | None, int | None]:
+    """(family, text width) to pass to formats.load_instantbooth so the loader rejects a file for another model."""
+    return model_family(model), model_text_width(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the adapters as a middle_patch
+
+
+def parse_indices(text: str, what: str) -> list[int]:
+    """'0, 2' -> [0, 2]; '' -> []."""
+    out = []
+    for part in str(text).replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise ValueError(f"{what}: '{part}' is not a number; write numbers separated by commas, e.g. '0' or "
+                             f"'0, 1' (empty: none)") from None
+    return out
+
+
+class InstantBoothPatch:
+    """InstantBooth's adapters as one ComfyUI ``middle_patch``: in block i, y += β·tanh(γ_i)·S_i([y, f_p])[:len(y)].
+
+    Keys/values of f_p do not depend on y, so they are computed once per device/dtype the model samples on and reused
+    at every step and for cond and uncond alike (one batch). The loaded InstantBooth is never moved or cast in place:
+    a copy of the adapters is made for a device/dtype other than its own."""
+
+    def __init__(self, instantbooth: InstantBooth, f_p: torch.Tensor, beta: float, enabled: list[bool] | None = None,
+                 sigma_range: tuple[float, float] | None = None):
+        self.instantbooth = instantbooth
+        self.layout = instantbooth.config.layout
+        self.f_p = (f_p if f_p.ndim == 3 else f_p[None]).detach()
+        self.beta = float(beta)
+        self.enabled = list(enabled) if enabled is not None else [True] * len(self.layout)
+        if len(self.enabled) != len(self.layout):
+            raise ValueError(f"{len(self.enabled)} enabled flags for {len(self.layout)} adapters")
+        self.sigma_range = sigma_range  # (sigma at start_percent, sigma at end_percent); None: every step
+        self._prepared: dict[tuple, tuple[list, list]] = {}
+
+    def __deepcopy__(self, memo):
+        return self  # ModelPatcher.clone() deep-copies model_options; the weights are shared, never copied per clone
+
+    def to(self, device_or_dtype):
+        """ComfyUI moves patches with the model (``model_patches_to``). The work happens lazily on the sampling
+        device; moving away from a device only drops what was prepared there, which frees its memory."""
+        if isinstance(device_or_dtype, torch.dtype):
+            return self
+        device = torch.device(device_or_dtype)
+        self._prepared = {k: v for k, v in self._prepared.items() if _same_device(k[0], device)}
+        return self
+
+    def _active(self, extra_options) -> bool:
+        if self.sigma_range is None:
+            return True
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return True
+        sigma = float(sigmas.detach().flatten()[0])
+        start, end = self.sigma_range
+        return end <= sigma <= start
+
+    def prepared(self, device: torch.device, dtype: torch.dtype) -> tuple[list, list]:
+        """(adapters, f_p keys/values) on device/dtype, computed on first use and cached. The keys/values are computed
+        with the loaded weights in their own precision (as the diffusers host does), then cast."""
+        key = (device, dtype)
+        if key not in self._prepared:
+            adapters, kv = [], []
+            for adapter, on in zip(self.instantbooth.adapters, self.enabled):
+                if not on:
+                    adapters.append(None)
+                    kv.append(None)
+                    continue
+                p = next(adapter.parameters())
+                with torch.no_grad():
+                    k, v = adapter.patch_kv(self.f_p.to(device=p.device))
+                kv.append((k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)))
+                if p.device != device or p.dtype != dtype:
+                    adapter = copy.deepcopy(adapter).to(device=device, dtype=dtype)
+                adapters.append(adapter)
+            self._prepared[key] = (adapters, kv)
+        return self._prepared[key]
+
+    def __call__(self, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        i = self.layout.index(extra_options["transformer_index"], extra_options.get("block_index", 0))
+        if not self.enabled[i] or not self._active(extra_options):
+            return x
+        adapters, kv = self.prepared(x.device, x.dtype)
+        return x + adapters[i].residual(x, beta=self.beta, kv=kv[i])
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def apply(model, booth_concept: BoothConcept, beta: float, start_percent: float = 0.0, end_percent: float = 1.0,
+          skip_levels: str = "", skip_blocks: str = ""):
+    """A clone of ``model`` with InstantBooth's adapters; ``model`` itself is never changed. β = 0, no enabled adapter
+    or an empty step range give a plain clone, so the output is exactly the unpatched one."""
+    booth = booth_concept.booth
+    layout = check_model(booth, model)
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
+                         f"0 <= start <= end <= 1")
+    enabled = layout.select(skip_levels=parse_indices(skip_levels, "skip_levels"),
+                            skip_blocks=parse_indices(skip_blocks, "skip_blocks"))
+    m = model.clone()
+    if beta == 0 or not any(enabled) or start_percent == end_percent:
+        return m
+    sigma_range = None
+    if start_percent > 0.0 or end_percent < 1.0:
+        sampling = model.get_model_object("model_sampling")
+        sigma_range = (float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
+    m.set_model_patch(InstantBoothPatch(booth.model, booth_concept.concept.f_p, beta, enabled, sigma_range),
+                      "middle_patch")
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# concept images -> CONCEPT
+
+
+def _masks_for(masks: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor | None:
+    """ComfyUI MASK ([N, H, W] or [H, W], 1 on the subject) -> [N, 1, H, W] matching ``images`` [N, 3, H, W]."""
+    if masks is None:
+        return None
+    n, _, h, w = images.shape
+    m = masks.float()
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.ndim != 3:
+        raise ValueError(f"mask must be [N, H, W], got shape {tuple(masks.shape)}")
+    if m.shape[0] == 1 and n > 1:
+        m = m.expand(n, -1, -1)
+    if m.shape[0] != n:
+        raise ValueError(f"{m.shape[0]} masks for {n} images: give one mask per image (or one for all)")
+    m = m[:, None]
+    if m.shape[-2:] != (h, w):
+        m = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+    empty = [i for i in range(n) if not bool((m[i] > 0.5).any())]
+    if empty:
+        raise ValueError(f"mask {empty} is empty (nothing above 0.5): the mask must be 1 on the subject. LoadImage "
+                         f"gives an empty mask for an image without alpha; leave the mask input unconnected to use "
+                         f"whole images.")
+    return m
+
+
+def encode_concept(booth: BoothModel, clip_vision, images: torch.Tensor, masks: torch.Tensor | None = None
+                   ) -> BoothConcept:
+    """N concept images (ComfyUI IMAGE [N, H, W, 3] in 0..1, optional MASK) -> CONCEPT: crop each image to its mask's
+    box, fill the background, resize (backend.preprocess, as in training), run the frozen CLIP vision backbone
+    (ComfyUI normalises), then the concept and patch encoders."""
+    from ..backend.preprocess import prepare_concept_images  # kornia: imported only when a concept is encoded
+
+    c = booth.model.config
+    if images.ndim != 4 or images.shape[-1] < 3:
+        raise ValueError(f"images must be an IMAGE batch [N, H, W, 3], got shape {tuple(images.shape)}")
+    pixels = images[..., :3].movedim(-1, 1).float().cpu()
+    masks = _masks_for(masks.cpu() if masks is not None else None, pixels)
+    with torch.no_grad():
+        crops = prepare_concept_images(pixels, masks, c.image_size, c.crop_margin, c.background, normalize=False)
+        out = clip_vision.encode_image(crops.movedim(1, -1).clamp(0, 1), crop=False)
+        tokens = out["last_hidden_state"]
+        if tokens.shape[1] != c.tokens_per_image:
+            raise ValueError(f"the CLIP vision model gives {tokens.shape[1]} tokens per image, but InstantBooth file "
+                             f"'{booth.name}' was trained with {c.tokens_per_image}: load the CLIP vision model it was "
+                             f"trained with.")
+        concept = booth.model.encode(out["image_embeds"].float().cpu(), tokens.float().cpu())
+    return BoothConcept(concept=concept, booth=booth)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the concept token in the encoded prompt
+
+
+def _token_id(t) -> int:
+    return t if isinstance(t, int) else -1  # an embedding (textual inversion) tensor is never the identifier
+
+
+def identifier_token_ids(clip, identifier: str) -> dict[str, list[int]]:
+    """The identifier's token ids for each of the CLIP's tokenizers ('l', 'g', 'h', ...)."""
+    tokens = clip.tokenize(identifier, return_word_ids=True)
+    return {key: [_token_id(t) for t, _w, word in chunks[0] if word != 0] for key, chunks in tokens.items()}
+
+
+def identifier_rows(clip, text: str, identifier: str) -> tuple[list[int], int]:
+    """Rows of the identifier in the encoded ``text`` and the encoded prompt's length, from the CLIP's tokenizers.
+
+    SDXL has two tokenizers (its encoded prompt is their outputs side by side): they must agree."""
+    ident = identifier_token_ids(clip, identifier)
+    found = {}
+    for key, chunks in clip.tokenize(text).items():
+        ids = [[_token_id(tok[0]) for tok in chunk] for chunk in chunks]
+        found[key] = (find_identifier_rows(ids, ident[key]), sum(len(chunk) for chunk in ids))
+    results = set((tuple(rows), length) for rows, length in found.values())
+    if len(results) != 1:
+        raise ValueError(f"the text encoders' tokenizers place the identifier {identifier!r} differently "
+                         f"({ {k: v[0] for k, v in found.items()} }); use an identifier that is one token for all of "
+                         f"them")
+    rows, length = results.pop()
+    return list(rows), length
+
+
+def condition(conditioning: list, clip, text: str, booth_concept: BoothConcept, alpha: float) -> list:
+    """CONDITIONING made from ``text`` -> the same with the identifier's rows replaced by α·f_c (pooled output and
+    every other row untouched)."""
+    concept = booth_concept.concept
+    rows, length = identifier_rows(clip, text, concept.identifier)
+    if not rows:
+        raise ValueError(f"the prompt {text!r} does not contain the identifier {concept.identifier!r}. Write it before "
+                         f"the class noun, e.g. 'a photo of {concept.identifier} {concept.class_noun}', or use the "
+                         f"InstantBooth Insert Identifier node.")
+    out = []
+    for cond, extras in conditioning:
+        if cond.shape[1] != length:
+            raise ValueError(f"the conditioning has {cond.shape[1]} token rows, but the text {text!r} tokenizes to "
+                             f"{length}: give this node the same text that was encoded into the conditioning.")
+        out.append([inject_concept(cond, rows, concept.f_c, alpha), dict(extras)])
+    return out
+
+
+def with_identifier(text: str, booth_concept: BoothConcept) -> str:
+    """Insert the identifier before the first class noun of the concept's category ("a photo of a person" ->
+    "a photo of a sks person"); a text that already has it is returned unchanged."""
+    concept = booth_concept.concept
+    return insert_identifier(text, concept.identifier, class_nouns_for(concept.class_noun))
+
+
+def encode_text(clip, text: str, booth_concept: BoothConcept, alpha: float, add_identifier: bool = True) -> list:
+    """Tokenize + encode ``text`` with the CLIP (as CLIPTextEncode does) and put the concept token in."""
+    if add_identifier:
+        text = with_identifier(text, booth_concept)
+    conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    return condition(conditioning, clip, text, booth_concept, alpha)
