@@ -57,8 +57,9 @@ def _has_instantbooth():
         return False
 
 
-@pytest.mark.skipif(not _has_instantbooth(), reason="no trained toy InstantBooth file shipped yet")
+@pytest.mark.slow
 def test_demo_writes_the_grid(tmp_path, capsys):
+    """The README's main command with its defaults (InstantBooth once shipped, until then the short quick-tune)."""
     from PIL import Image
 
     from boothkit.toyworld.demo import main as demo_main
@@ -68,7 +69,9 @@ def test_demo_writes_the_grid(tmp_path, capsys):
     img = Image.open(out)
     # 3 input images + gap + base + personalized, each 32 px plus a 1 px border on both sides; one row per prompt
     assert img.size == (6 * 34, 2 * 34)
-    assert "wrote" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "wrote" in out_text
+    assert ("method: instantbooth" if _has_instantbooth() else "method: quicktune-demo") in out_text
 
 
 def test_quicktune_method_personalizes_without_touching_the_base():
