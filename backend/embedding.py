@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import FormatError, read_safetensors, write_safetensors
+from .formats import FormatError, check_version, read_safetensors, write_safetensors
 from .lora import modelspec_metadata, ss_metadata
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,7 @@ def load_embedding(path: str | Path, family: str | None = None, widths: Mapping[
         raise FormatError(f"{path}: metadata field 'format' is {fmt!r}, expected '{EMBEDDING_FORMAT}' (this file is "
                           f"not an embedding)")
     else:
-        try:
-            version = int(meta.get("version", ""))
-        except ValueError:
-            raise FormatError(f"{path}: metadata field 'version' is {meta.get('version')!r}, expected an "
-                              f"integer") from None
-        if version > EMBEDDING_VERSION:
-            raise FormatError(f"{path}: metadata field 'version' is {version}, expected <= {EMBEDDING_VERSION}: the "
-                              f"file is newer than this BoothKit; upgrade")
+        check_version(path, meta, EMBEDDING_VERSION)
         found = meta.get("family")
         if found not in FAMILY_KEYS:
             raise FormatError(f"{path}: metadata field 'family' is {found!r}, expected one of {sorted(FAMILY_KEYS)}")

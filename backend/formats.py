@@ -60,6 +60,19 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def check_version(path, metadata: dict[str, str], supported: int) -> int:
+    """The file's format version, refused when it is not an integer or newer than this BoothKit reads."""
+    raw = metadata.get("version")
+    try:
+        version = int(raw)
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: metadata field 'version' is {raw!r}, expected an integer") from None
+    if version > supported:
+        raise FormatError(f"{path}: metadata field 'version' is {version}, expected <= {supported}: the file is "
+                          f"newer than this BoothKit; upgrade")
+    return version
+
+
 class _Fields:
     """Typed access to string metadata with errors that name the file and the field."""
 
@@ -135,9 +148,7 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
     fmt = f.str("format")
     if fmt != INSTANTBOOTH_FORMAT:
         raise f.error("format", fmt, f"'{INSTANTBOOTH_FORMAT}' (this file is not an InstantBooth file)")
-    version = f.int("version")
-    if version > INSTANTBOOTH_VERSION:
-        raise f.error("version", version, f"<= {INSTANTBOOTH_VERSION}: the file is newer than this BoothKit; upgrade")
+    check_version(path, metadata, INSTANTBOOTH_VERSION)
     f.str("method", {"instantbooth"})
     lay = f.json("layout")
     try:

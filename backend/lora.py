@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import FormatError, read_safetensors, write_safetensors
+from .formats import FormatError, check_version, read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -423,14 +423,7 @@ def load_lora(path: str | Path, family: str | None = None) -> LoRAFile:
         raise FormatError(f"{path}: metadata field 'format' is {fmt!r}, expected '{LORA_FORMAT}' (or a kohya LoRA "
                           f"with ss_network_module)")
     else:
-        try:
-            version = int(meta.get("version", ""))
-        except ValueError:
-            raise FormatError(f"{path}: metadata field 'version' is {meta.get('version')!r}, expected an "
-                              f"integer") from None
-        if version > LORA_VERSION:
-            raise FormatError(f"{path}: metadata field 'version' is {version}, expected <= {LORA_VERSION}: the "
-                              f"file is newer than this BoothKit; upgrade")
+        check_version(path, meta, LORA_VERSION)
         if family is not None and meta.get("family") != family:
             raise FormatError(f"{path}: metadata field 'family' is {meta.get('family')!r}, but the model is "
                               f"'{family}'; this LoRA was trained for another base model")

@@ -11,13 +11,7 @@ from safetensors.torch import load_file, save_file
 from boothkit.backend.embedding import Embedding, load_embedding, save_embedding
 from boothkit.backend.formats import FormatError, read_safetensors, write_safetensors
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and on a shared 2-core machine more threads spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -12,13 +12,7 @@ from tiny_models import tiny_unet
 from boothkit.backend.formats import FormatError, read_safetensors
 from boothkit.backend.lora import LoRA, find_targets, kohya_name, load_lora, save_lora
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and on a shared 2-core machine more threads spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

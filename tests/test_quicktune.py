@@ -15,13 +15,7 @@ from boothkit.hosts import diffusers_tune as dt
 
 WORDS = ("a", "photo", "of", "sks", "cat", "dog", "rare", "on", "the", "beach")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and on a shared 2-core machine more threads spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
