@@ -2,8 +2,9 @@
 Apply node, measured interleaved in one run. The model is an SD1.5-shaped UNet (ComfyUI's own SD15 model class,
 random weights; --shape tiny for the test tier's 2-level one) at a 64×64 latent, cfg 7 so cond and uncond run as one
 batch of 2, euler. Per-step times come from the sampler's step callback; the first step of each run (which also
-computes f_p's keys/values) is left out. Needs COMFYUI_PATH; runs in ComfyUI's python ($COMFYUI_PYTHON, else the
-venv next to or inside the checkout) and loads the pack with ComfyUI's own loader."""
+computes f_p's keys/values) is left out; ratios compare each variant's fastest step (medians are printed too).
+Needs COMFYUI_PATH; runs in ComfyUI's python ($COMFYUI_PYTHON, else the venv next to or inside the checkout) and
+loads the pack with ComfyUI's own loader."""
 from __future__ import annotations
 
 import argparse
@@ -141,37 +142,41 @@ def worker(a, comfy_path: Path) -> int:
     latent = torch.zeros(1, 4, a.latent, a.latent)
     noise = torch.randn(latent.shape, generator=gen)
 
-    def run(m) -> list[float]:
+    def run(m, steps=a.steps) -> list[float]:
         stamps = []
         with torch.inference_mode():
-            comfy.sample.sample(m, noise, a.steps, 7.0, "euler", "normal", cond, uncond, latent, disable_pbar=True,
+            comfy.sample.sample(m, noise, steps, 7.0, "euler", "normal", cond, uncond, latent, disable_pbar=True,
                                 callback=lambda *args: stamps.append(time.perf_counter()), seed=0)
         return [t1 - t0 for t0, t1 in zip(stamps, stamps[1:])]  # step k ends at stamp k; step 0 is left out
 
-    for m in variants.values():  # warm-up: allocator, kernels, f_p K/V
-        run(m)
+    run(model, 2)  # warm-up: allocator, kernels (each run's own set-up, f_p K/V included, falls in its untimed step 0)
     times = {name: [] for name in variants}
     names = list(variants)
     for r in range(a.repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotated so no variant always runs first
             times[name] += run(variants[name])
 
-    base_s = statistics.median(times[names[0]])
-    ratios = {name: statistics.median(ts) / base_s for name, ts in times.items()}
+    # the fastest step of each variant is the ratio's basis: on a shared machine, contention only ever adds time
+    best = {name: min(ts) for name, ts in times.items()}
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    ratio = {name: best[name] / best[names[0]] for name in names}
+    ratio_median = {name: median[name] / median[names[0]] for name in names}
     params = sum(p.numel() for p in base.diffusion_model.parameters()) / 1e6
     n0 = sum(1 for lvl in layout.levels if lvl == 0)
     print(f"ComfyUI {comfy_path.name} @ {comfy_path}, UNet {a.shape} ({params:.0f}M params, {len(layout)} transformer "
           f"blocks, {n0} at level 0), latent {a.latent}x{a.latent}, cfg 7 (batch 2), euler, {a.dtype}, "
-          f"{a.attention} attention, {torch.get_num_threads()} threads; median of {len(times[names[0]])} timed steps "
-          f"per variant")
-    print(f"{'variant':<28} {'s/step':>8} {'ratio':>7}")
-    for name, ts in times.items():
-        print(f"{name:<28} {statistics.median(ts):8.3f} {ratios[name]:7.3f}")
-    verdict = "meets" if ratios[names[1]] <= TARGET_N1 else "misses"
-    print(f"N=1 {verdict} the target of <= {TARGET_N1}x")
-    print(json.dumps({"ratio": round(ratios[names[1]], 3), "ratio_n1": round(ratios[names[1]], 3),
-                      "ratio_n4": round(ratios[names[2]], 3), "ratio_n1_skip_level0": round(ratios[names[3]], 3),
-                      "baseline_s_per_step": round(base_s, 4), "target_n1": TARGET_N1, "shape": a.shape,
+          f"{a.attention} attention, {torch.get_num_threads()} threads; {len(times[names[0]])} timed steps per "
+          f"variant")
+    print(f"{'variant':<28} {'best s/step':>11} {'ratio':>7} {'median s/step':>13} {'ratio':>7}")
+    for name in names:
+        print(f"{name:<28} {best[name]:11.3f} {ratio[name]:7.3f} {median[name]:13.3f} {ratio_median[name]:7.3f}")
+    verdict = "meets" if ratio[names[1]] <= TARGET_N1 else "misses"
+    print(f"N=1 {verdict} the target of <= {TARGET_N1}x (ratios of the best step; medians for reference)")
+    print(json.dumps({"ratio": round(ratio[names[1]], 3), "ratio_n1": round(ratio[names[1]], 3),
+                      "ratio_n4": round(ratio[names[2]], 3), "ratio_n1_skip_level0": round(ratio[names[3]], 3),
+                      "ratio_n1_median": round(ratio_median[names[1]], 3),
+                      "ratio_n4_median": round(ratio_median[names[2]], 3),
+                      "baseline_s_per_step": round(best[names[0]], 4), "target_n1": TARGET_N1, "shape": a.shape,
                       "latent": a.latent, "dtype": a.dtype, "attention": a.attention}))
     return 0
 

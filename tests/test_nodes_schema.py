@@ -19,6 +19,7 @@ from torch import nn
 from boothkit.backend.formats import FormatError, save_instantbooth
 from boothkit.backend.instantbooth import AdapterLayout, Concept, InstantBooth, InstantBoothConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models only
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_DIRS = [ROOT / "workflows", ROOT / "example_workflows"]
 
@@ -582,7 +583,6 @@ class FakeClipVision:
 
     def encode_image(self, image, crop=True):
         self.seen.append(image.clone())
-        n = image.shape[0]
         feat = image.mean(dim=(1, 2))  # [N, 3]
         return {"image_embeds": feat.repeat(1, 6)[:, :16], "last_hidden_state": feat[:, None].repeat(1, self.tokens, 8)}
 
