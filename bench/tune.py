@@ -110,6 +110,17 @@ def _toy():
 # the reference loops (diffusers' example scripts, one step each)
 
 
+def reference_loss(model, text_encoder, prompt_ids, pixels, sched, gen) -> torch.Tensor:
+    """The denoising loss as both diffusers example scripts compute it: VAE and text encoder run on every step."""
+    latents = encode_latents(model, pixels, gen)
+    noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    cond = text_encoder(prompt_ids.expand(latents.shape[0], -1))[0]
+    pred = model.unet(noisy, t, cond).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
 class ReferenceTextualInversion:
     """textual_inversion.py: placeholder token added (a new embedding row), the whole embedding matrix in AdamW
     (weight decay 1e-2, the script's default), every other row restored after each step."""
@@ -135,15 +146,7 @@ class ReferenceTextualInversion:
         self.opt = torch.optim.AdamW([emb.weight], lr=lr, weight_decay=1e-2)
 
     def step(self, pixels, sched, gen):
-        m = self.model
-        latents = encode_latents(m, pixels, gen)
-        noise = torch.randn(latents.shape, generator=gen, device=latents.device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen,
-                          device=latents.device)
-        noisy = sched.add_noise(latents, noise, t)
-        cond = self.te(self.ids.expand(latents.shape[0], -1))[0]
-        pred = m.unet(noisy, t, cond).sample
-        loss = F.mse_loss(pred.float(), noise.float())
+        loss = reference_loss(self.model, self.te, self.ids, pixels, sched, gen)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad()
@@ -162,15 +165,7 @@ class ReferenceDreamBoothLoRA:
         self.opt = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=1e-2)
 
     def step(self, pixels, sched, gen):
-        m = self.model
-        latents = encode_latents(m, pixels, gen)
-        noise = torch.randn(latents.shape, generator=gen, device=latents.device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen,
-                          device=latents.device)
-        noisy = sched.add_noise(latents, noise, t)
-        cond = m.text_encoder(self.ids.expand(latents.shape[0], -1))[0]
-        pred = m.unet(noisy, t, cond).sample
-        loss = F.mse_loss(pred.float(), noise.float())
+        loss = reference_loss(self.model, self.model.text_encoder, self.ids, pixels, sched, gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.lora.parameters(), 1.0)
         self.opt.step()
