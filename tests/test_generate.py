@@ -2,24 +2,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_clip_vision, tiny_sd_folder
+from tiny_models import tiny_clip_vision, tiny_sd_folder, write_image_folder
 
 from boothkit.backend.formats import save_instantbooth
 from boothkit.backend.instantbooth import InstantBooth, InstantBoothConfig
 from boothkit.hosts.diffusers_host import adapter_layout
 from boothkit.hosts.generate import main as generate
 from boothkit.hosts.loading import load_sd
-
-
-def write_subject(folder, n=2, size=40):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-        m = np.zeros((size, size), np.uint8)
-        m[5:30, 8:33] = 255
-        Image.fromarray(m).save(folder / f"img{i}_mask.png")
-    return folder
 
 
 @pytest.mark.parametrize("with_vae", [True, False])
@@ -36,7 +25,7 @@ def test_generate_end_to_end_on_a_diffusers_folder(tmp_path, with_vae):
         for a in ib.adapters:
             a.gate.fill_(1.0)
     save_instantbooth(tmp_path / "ib.safetensors", ib)
-    images = write_subject(tmp_path / "subject")
+    images = write_image_folder(tmp_path / "subject", 2, 40, (5, 30, 8, 33))
     out = tmp_path / "out.png"
     common = ["--model", str(sd), "--clip-vision", str(tmp_path / "vision"), "--instantbooth",
               str(tmp_path / "ib.safetensors"), "--images", str(images), "--prompt", "a photo of a cat on grass",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_clip_vision, tiny_sd_folder
+from tiny_models import tiny_clip_vision, tiny_sd_folder, write_image_folder
 
 from boothkit.backend.formats import load_instantbooth, read_safetensors
 from boothkit.training.cli import main as train_main
@@ -17,17 +17,8 @@ from boothkit.training.data import DataError, FolderDataset
 from boothkit.training.trainer import TrainingStopped
 
 
-def write_dataset(folder, n=6, size=32, captions=True):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-        m = np.zeros((size, size), np.uint8)
-        m[4:24, 6:28] = 255
-        Image.fromarray(m).save(folder / f"{i:03d}_mask.png")
-        if captions:
-            (folder / f"{i:03d}.txt").write_text(["a photo of a cat on grass", "a cat on the beach"][i % 2])
-    return folder
+def write_dataset(folder, n=6, size=32):
+    return write_image_folder(folder, n, size, (4, 24, 6, 28), ["a photo of a cat on grass", "a cat on the beach"])
 
 
 @pytest.fixture(scope="module")

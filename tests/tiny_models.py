@@ -88,3 +88,25 @@ def tiny_sd_folder(folder, with_vae: bool = True, cross_attention_dim: int = 32)
         tiny_vae().save_pretrained(folder / "vae")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
+
+
+def write_image_folder(folder, n: int, size: int, box: tuple[int, int, int, int], captions=()):
+    """n random square images NNN.png with a mask NNN_mask.png (1 inside ``box`` = y0, y1, x0, x1) and, if
+    ``captions`` are given, NNN.txt cycling through them."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    y0, y1, x0, x1 = box
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+        m = np.zeros((size, size), np.uint8)
+        m[y0:y1, x0:x1] = 255
+        Image.fromarray(m).save(folder / f"{i:03d}_mask.png")
+        if captions:
+            (folder / f"{i:03d}.txt").write_text(captions[i % len(captions)])
+    return folder

@@ -18,7 +18,7 @@ from ..backend.identifier import class_nouns_for, insert_identifier
 from ..backend.instantbooth import InstantBooth, InstantBoothConfig
 from ..backend.preprocess import TrainAugment, prepare_concept_images
 from ..backend.identifier import find_identifier_rows
-from ..hosts.diffusers_host import InstantBoothHooks, adapter_layout, tokenize_chunks
+from ..hosts.diffusers_host import InstantBoothHooks, adapter_layout, encode_prompt, tokenize_chunks
 from ..hosts.loading import SDModel
 
 log = logging.getLogger(__name__)
@@ -107,15 +107,13 @@ class InstantBoothTraining:
         embs, masks = [], []
         for p in prompts:
             chunks = tokenize_chunks(tok, p)
-            if p not in self._text_cache:
+            emb = self._text_cache.get(p)
+            if emb is None:
                 with torch.no_grad():
                     emb = te(torch.tensor(chunks, device=self.device))[0][0]
-                if not self.s.cache_text:
-                    embs.append(emb)
-                else:
+                if self.s.cache_text:
                     self._text_cache[p] = emb
-            if p in self._text_cache:
-                embs.append(self._text_cache[p])
+            embs.append(emb)
             rows = find_identifier_rows(chunks, ident)
             if not rows:
                 raise ValueError(f"prompt {p!r} lost its identifier to truncation at {tok.model_max_length} tokens")
@@ -216,7 +214,7 @@ class InstantBoothTraining:
                     text, rows = self._encode_text([prompt])
                     cond = inject_concept(text, torch.nonzero(rows[0]).flatten().tolist(), f_c[0],
                                           self.ib.config.alpha)
-                    uncond, _ = self._encode_text_plain("")
+                    uncond = encode_prompt(self.model.text_encoder, self.model.tokenizer, "")
                     with InstantBoothHooks(self.model.unet, self.ib, f_p[0], self.ib.config.beta):
                         img = sample(self.model, cond, uncond, seed=k, steps=self.s.sample_steps,
                                      guidance=self.s.sample_guidance)
@@ -230,11 +228,6 @@ class InstantBoothTraining:
         path = save_png(torch.cat(rows_out, dim=-2), Path(out_dir) / f"step-{step:07d}.png")
         log.info("samples: %s", path)
         return path
-
-    def _encode_text_plain(self, prompt: str):
-        with torch.no_grad():
-            ids = torch.tensor(tokenize_chunks(self.model.tokenizer, prompt), device=self.device)
-            return self.model.text_encoder(ids)[0], None
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

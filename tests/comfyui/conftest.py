@@ -10,22 +10,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from boothkit.bench.comfy_overhead import comfyui_python  # one lookup of ComfyUI's python for bench and tests
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def comfyui_python(comfy_path: Path) -> str:
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    for venv in (comfy_path.parent / "venv", comfy_path / "venv", comfy_path / ".venv"):
-        if (venv / "bin" / "python").exists():
-            return str(venv / "bin" / "python")
-    return sys.executable
 
 
 @pytest.fixture(scope="session")
