@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backend.quicktune import StageConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -97,24 +99,15 @@ def quicktune(embedding: bool = True, denoiser: bool = True, **overrides):
     return method
 
 
-def _demo_quicktune():
-    from ..backend.quicktune import StageConfig
-
-    # a shorter budget so that `boothkit demo` stays within a minute on 2 CPU cores
-    return quicktune(stage1=StageConfig(steps=20, lr=5e-3, batch_size=4),
-                     stage2=StageConfig(steps=80, lr=1e-3, batch_size=4, weight_decay=1e-2, max_grad_norm=1.0))
-
-
-def _quicktune_demo(env, subject, seed):
-    return _demo_quicktune()(env, subject, seed)
-
-
 METHODS = {
     "base": base_model,
     "instantbooth": instantbooth,
     "quicktune": quicktune(),
     "quicktune-stage1": quicktune(denoiser=False),
     "quicktune-stage2": quicktune(embedding=False),
-    "quicktune-demo": _quicktune_demo,
+    # a shorter budget so that `boothkit demo` stays within a minute on 2 CPU cores
+    "quicktune-demo": quicktune(stage1=StageConfig(steps=20, lr=5e-3, batch_size=4),
+                                stage2=StageConfig(steps=80, lr=1e-3, batch_size=4, weight_decay=1e-2,
+                                                   max_grad_norm=1.0)),
 }
 DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune"]
