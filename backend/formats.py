@@ -198,3 +198,57 @@ def load_instantbooth(path: str | Path, family: str | None = None, ctx_dim: int 
                               f"{tuple(t.shape)}")
     model.load_state_dict(tensors)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# E4T: the pre-trained (or tuned) domain encoder and weight offsets
+
+E4T_FORMAT = "boothkit.e4t"
+E4T_VERSION = 1
+
+
+def save_e4t(path: str | Path, model) -> Path:
+    """Only the encoder and the offsets go into the file; the configuration is metadata."""
+    from dataclasses import asdict
+
+    config = asdict(model.config)
+    extra = config.pop("extra")
+    metadata = {"format": E4T_FORMAT, "version": str(E4T_VERSION), "method": "e4t", "family": model.config.family,
+                "identifier": model.config.identifier, "class_word": model.config.class_word,
+                "config": json.dumps(config, sort_keys=True), "training": json.dumps(extra, sort_keys=True, default=str)}
+    return write_safetensors(path, model.state_dict(), metadata)
+
+
+def load_e4t(path: str | Path, family: str | None = None):
+    """Load and validate an E4T file; ``family`` is that of the model it will tune."""
+    from .e4t import E4T, E4TConfig
+
+    tensors, metadata = read_safetensors(path)
+    f = _Fields(path, metadata)
+    fmt = f.str("format")
+    if fmt != E4T_FORMAT:
+        raise f.error("format", fmt, f"'{E4T_FORMAT}' (this file is not an E4T file)")
+    check_version(path, metadata, E4T_VERSION)
+    f.str("method", {"e4t"})
+    fam = f.str("family", set(FAMILIES))
+    if family is not None and family != fam:
+        raise FormatError(f"{path}: this E4T file was pre-trained for base family '{fam}', but the model to tune is "
+                          f"'{family}'; load an E4T file made for {family}.")
+    raw = f.json("config")
+    try:
+        extra = json.loads(metadata.get("training", "{}"))
+        config = E4TConfig(**{**raw, "extra": extra})
+    except (TypeError, ValueError) as e:
+        raise f.error("config", str(raw)[:80], f"the fields of an E4T configuration ({e})") from None
+    model = E4T(config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"{path}: tensors do not match the metadata's configuration; missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    for k, t in expected.items():
+        if tensors[k].shape != t.shape:
+            raise FormatError(f"{path}: tensor '{k}' has shape {tuple(tensors[k].shape)}, the metadata implies "
+                              f"{tuple(t.shape)}")
+    model.load_state_dict(tensors)
+    return model

@@ -116,9 +116,14 @@ def splice(tokenizer, prompt: str, identifier: str, fill: Sequence[int]) -> Spli
 @contextmanager
 def spliced_rows(embedding_layer: torch.nn.Module, vec_index: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
     """While inside, the token-embedding layer's output row [b, i] is ``vectors[vec_index[b, i]]`` wherever
-    ``vec_index[b, i] >= 0`` (differentiably); every other row is the layer's own."""
+    ``vec_index[b, i] >= 0`` (differentiably); every other row is the layer's own. ``vectors`` [n, width] are shared
+    by the batch; [B, n, width] give each prompt its own (E4T predicts one embedding per image)."""
     mask = (vec_index >= 0).unsqueeze(-1)
-    rows = vectors[vec_index.clamp_min(0)]
+    index = vec_index.clamp_min(0).to(vectors.device)
+    if vectors.ndim == 3:
+        rows = vectors[torch.arange(index.shape[0], device=vectors.device)[:, None], index]
+    else:
+        rows = vectors[index]
 
     def hook(module, args, output):
         return torch.where(mask.to(output.device), rows.to(output.device, output.dtype), output)

@@ -81,9 +81,11 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
     env = ToyEnv.load(sample_steps=steps)
     if methods is None:  # the default: every method whose trained files exist
-        methods = [m for m in DEFAULT_METHODS if m != "instantbooth" or env.instantbooth is not None]
-        if env.instantbooth is None:
-            log.warning("instantbooth left out: the toy world has no trained InstantBooth file yet")
+        trained = {"instantbooth": env.instantbooth is not None, "e4t": env.e4t is not None}
+        methods = [m for m in DEFAULT_METHODS if trained.get(m.split("-")[0], True)]
+        for name, ok in trained.items():
+            if not ok:
+                log.warning("%s left out: the toy world has no trained %s file yet", name, name)
     scorers = load_scorers()
     subjects = make_subjects(n_subjects, k_refs, seed)
     contexts = eval_contexts(n_contexts, seed)

@@ -18,13 +18,14 @@ class ToyEnv:
     base: object  # hosts.loading.SDModel (pixel space)
     vision: object  # toy CLIP vision backbone
     instantbooth: object | None  # the shipped InstantBooth file, once trained
+    e4t: object | None  # the shipped pre-trained E4T file, once trained
     identifier: str
     sample_steps: int = 25
     guidance: float = 4.0
 
     @classmethod
     def load(cls, sample_steps: int = 25) -> "ToyEnv":
-        from ..backend.formats import load_instantbooth
+        from ..backend.formats import load_e4t, load_instantbooth
         from ..hosts.loading import load_clip_vision, load_sd
         from . import domain, store
 
@@ -35,9 +36,14 @@ class ToyEnv:
                                    ctx_dim=base.ctx_dim).eval()
         except store.WeightsError as e:
             log.info("no trained InstantBooth for the toy world yet (%s)", e)
+        e4t = None
+        try:
+            e4t = load_e4t(store.verified("e4t.safetensors"), family="toy")
+        except store.WeightsError as e:
+            log.info("no pre-trained E4T for the toy world yet (%s)", e)
         from .base import DEFAULT_GUIDANCE
 
-        return cls(base, load_clip_vision("toy"), ib, domain.IDENTIFIER, sample_steps, DEFAULT_GUIDANCE)
+        return cls(base, load_clip_vision("toy"), ib, e4t, domain.IDENTIFIER, sample_steps, DEFAULT_GUIDANCE)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         from ..hosts.diffusers_host import encode_prompt
@@ -99,6 +105,27 @@ def quicktune(embedding: bool = True, denoiser: bool = True, **overrides):
     return method
 
 
+def e4t(steps: int):
+    """E4T (seed 001) from the subject's first image alone: the pre-trained encoder's prediction, then ``steps``
+    tuning steps of the encoder and the weight offsets."""
+    def method(env: ToyEnv, subject, seed: int):
+        from ..hosts.diffusers_e4t import e4t_tune
+        from ..hosts.diffusers_tune import encode_prompt
+
+        if env.e4t is None:
+            raise ValueError("the toy world has no pre-trained E4T file yet; train it (README, 'Toy world')")
+        concept = e4t_tune(env.base, env.vision, env.e4t, subject.images[0], subject.masks[0], subject.noun,
+                           steps=steps, seed=seed)
+
+        def generate(prompts, plain_prompts, seed):
+            with torch.no_grad():
+                cond = torch.cat([encode_prompt(env.base, p, concept.embedding) for p in prompts])
+            with concept.applied(env.base) as unet:
+                return env.sample(cond, seed, unet=unet)
+        return generate
+    return method
+
+
 METHODS = {
     "base": base_model,
     "instantbooth": instantbooth,
@@ -109,5 +136,9 @@ METHODS = {
     "quicktune-demo": quicktune(stage1=StageConfig(steps=20, lr=5e-3, batch_size=4),
                                 stage2=StageConfig(steps=80, lr=1e-3, batch_size=4, weight_decay=1e-2,
                                                    max_grad_norm=1.0)),
+    "e4t-0": e4t(0),
+    "e4t-5": e4t(5),
+    "e4t-15": e4t(15),
 }
-DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune"]
+DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune", "e4t-0", "e4t-5",
+                   "e4t-15"]

@@ -13,7 +13,7 @@ import torch
 from .config import apply_overrides, build, read_config
 
 log = logging.getLogger(__name__)
-METHODS = ("instantbooth",)
+METHODS = ("instantbooth", "e4t")
 
 
 def parse_args(argv=None):
@@ -38,35 +38,48 @@ def resolve(args) -> dict:
     return apply_overrides(config, overrides)
 
 
-def run_instantbooth(config: dict, resume: bool) -> Path:
+def _load(config: dict):
+    """The frozen base model and CLIP vision backbone, the training and validation folders, the trainer settings."""
     from ..hosts.loading import load_clip_vision, load_sd
     from .data import FolderDataset
-    from .instantbooth import InstantBoothSettings, InstantBoothTraining
-    from .trainer import Trainer, TrainSettings
+    from .trainer import TrainSettings
 
-    m, d = config["model"], config["data"]
+    m, d = config.get("model", {}), config.get("data", {})
+    if "base" not in m:
+        raise ValueError("the config needs [model] base = ...")
+    if "train" not in d:
+        raise ValueError("the config needs [data] train = ...")
     settings = build(TrainSettings, config["train"], "train")
-    method_settings = build(InstantBoothSettings, config["method"], "method")
-    for key in ("base", "train"):
-        if key not in (m if key == "base" else d):
-            raise ValueError(f"the config needs [{'model' if key == 'base' else 'data'}] {key} = ...")
     model = load_sd(m["base"], config=m.get("config"))
     vision = load_clip_vision(m.get("clip_vision", "toy"))
-    dataset = FolderDataset(d["train"], model.resolution, skip_bad=bool(d.get("skip_bad", False)))
-    validation = (FolderDataset(d["validation"], model.resolution, skip_bad=bool(d.get("skip_bad", False)))
-                  if d.get("validation") else None)
-    config = {**config, "train": dataclasses.asdict(settings), "method": dataclasses.asdict(method_settings)}
+    skip = bool(d.get("skip_bad", False))
+    dataset = FolderDataset(d["train"], model.resolution, skip_bad=skip)
+    validation = FolderDataset(d["validation"], model.resolution, skip_bad=skip) if d.get("validation") else None
+    return model, vision, dataset, validation, settings
+
+
+def run(method_name: str, config: dict, resume: bool) -> Path:
     from accelerate import PartialState
 
-    torch.manual_seed(settings.seed)  # the heads' and adapters' initial weights are part of the run's seed
-    method = InstantBoothTraining(model, vision, dataset, method_settings, validation, device=PartialState(cpu=not torch.cuda.is_available()).device)
+    from .trainer import Trainer
+
+    if method_name == "instantbooth":
+        from .instantbooth import InstantBoothSettings as Settings, InstantBoothTraining as Training
+    else:
+        from .e4t import E4TSettings as Settings, E4TTraining as Training
+    model, vision, dataset, validation, settings = _load(config)
+    method_settings = build(Settings, config.get("method", {}), "method")
+    config = {**config, "train": dataclasses.asdict(settings), "method": dataclasses.asdict(method_settings)}
+    torch.manual_seed(settings.seed)  # the trained modules' initial weights are part of the run's seed
+    device = PartialState(cpu=not torch.cuda.is_available()).device
+    method = Training(model, vision, dataset, method_settings, validation, device=device)
     return Trainer(method, dataset, settings, config).train(resume=resume)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = resolve(args)
-    path = {"instantbooth": run_instantbooth}[args.method](config, args.resume)
+    path = run(args.method, config, args.resume)
     if path is not None:
         print(f"wrote {path}")
     return 0

@@ -136,3 +136,28 @@ class FolderDataset:
         pool = [i for i in self.by_identity[self.items[index].identity] if i != index] or [index]
         pick = torch.randint(len(pool), (n,), generator=generator)
         return [pool[int(i)] for i in pick]
+
+
+class LatentTargets:
+    """x0 of dataset images as the denoiser sees them: pixels in [-1, 1] for a pixel-space model (the toy world), or
+    VAE latents, computed once and kept when ``cache`` (no augmentation touches the targets)."""
+
+    def __init__(self, model, dataset: FolderDataset, device, cache: bool = True):
+        self.model, self.dataset, self.device, self.cache = model, dataset, torch.device(device), cache
+        self._cached: torch.Tensor | None = None
+
+    def __call__(self, indices: list[int]) -> torch.Tensor:
+        if self.model.vae is None:
+            return self.dataset.images[indices].to(self.device) * 2 - 1
+        if self.cache:
+            if self._cached is None:
+                self._cached = torch.cat([self._encode(self.dataset.images[i:i + 16])
+                                          for i in range(0, len(self.dataset), 16)])
+            return self._cached[indices]
+        return self._encode(self.dataset.images[indices])
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        x = images.to(self.device, next(vae.parameters()).dtype) * 2 - 1
+        return vae.encode(x).latent_dist.mode() * vae.config.scaling_factor

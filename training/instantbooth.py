@@ -20,6 +20,7 @@ from ..backend.preprocess import TrainAugment, prepare_concept_images
 from ..backend.identifier import find_identifier_rows
 from ..hosts.diffusers_host import InstantBoothHooks, adapter_layout, encode_prompt, tokenize_chunks
 from ..hosts.loading import SDModel
+from .data import LatentTargets
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class InstantBoothTraining:
         self.hooks = InstantBoothHooks(model.unet, self.ib, None, beta=s.beta)
         self.augment = TrainAugment() if s.augment else None
         self._text_cache: dict[str, torch.Tensor] = {}
-        self._latent_cache: torch.Tensor | None = None
+        self.targets = LatentTargets(model, dataset, self.device, s.cache_latents)
         self.prompts = [self._prompts(item.caption, item.path) for item in dataset.items]
 
     # ---- prompts -----------------------------------------------------------------------------------
@@ -122,24 +123,6 @@ class InstantBoothTraining:
             masks.append(m)
         return torch.stack(embs), torch.stack(masks).to(self.device)
 
-    # ---- targets -----------------------------------------------------------------------------------
-    def _latents(self, indices: list[int]) -> torch.Tensor:
-        vae = self.model.vae
-        if vae is None:  # pixel space (toy world)
-            return self.dataset.images[indices].to(self.device) * 2 - 1
-        if self.s.cache_latents:
-            if self._latent_cache is None:
-                self._latent_cache = torch.cat([self._encode_vae(self.dataset.images[i:i + 16])
-                                                for i in range(0, len(self.dataset), 16)])
-            return self._latent_cache[indices]
-        return self._encode_vae(self.dataset.images[indices])
-
-    @torch.no_grad()
-    def _encode_vae(self, images: torch.Tensor) -> torch.Tensor:
-        vae = self.model.vae
-        x = images.to(self.device, next(vae.parameters()).dtype) * 2 - 1
-        return vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
-
     # ---- the method --------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         heads = list(self.ib.concept_encoder.parameters()) + list(self.ib.patch_encoder.parameters())
@@ -158,7 +141,7 @@ class InstantBoothTraining:
 
     def loss(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         s, ds, b = self.s, self.dataset, len(indices)
-        latents = self._latents(indices)
+        latents = self.targets(indices)
         use_free = torch.rand(b, generator=generator) < s.class_noun_free_prob
         prompts = [self.prompts[i][int(f)] for i, f in zip(indices, use_free)]
         text, rows = self._encode_text(prompts)
@@ -241,10 +224,9 @@ class InstantBoothTraining:
             idx = list(range(min(len(self.validation), 16)))
             prompts = self.prompts
             self.prompts = [self._prompts(it.caption, it.path) for it in self.validation.items]
-            cache = self._latent_cache
-            self._latent_cache = None
+            targets, self.targets = self.targets, LatentTargets(self.model, self.validation, self.device, cache=False)
             augment, self.augment = self.augment, None
             loss = self.loss(idx, g).item()
         finally:
-            self.dataset, self.prompts, self._latent_cache, self.augment = main_ds, prompts, cache, augment
+            self.dataset, self.prompts, self.targets, self.augment = main_ds, prompts, targets, augment
         return {"denoising_loss": loss}

@@ -1,10 +1,12 @@
-"""`boothkit tune --images DIR --class-noun cat --out DIR`: two-stage quick-tune of one subject on a diffusers model.
+"""`boothkit tune --images DIR --class-noun cat --out DIR`: two-stage quick-tune of one subject on a diffusers model;
+`boothkit tune --method e4t --image FILE --class-noun cat --out DIR`: E4T from one image (5-15 steps).
 
 Stage 1 learns the identifier's input embedding (textual inversion, ~100 steps); stage 2 fine-tunes the denoiser as
 a LoRA (default) or fully, with the text encoder frozen (200-400 steps). Writes ``<name>.safetensors`` (the embedding:
 ``embedding:<name>`` in ComfyUI, ``<name>`` in A1111) and ``<name>_lora.safetensors`` (kohya keys; stock LoraLoader).
 Defaults come from the model: the toy world's (``--model toy``) or Stable Diffusion's; any flag overrides them.
-Ctrl-C stops within one step and writes nothing."""
+E4T writes the same embedding and ``<name>_lora.safetensors`` holding its weight offsets as exact weight diffs
+(``.diff`` keys, applied by the stock LoraLoader). Ctrl-C stops within one step and writes nothing."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +14,7 @@ import logging
 import signal
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -21,8 +24,15 @@ log = logging.getLogger(__name__)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="boothkit tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="folder of 4-6 images of the subject (NAME_mask.png beside an "
-                                                   "image restricts the loss to the mask)")
+    p.add_argument("--method", choices=("quicktune", "e4t"), default="quicktune",
+                   help="quicktune (default): two stages on 4-6 images; e4t: a pre-trained E4T file, one image")
+    p.add_argument("--images", help="quicktune: folder of 4-6 images of the subject (NAME_mask.png beside an image "
+                                    "restricts the loss to the mask)")
+    p.add_argument("--image", help="e4t: the one image of the subject (NAME_mask.png beside it is used as its mask)")
+    p.add_argument("--e4t", help="e4t: the pre-trained E4T .safetensors (default with --model toy: the shipped one)")
+    p.add_argument("--clip-vision", default="toy", help="e4t: CLIP vision folder (default: the toy world's)")
+    p.add_argument("--steps", type=int, help="e4t: tuning steps (default: the file's, 15)")
+    p.add_argument("--lr", type=float, help="e4t: tuning learning rate (default: the file's)")
     p.add_argument("--class-noun", required=True, help="what the subject is: cat, dog, person, backpack ...")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default="toy", help="diffusers model folder, a .safetensors checkpoint (with --config), "
@@ -57,7 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = p.parse_args(argv)
-    for name in ("rank", "stage1_steps", "stage2_steps", "batch_size", "resolution"):
+    if args.method == "e4t" and not args.image:
+        p.error("--method e4t needs --image FILE (E4T tunes on one image)")
+    if args.method == "quicktune" and not args.images:
+        p.error("--images DIR is required (or --method e4t --image FILE)")
+    for name in ("rank", "steps", "stage1_steps", "stage2_steps", "batch_size", "resolution"):
         v = getattr(args, name)
         if v is not None and v <= 0 and not name.endswith("steps"):
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -92,9 +106,39 @@ def read_images(folder):
     return images, (masks if has_mask else None)
 
 
+class Cancellable:
+    """Ctrl-C asks the loop to stop after the current step (a second Ctrl-C aborts at once); a bar shows steps and
+    the loss."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.flag = False
+        self.bar = tqdm(total=total, desc=desc, unit="step")
+        self.previous = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+
+    def _on_sigint(self, signum, frame):
+        self.flag = True
+        log.warning("stopping after the current step (Ctrl-C again to abort at once)")
+        signal.signal(signal.SIGINT, self.previous)
+
+    def on_progress(self, done, n, loss):
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def should_cancel(self) -> bool:
+        return self.flag
+
+    def close(self):
+        self.bar.close()
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm import tqdm
+    if args.method == "e4t":
+        return main_e4t(args)
 
     from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
     from ..hosts.diffusers_tune import check_identifier, quick_tune
@@ -117,33 +161,18 @@ def main(argv=None) -> int:
             part.to(device)
     config = build_config(args, model.family)
 
-    cancelled = {"flag": False}
-
-    def on_sigint(signum, frame):
-        cancelled["flag"] = True
-        log.warning("stopping after the current step (Ctrl-C again to abort at once)")
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     total = (config.stage1.steps if args.stages != "denoiser" else 0) + \
         (config.stage2.steps if args.stages != "embedding" else 0)
-    bar = tqdm(total=total, desc="quick-tune", unit="step")
-
-    def on_progress(done, n, loss):
-        bar.update(done - bar.n)
-        bar.set_postfix(loss=f"{loss:.4f}")
-
+    run = Cancellable(total, "quick-tune")
     try:
         result = quick_tune(model, list(images), args.class_noun, identifier=args.identifier,
                             init_word=args.init_word, masks=list(masks) if masks is not None else None,
                             prompts=args.prompts, config=config, class_images=class_images,
                             stage1=args.stages != "denoiser", stage2=args.stages != "embedding",
-                            resolution=args.resolution, on_progress=on_progress,
-                            should_cancel=lambda: cancelled["flag"], seed=args.seed)
+                            resolution=args.resolution, on_progress=run.on_progress,
+                            should_cancel=run.should_cancel, seed=args.seed)
     finally:
-        bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        run.close()
     result.training["base_model"] = str(args.model)
     if result.status == CANCELLED:
         print("quick-tune cancelled; nothing written", file=sys.stderr)
@@ -158,6 +187,59 @@ def main(argv=None) -> int:
           f"'a photo of {name} {args.class_noun}' (A1111)" + (" with the LoRA loaded" if "lora" in paths else ""))
     if result.status != DONE:
         print(f"stopped early ({result.message}); the files hold the last good state", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main_e4t(args) -> int:
+    from ..backend.formats import load_e4t
+    from ..backend.imageio import mask_path, read_image
+    from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
+    from ..hosts.diffusers_e4t import e4t_tune
+    from ..hosts.loading import load_clip_vision, load_sd
+
+    name = safe_name(args.name or args.identifier)
+    try:
+        output_paths(args.out, name, ["embedding", "lora"], args.overwrite)
+    except FileExistsError as e:
+        raise ValueError(str(e)) from None
+    if args.e4t:
+        e4t_path = args.e4t
+    elif str(args.model) == "toy":
+        from ..toyworld import store
+
+        e4t_path = store.verified("e4t.safetensors")
+    else:
+        raise ValueError("--method e4t needs --e4t FILE: an E4T file pre-trained for this model's family "
+                         "(`boothkit train e4t`)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_sd(args.model, config=args.config)
+    for part in model.parts():
+        part.to(device)
+    vision = load_clip_vision(args.clip_vision).to(device)
+    e4t = load_e4t(e4t_path, family=model.family)
+    e4t.config.identifier = args.identifier  # only a prompt word: the file's encoder works with any
+    image_path = Path(args.image)
+    image = read_image(image_path)
+    mask = read_image(mask_path(image_path), mode="L") if mask_path(image_path).exists() else None
+    run = Cancellable(args.steps if args.steps is not None else e4t.config.tune_steps, "e4t")
+    try:
+        concept = e4t_tune(model, vision, e4t, image, mask, args.class_noun, steps=args.steps, lr=args.lr,
+                           seed=args.seed, on_progress=run.on_progress, should_cancel=run.should_cancel)
+    finally:
+        run.close()
+    status = concept.result.status if concept.result is not None else DONE
+    if status == CANCELLED:
+        print("e4t cancelled; nothing written", file=sys.stderr)
+        return 130
+    paths = concept.save(model, args.out, name, overwrite=args.overwrite)
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    ident = concept.embedding.identifier
+    print(f"use: prompt 'a photo of embedding:{name} {args.class_noun}' (ComfyUI) or 'a photo of {name} "
+          f"{args.class_noun}' (A1111) with {paths['lora'].name} loaded as a LoRA (identifier {ident!r})")
+    if status != DONE:
+        print(f"stopped early ({concept.result.message}); the files hold the last good state", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,250 @@
+"""E4T, encoder-based domain tuning (seed 001): a domain encoder predicts the identifier's word embedding from one
+image, a set of regularised weight offsets draws the denoiser towards the domain, and both are tuned for 5-15 steps
+on the one image at use time, starting from their pre-trained state.
+
+* Encoder (dual path): class tokens of several layers of the frozen CLIP vision backbone, and the denoiser's own
+  encoder features of the *noised* image at the current timestep (spatially pooled down-block and mid-block
+  outputs), mapped by small trained layers to one word embedding per text encoder. The identifier's input embedding
+  is ``class-word embedding + scale · prediction``, with an L2 penalty on the prediction.
+* Weight offsets: every attention projection W of the denoiser becomes ``W ∘ (1 + Δ)`` (elementwise), Δ = U·V of
+  rank r. U starts at 0, so Δ = 0 and the untouched model is exact; applied by forward hooks, never by writing the
+  base weights.
+
+Host-independent: a host resolves the offsets' modules, runs the frozen backbones and hands in callables —
+``features(x_t, t, cond) -> [pooled [B, C_i]]`` (no gradient), ``encode(vectors, prompt_ids) -> cond`` (vectors: one
+[B, 1, width] tensor per text encoder, differentiable) and ``predict(x_t, t, cond)`` — and :func:`tune` reuses the
+quick-tune loop (progress, cancel, NaN guard)."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quicktune import NoiseSchedule, TuneResult, tune_loop
+
+# every attention projection of a transformer block: self- and cross-attention q, k, v and out
+ATTENTION_PROJECTION = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+
+Features = Callable[[torch.Tensor, torch.Tensor, Any], Sequence[torch.Tensor]]
+Encode = Callable[[Sequence[torch.Tensor], torch.Tensor], Any]
+Predict = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass
+class E4TConfig:
+    family: str
+    word_dims: list[int]  # input-embedding width of each text encoder (SDXL: CLIP-L, CLIP-G)
+    vision_dim: int  # the CLIP vision backbone's hidden width
+    vision_layers: list[int]  # hidden_states indices whose class tokens the encoder reads
+    unet_dims: list[int]  # channels of the pooled denoiser features, in the host's order
+    targets: list[str]  # attention projections (diffusers module paths) that get offsets
+    target_shapes: list[list[int]]  # [out, in] of each
+    identifier: str = "sks"
+    class_word: str = "person"  # default; a tune may name another class word of the domain
+    scale: float = 0.1  # identifier = class word + scale · prediction
+    rank: int = 1  # rank of Δ
+    hidden: int = 256
+    reg_embedding: float = 0.01  # λ · mean ||prediction||²
+    reg_offsets: float = 0.0  # λ · mean Δ²
+    tune_steps: int = 15
+    tune_lr: float = 1e-4
+    tune_batch: int = 4  # augmented noise/timestep draws of the one image per step
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.targets) != len(self.target_shapes):
+            raise ValueError(f"{len(self.targets)} targets but {len(self.target_shapes)} shapes")
+        if not self.word_dims or not self.unet_dims or not self.vision_layers:
+            raise ValueError("word_dims, unet_dims and vision_layers must not be empty")
+        if self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+
+
+class DomainEncoder(nn.Module):
+    """The dual-path encoder: (class tokens [B, L, D], pooled denoiser features [[B, C_i]]) -> one prediction per
+    text encoder [B, width]. The last layer starts at zero, so an untrained encoder predicts 0 (the class word)."""
+
+    def __init__(self, c: E4TConfig):
+        super().__init__()
+        self.word_dims = list(c.word_dims)
+        self.vision = nn.Sequential(nn.LayerNorm(c.vision_dim * len(c.vision_layers)),
+                                    nn.Linear(c.vision_dim * len(c.vision_layers), c.hidden))
+        self.unet = nn.ModuleList(nn.Linear(d, c.hidden) for d in c.unet_dims)
+        self.mlp = nn.Sequential(nn.LeakyReLU(), nn.Linear(c.hidden, c.hidden), nn.LeakyReLU(),
+                                 nn.Linear(c.hidden, sum(c.word_dims)))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, class_tokens: torch.Tensor, unet_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(unet_features) != len(self.unet):
+            raise ValueError(f"expected {len(self.unet)} denoiser features, got {len(unet_features)}")
+        h = self.vision(class_tokens.flatten(1).float())
+        for layer, f in zip(self.unet, unet_features):
+            h = h + layer(f.float())
+        return list(self.mlp(h).split(self.word_dims, dim=-1))
+
+
+class Offset(nn.Module):
+    """Δ = U·V of rank r for one [out, in] weight; U = 0 at the start."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int):
+        super().__init__()
+        self.up = nn.Parameter(torch.zeros(out_features, rank))
+        self.down = nn.Parameter(torch.randn(rank, in_features) / rank)
+
+    def delta(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+class WeightOffsets(nn.Module):
+    def __init__(self, c: E4TConfig):
+        super().__init__()
+        self.names = list(c.targets)
+        self.offsets = nn.ModuleList(Offset(o, i, c.rank) for o, i in c.target_shapes)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {n: o.delta() for n, o in zip(self.names, self.offsets)}
+
+    def penalty(self) -> torch.Tensor:
+        return torch.stack([o.delta().pow(2).mean() for o in self.offsets]).mean()
+
+    @contextmanager
+    def applied(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+        """While inside, each target Linear computes x·(W ∘ (1 + Δ))ᵀ + b, as its own output plus x·(W ∘ Δ)ᵀ —
+        differentiable in Δ, the base weight never written. ``modules`` maps the target names to the host's
+        modules."""
+        missing = [n for n in self.names if n not in modules]
+        if missing:
+            raise ValueError(f"the denoiser has no module for offsets {missing[:3]}"
+                             f"{'...' if len(missing) > 3 else ''}: the E4T file is for another architecture")
+        handles = []
+        for name, offset in zip(self.names, self.offsets):
+            module = modules[name]
+
+            def hook(mod, args, output, offset=offset):
+                w = mod.weight
+                return output + F.linear(args[0], w * offset.delta().to(w.dtype))
+            handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def weight_diffs(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """W ∘ Δ per target: the exact change of each weight, for a weight-diff file that stock loaders apply."""
+        return {n: (weights[n].float() * d.float()).detach() for n, d in self.deltas().items()}
+
+
+class E4T(nn.Module):
+    """The pre-trained (or tuned) domain encoder and weight offsets; all of its parameters are trained."""
+
+    def __init__(self, config: E4TConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = DomainEncoder(config)
+        self.offsets = WeightOffsets(config)
+
+    def vectors(self, class_vectors: Sequence[torch.Tensor], prediction: Sequence[torch.Tensor]
+                ) -> list[torch.Tensor]:
+        """The identifier's input embedding per text encoder: class word + scale · prediction -> [B, 1, width]."""
+        s = self.config.scale
+        return [(c.to(p) + s * p).unsqueeze(1) for c, p in zip(class_vectors, prediction)]
+
+
+def attention_targets(names: Sequence[str]) -> list[str]:
+    """The attention projections among a denoiser's module paths (diffusers naming)."""
+    return [n for n in names if ATTENTION_PROJECTION.search(n)]
+
+
+@dataclass
+class Batch:
+    """What one objective evaluation needs: x0 [B, C, h, w], the class tokens of the images [B, L, D], the class
+    word's input embedding per text encoder ([B, width] or [width]), and the prompts (indices into the host's)."""
+    x0: torch.Tensor
+    class_tokens: torch.Tensor
+    class_vectors: Sequence[torch.Tensor]
+    prompt_ids: torch.Tensor
+    masks: torch.Tensor | None = None
+
+
+def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Predict,
+              schedule: NoiseSchedule, modules: Mapping[str, nn.Module], generator: torch.Generator | None = None,
+              reg_embedding: float | None = None) -> torch.Tensor:
+    """Denoising loss with the predicted identifier and the offsets applied, plus the regularisers — the one loss of
+    pre-training and of tuning."""
+    c = e4t.config
+    x0 = batch.x0
+    b = x0.shape[0]
+    # drawn where the generator lives (the trainer's are on the CPU), so a run's noise is the same on any device
+    where = generator.device if generator is not None else x0.device
+    noise = torch.randn(x0.shape, generator=generator, device=where).to(x0)
+    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator, device=where).to(x0.device)
+    x_t = schedule.add_noise(x0, noise, t)
+    class_vectors = [v.expand(b, -1) if v.ndim == 1 else v for v in batch.class_vectors]
+    with e4t.offsets.applied(modules):
+        with torch.no_grad():  # the denoiser's features are an input of the encoder, not a path for gradients
+            feats = features(x_t, t, encode([v.unsqueeze(1) for v in class_vectors], batch.prompt_ids))
+        prediction = e4t.encoder(batch.class_tokens, [f.detach() for f in feats])
+        cond = encode(e4t.vectors(class_vectors, prediction), batch.prompt_ids)
+        out = predict(x_t, t, cond)
+    err = (out.float() - schedule.target(x0, noise, t).float()) ** 2
+    if batch.masks is not None:
+        m = batch.masks.to(err.dtype)
+        loss = (err * m).sum() / (m.sum() * err.shape[1]).clamp_min(1e-8)
+    else:
+        loss = err.mean()
+    lam = c.reg_embedding if reg_embedding is None else reg_embedding
+    loss = loss + lam * torch.stack([p.float().pow(2).sum(-1).mean() for p in prediction]).sum()
+    if c.reg_offsets:
+        loss = loss + c.reg_offsets * e4t.offsets.penalty()
+    return loss
+
+
+@torch.no_grad()
+def concept_vectors(e4t: E4T, x0: torch.Tensor, class_tokens: torch.Tensor, class_vectors: Sequence[torch.Tensor],
+                    features: Features, encode: Encode, schedule: NoiseSchedule, modules: Mapping[str, nn.Module],
+                    prompt_ids: torch.Tensor, timesteps: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    """The identifier's embedding of a (tuned) concept as one fixed vector per text encoder [width]: the encoder's
+    prediction averaged over timesteps spread across the schedule (fixed noise), so that the concept can be saved as
+    a standard embedding and sampled without the encoder."""
+    g = torch.Generator().manual_seed(seed)
+    n = schedule.num_timesteps
+    t = torch.linspace(n * 0.1, n * 0.9, timesteps, device=x0.device).long()
+    x = x0[:1].expand(timesteps, *x0.shape[1:])
+    noise = torch.randn(x.shape, generator=g).to(x)
+    x_t = schedule.add_noise(x, noise, t)
+    cv = [v.reshape(1, -1).expand(timesteps, -1) for v in class_vectors]
+    ids = prompt_ids[:1].expand(timesteps)
+    with e4t.offsets.applied(modules):
+        feats = features(x_t, t, encode([v.unsqueeze(1) for v in cv], ids))
+    prediction = e4t.encoder(class_tokens[:1].expand(timesteps, *class_tokens.shape[1:]), feats)
+    return [v.mean(0)[0] for v in e4t.vectors(cv, prediction)]
+
+
+def tune(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Predict, schedule: NoiseSchedule,
+         modules: Mapping[str, nn.Module], steps: int | None = None, lr: float | None = None, seed: int = 0,
+         on_progress=None, should_cancel=None, mixed_precision: str = "no") -> TuneResult:
+    """Tune the encoder and the offsets on one concept for ``steps`` steps (the file's default, 15), starting from
+    the state ``e4t`` holds (tune a copy to keep the pre-trained one). Each step draws ``tune_batch`` noise levels of
+    the image."""
+    c = e4t.config
+    steps = c.tune_steps if steps is None else steps
+    g = torch.Generator().manual_seed(seed)
+    k = max(c.tune_batch, 1)
+    rep = Batch(batch.x0[:1].repeat(k, 1, 1, 1), batch.class_tokens[:1].repeat(k, 1, 1),
+                [v.reshape(1, -1).repeat(k, 1) for v in batch.class_vectors], batch.prompt_ids[:1].repeat(k),
+                None if batch.masks is None else batch.masks[:1].repeat(k, 1, 1, 1))
+
+    def loss_fn(step: int) -> torch.Tensor:
+        return objective(e4t, rep, features, encode, predict, schedule, modules, g)
+
+    params = [p for p in e4t.parameters() if p.requires_grad]
+    return tune_loop(params, loss_fn, steps, c.tune_lr if lr is None else lr, on_progress, should_cancel,
+                     mixed_precision=mixed_precision)

@@ -1,0 +1,162 @@
+"""`boothkit bench e4t`: wall time and peak memory of a 15-step E4T tune against the default two-stage quick-tune on
+the same concept, in the same run.
+
+Each measurement runs in its own process (the two methods never share an allocator, so peak memory is each one's
+own), rounds interleaved; times are the tune alone (model loading excluded), medians over rounds. Memory: peak RSS
+of the process and its growth over the loaded model (CPU), and the CUDA peak on a GPU. Models: ``toy`` (default: the
+toy world's base, CLIP backbone and E4T file — an untrained E4T of the same shape if none ships; the weights do not
+change the speed) or ``sd15`` (the SD1.5 architecture with random weights and a ViT-L/14-shaped CLIP vision
+backbone, for GPU memory figures). Last line: one JSON object with ``ratio`` (E4T time / quick-tune time; target
+<= 0.1) and the memory figures."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="boothkit bench e4t", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("toy", "sd15"), default="toy")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--e4t-steps", type=int, default=15)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="E4T with gradient checkpointing")
+    p.add_argument("--child", choices=("e4t", "quicktune"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _vision(model_name: str, device):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ..hosts.loading import load_clip_vision
+
+    if model_name == "toy":
+        return load_clip_vision("toy").to(device)
+    cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=224, patch_size=14, projection_dim=768)
+    return CLIPVisionModelWithProjection(cfg).to(device).eval()
+
+
+def child(args) -> dict:
+    import torch
+
+    from ..backend.e4t import E4T
+    from .tune import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, device, None)
+    model.family = getattr(model, "family", "toy")
+    if not hasattr(model, "parts"):
+        model.parts = lambda: [m for m in (model.unet, model.text_encoder, model.vae) if m is not None]
+    from ..toyworld import domain
+
+    ident = domain.identities("heldout")[0]
+    refs = domain.identity_renders(ident, 4, 0)
+    size = 256 if args.model == "sd15" and device.type == "cpu" else (512 if args.model == "sd15" else None)
+    images = [torch.nn.functional.interpolate(s.image[None], size=size, mode="bilinear")[0] if size else s.image
+              for s in refs]
+    masks = [torch.nn.functional.interpolate(s.mask[None], size=size)[0] if size else s.mask for s in refs]
+    noun = domain.CLASS_NOUNS[ident.class_name][0] if args.model == "toy" else "cat"
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = _rss_mb("VmRSS")
+    if args.child == "e4t":
+        from ..hosts.diffusers_e4t import e4t_tune, new_config
+
+        vision = _vision(args.model, device)
+        e4t = None
+        if args.model == "toy":
+            from ..backend.formats import load_e4t
+            from ..toyworld import store
+
+            try:
+                e4t = load_e4t(store.verified("e4t.safetensors"), family="toy")
+            except store.WeightsError:
+                pass
+        e4t = e4t or E4T(new_config(model, vision, noun, "sks"))
+        base_rss = _rss_mb("VmRSS")
+        if args.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            model.unet.train()
+        t0 = time.perf_counter()
+        concept = e4t_tune(model, vision, e4t, images[0], masks[0], noun, steps=args.e4t_steps)
+        steps = concept.result.steps
+    else:
+        from ..backend.quicktune import QuickTuneConfig
+        from ..hosts.diffusers_tune import quick_tune
+
+        config = QuickTuneConfig.toy() if args.model == "toy" else QuickTuneConfig.sd()
+        t0 = time.perf_counter()
+        result = quick_tune(model, images, noun, masks=masks, config=config)
+        steps = result.stage1.steps + result.stage2.steps
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "steps": steps, "rss_peak_mb": _rss_mb("VmHWM"), "rss_base_mb": base_rss,
+            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            "device": str(device)}
+
+
+def run_child(args, which: str) -> dict:
+    cmd = [sys.executable, "-m", "boothkit.cli", "bench", "e4t", "--child", which, "--model", args.model,
+           "--device", args.device, "--e4t-steps", str(args.e4t_steps), "--threads", str(args.threads)]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench child {which} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    runs: dict[str, list[dict]] = {"e4t": [], "quicktune": []}
+    for r in range(args.rounds):
+        order = ["e4t", "quicktune"] if r % 2 == 0 else ["quicktune", "e4t"]
+        for which in order:
+            runs[which].append(run_child(args, which))
+            print(f"round {r + 1} {which}: {runs[which][-1]['seconds']:.2f} s", file=sys.stderr)
+
+    def med(which, key):
+        vals = [x[key] for x in runs[which] if x[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    e, q = med("e4t", "seconds"), med("quicktune", "seconds")
+    device = runs["e4t"][0]["device"]
+    print(f"E4T tune vs two-stage quick-tune, model {args.model}, device {device}, median of {args.rounds}")
+    print(f"{'method':<22}{'steps':>7}{'time s':>10}{'RSS peak MB':>14}{'RSS growth MB':>15}{'CUDA peak MB':>14}")
+    for which, label in (("e4t", f"E4T ({args.e4t_steps} steps)"), ("quicktune", "quick-tune (default)")):
+        cuda = med(which, "cuda_peak_mb")
+        growth = statistics.median(x["rss_peak_mb"] - x["rss_base_mb"] for x in runs[which])
+        print(f"{label:<22}{runs[which][0]['steps']:>7}{med(which, 'seconds'):>10.2f}"
+              f"{med(which, 'rss_peak_mb'):>14.0f}{growth:>15.0f}{(f'{cuda:.0f}' if cuda else '-'):>14}")
+    result = {"ratio": round(e / q, 4), "e4t_s": round(e, 3), "quicktune_s": round(q, 3),
+              "e4t_rss_peak_mb": round(med("e4t", "rss_peak_mb"), 1),
+              "quicktune_rss_peak_mb": round(med("quicktune", "rss_peak_mb"), 1),
+              "e4t_rss_growth_mb": round(statistics.median(x["rss_peak_mb"] - x["rss_base_mb"] for x in runs["e4t"]), 1),
+              "quicktune_rss_growth_mb": round(statistics.median(x["rss_peak_mb"] - x["rss_base_mb"]
+                                                                 for x in runs["quicktune"]), 1),
+              "e4t_cuda_peak_mb": med("e4t", "cuda_peak_mb"), "quicktune_cuda_peak_mb": med("quicktune", "cuda_peak_mb"),
+              "model": args.model, "device": device}
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,202 @@
+"""E4T on a diffusers model (and the toy world): the host side of backend/e4t.py — the denoiser's pooled encoder
+features, the CLIP class tokens, the identifier spliced into the prompts with one vector per image, the offsets'
+modules — plus the one-image tune and the files a tuned concept is saved as (a standard embedding and a weight-diff
+file that stock ComfyUI and A1111 load)."""
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..backend import e4t as e4t_backend
+from ..backend.e4t import E4T, E4TConfig
+from ..backend.embedding import Embedding, save_embedding
+from ..backend.lora import BASE_MODEL_VERSIONS, UNET_PREFIX, LoRATensors, kohya_name
+from ..backend.preprocess import prepare_concept_images
+from ..backend.quicktune import TuneResult, frozen
+from .diffusers_tune import (DEFAULT_TEMPLATE, TOY_TEMPLATE, PromptEncoder, cache_images, check_identifier,
+                             default_resolution, make_predict, prepare_images, schedule_of, text_slots, word_ids)
+
+log = logging.getLogger(__name__)
+WEIGHT_DIFF_FORMAT = "boothkit.weight_diff"
+
+
+class _Stop(Exception):
+    """Raised by the last feature hook: the decoder half of the denoiser is not needed for the features."""
+
+
+def unet_dims(unet) -> list[int]:
+    c = list(unet.config.block_out_channels)
+    return c + [c[-1]]
+
+
+def denoiser_features(predict, unet):
+    """``features(x_t, t, cond)``: the spatial mean of every down block's output and of the mid block's, from one
+    forward pass of the denoiser that stops after the mid block."""
+    blocks = list(unet.down_blocks) + [unet.mid_block]
+    last = blocks[-1]
+
+    def features(x_t, t, cond):
+        pooled = []
+
+        def grab(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            pooled.append(h.float().mean(dim=(-2, -1)))
+            if module is last:
+                raise _Stop
+
+        handles = [b.register_forward_hook(grab) for b in blocks]
+        try:
+            predict(x_t, t, cond)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return pooled
+    return features
+
+
+def default_vision_layers(vision) -> list[int]:
+    """Four hidden states spread over the backbone (its last included), as indices into ``hidden_states``."""
+    n = int(vision.config.num_hidden_layers)
+    return sorted({max(1, round(n * k / 4)) for k in (1, 2, 3, 4)})
+
+
+@torch.no_grad()
+def class_tokens(vision, images: torch.Tensor, masks: torch.Tensor | None, layers, crop_margin: float = 0.1):
+    """[B, 3, H, W] in [0, 1] -> the class token of each chosen hidden state [B, L, D] (subject cropped by its mask)."""
+    size = int(vision.config.image_size)
+    pixels = prepare_concept_images(images, masks, size, crop_margin, 0.0)
+    param = next(vision.parameters())
+    out = vision(pixel_values=pixels.to(param.device, param.dtype), output_hidden_states=True)
+    return torch.stack([out.hidden_states[i][:, 0] for i in layers], dim=1).float()
+
+
+def class_vectors(model, word: str) -> list[torch.Tensor]:
+    """The class word's input embedding per text encoder [width]; the word must be one token."""
+    out = []
+    for slot in text_slots(model):
+        ids = word_ids(slot.tokenizer, word)
+        if len(ids) != 1:
+            raise ValueError(f"the class word {word!r} is {len(ids)} tokens for the {slot.key} tokenizer; E4T starts "
+                             f"the identifier from one word's embedding: choose a one-token class word")
+        out.append(slot.text_encoder.get_input_embeddings().weight[ids[0]].detach().float())
+    return out
+
+
+def new_config(model, vision, class_word: str, identifier: str = "sks", **overrides) -> E4TConfig:
+    """An E4T sized for ``model`` and ``vision``: offsets on every attention projection of the denoiser."""
+    names = e4t_backend.attention_targets([n for n, m in model.unet.named_modules()
+                                           if isinstance(m, torch.nn.Linear)])
+    shapes = [list(model.unet.get_submodule(n).weight.shape) for n in names]
+    return E4TConfig(family=model.family,
+                     word_dims=[int(s.text_encoder.get_input_embeddings().weight.shape[1]) for s in text_slots(model)],
+                     vision_dim=int(vision.config.hidden_size), vision_layers=default_vision_layers(vision),
+                     unet_dims=unet_dims(model.unet), targets=names, target_shapes=shapes,
+                     identifier=check_identifier(identifier, class_word), class_word=class_word, **overrides)
+
+
+def prompt_template(model) -> str:
+    return TOY_TEMPLATE if model.family == "toy" else DEFAULT_TEMPLATE
+
+
+class E4THost:
+    """The callables backend/e4t.py needs, over ``model`` and a list of prompts containing the identifier."""
+
+    def __init__(self, model, e4t: E4T, prompts: list[str], resolution: int | None = None):
+        c = e4t.config
+        self.model, self.e4t = model, e4t
+        self.predict = make_predict({"unet": model.unet})
+        self.features = denoiser_features(self.predict, model.unet)
+        self.schedule = schedule_of(model)
+        self.modules = {}
+        for name in c.targets:
+            try:
+                self.modules[name] = model.unet.get_submodule(name)
+            except AttributeError:
+                pass  # WeightOffsets.applied names what is missing
+        fill = [[s.tokenizer.bos_token_id] for s in text_slots(model)]
+        self.encode = PromptEncoder.spliced(model, prompts, c.identifier, fill,
+                                            resolution or default_resolution(model))
+
+    def loss(self, batch: e4t_backend.Batch, generator=None) -> torch.Tensor:
+        return e4t_backend.objective(self.e4t, batch, self.features, self.encode, self.predict, self.schedule,
+                                     self.modules, generator)
+
+
+@dataclass
+class E4TConcept:
+    """A tuned concept: the tuned encoder and offsets, the identifier's fixed embedding, and how the tune ended."""
+    e4t: E4T
+    embedding: Embedding
+    result: TuneResult | None
+
+    @contextmanager
+    def applied(self, model):
+        """While inside, ``model.unet`` runs with the tuned offsets (hooks, removed on exit)."""
+        modules = {n: model.unet.get_submodule(n) for n in self.e4t.config.targets}
+        with torch.no_grad(), self.e4t.offsets.applied(modules):
+            yield model.unet
+
+    def weight_diff(self, model) -> LoRATensors:
+        """The offsets as exact weight changes W ∘ Δ under kohya names with ``.diff`` (ComfyUI's LoraLoader and
+        A1111's "full" networks apply them as W + diff), and metadata."""
+        weights = {n: model.unet.get_submodule(n).weight for n in self.e4t.config.targets}
+        diffs = self.e4t.offsets.weight_diffs(weights)
+        dtype = next(iter(weights.values())).dtype
+        tensors = {f"{kohya_name(UNET_PREFIX, n)}.diff": d.to(dtype) for n, d in diffs.items()}
+        metadata = {"format": WEIGHT_DIFF_FORMAT, "version": "1", "method": "e4t", "family": model.family,
+                    "identifier": self.embedding.identifier,
+                    "ss_base_model_version": BASE_MODEL_VERSIONS.get(model.family, model.family),
+                    "ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "full"}'}
+        return LoRATensors(tensors, metadata)
+
+    def save(self, model, out_dir: str | Path, name: str, overwrite: bool = False) -> dict[str, Path]:
+        from ..backend.quicktune import output_paths
+
+        paths = output_paths(out_dir, name, ["embedding", "lora"], overwrite)
+        save_embedding(paths["embedding"], self.embedding, {"method": "e4t"}, overwrite=overwrite)
+        self.weight_diff(model).save(paths["lora"], overwrite=overwrite)
+        return paths
+
+
+def e4t_tune(model, vision, e4t: E4T, image: torch.Tensor, mask: torch.Tensor | None = None,
+             class_word: str | None = None, steps: int | None = None, lr: float | None = None, seed: int = 0,
+             on_progress=None, should_cancel=None, mixed_precision: str = "no") -> E4TConcept:
+    """Tune a copy of ``e4t`` on one image ([3, H, W] in [0, 1]) for ``steps`` steps (0: the encoder's prediction
+    alone). ``model``, ``vision`` and ``e4t`` are left as they were."""
+    c = e4t.config
+    if c.family != model.family:
+        raise ValueError(f"this E4T file was pre-trained for the '{c.family}' family; the model is '{model.family}'")
+    word = class_word or c.class_word
+    check_identifier(c.identifier, word)
+    tuned = copy.deepcopy(e4t).to(model.unet.device).train()
+    size = default_resolution(model)
+    images, masks = prepare_images(image if image.ndim == 4 else image[None], size,
+                                   None if mask is None else (mask if mask.ndim == 4 else mask[None]))
+    if images.shape[0] != 1:
+        log.info("E4T tunes on one image; using the first of %d", images.shape[0])
+        images, masks = images[:1], None if masks is None else masks[:1]
+    ts = cache_images(model, images, masks)
+    prompt = prompt_template(model).format(identifier=c.identifier, class_noun=word)
+    host = E4THost(model, tuned, [prompt])
+    batch = e4t_backend.Batch(ts.mean, class_tokens(vision, images, masks, c.vision_layers),
+                              class_vectors(model, word), torch.zeros(1, dtype=torch.long), ts.masks)
+    parts = [model.unet, vision, *[s.text_encoder for s in text_slots(model)]]
+    result = None
+    with frozen(*parts):
+        if (steps if steps is not None else c.tune_steps) > 0:
+            result = e4t_backend.tune(tuned, batch, host.features, host.encode, host.predict, host.schedule,
+                                      host.modules, steps, lr, seed, on_progress, should_cancel, mixed_precision)
+        vectors = e4t_backend.concept_vectors(tuned, batch.x0, batch.class_tokens, batch.class_vectors,
+                                              host.features, host.encode, host.schedule, host.modules,
+                                              batch.prompt_ids, seed=seed)
+    keys = [s.key for s in text_slots(model)]
+    embedding = Embedding({k: v[None].detach().cpu() for k, v in zip(keys, vectors)}, model.family, c.identifier,
+                          init_word=word, metadata={"method": "e4t"})
+    return E4TConcept(tuned.eval(), embedding, result)

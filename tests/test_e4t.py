@@ -1,0 +1,224 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_quicktune import assert_untouched, images, make_model, make_sdxl, snapshot
+from test_train_instantbooth import write_dataset
+from tiny_models import tiny_clip_vision, tiny_sd_folder
+
+from boothkit.backend.e4t import E4T, E4TConfig, DomainEncoder, WeightOffsets, attention_targets
+from boothkit.backend.embedding import load_embedding
+from boothkit.backend.formats import FormatError, load_e4t, read_safetensors, save_e4t, write_safetensors
+from boothkit.hosts import diffusers_e4t as de
+from boothkit.hosts import diffusers_tune as dt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SD15_UNET = [320, 640, 1280, 1280, 1280]
+
+
+@pytest.mark.parametrize("word_dims,vision_dim", [([768], 1024), ([1024], 1280), ([768, 1280], 1280)],
+                         ids=["sd1", "sd2", "sdxl"])
+def test_encoder_shapes_at_sd_widths_and_zero_start(word_dims, vision_dim):
+    c = E4TConfig(family="sd1", word_dims=word_dims, vision_dim=vision_dim, vision_layers=[6, 12, 18, 24],
+                  unet_dims=SD15_UNET, targets=[], target_shapes=[], hidden=64)
+    enc = DomainEncoder(c)
+    out = enc(torch.randn(2, 4, vision_dim), [torch.randn(2, d) for d in SD15_UNET])
+    assert [tuple(o.shape) for o in out] == [(2, w) for w in word_dims]
+    assert all(torch.equal(o, torch.zeros_like(o)) for o in out), "an untrained encoder predicts the class word"
+    with pytest.raises(ValueError, match="denoiser features"):
+        enc(torch.randn(2, 4, vision_dim), [torch.randn(2, 320)])
+
+
+def test_offsets_are_w_times_one_plus_delta_and_exact_at_zero():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5)
+    c = E4TConfig(family="toy", word_dims=[4], vision_dim=4, vision_layers=[1], unet_dims=[4], targets=["lin"],
+                  target_shapes=[[5, 6]], rank=2)
+    off = WeightOffsets(c)
+    x = torch.randn(3, 6)
+    base = lin(x)
+    with off.applied({"lin": lin}):
+        assert torch.equal(lin(x), base), "Δ = 0 must be the untouched layer, bit for bit"
+    with torch.no_grad():
+        off.offsets[0].up.normal_()
+    delta = off.offsets[0].delta()
+    with off.applied({"lin": lin}):
+        y = lin(x)
+    torch.testing.assert_close(y, F.linear(x, lin.weight * (1 + delta), lin.bias), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, base)
+    assert torch.equal(lin(x), base), "removed on exit"
+    assert len(lin._forward_hooks) == 0
+    with pytest.raises(ValueError, match="no module for offsets"):
+        with off.applied({}):
+            pass
+    diffs = off.weight_diffs({"lin": lin.weight})
+    torch.testing.assert_close(lin.weight + diffs["lin"], lin.weight * (1 + delta))
+
+
+def toy_setup(tmp_path, model=None):
+    model = model or make_model(tmp_path)
+    vision = tiny_clip_vision()
+    config = de.new_config(model, vision, "cat", "sks", hidden=16)
+    return model, vision, E4T(config)
+
+
+def test_config_covers_every_attention_projection(tmp_path):
+    model, vision, e4t = toy_setup(tmp_path)
+    c = e4t.config
+    attn = [n for n, m in model.unet.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    assert c.targets == attn and attention_targets(c.targets) == attn and len(attn) > 0
+    assert all(list(model.unet.get_submodule(n).weight.shape) == s for n, s in zip(c.targets, c.target_shapes))
+    assert c.unet_dims == list(model.unet.config.block_out_channels) + [model.unet.config.block_out_channels[-1]]
+    assert c.word_dims == [32] and c.vision_layers == [1, 2]
+
+
+def test_untrained_e4t_is_exactly_the_class_word_prompt(tmp_path):
+    """Prediction 0 and Δ = 0: the identifier's embedding is the class word's and the denoiser is untouched."""
+    model, vision, e4t = toy_setup(tmp_path)
+    host = de.E4THost(model, e4t, ["a photo of sks cat"])
+    x = torch.randn(1, 3, 16, 16)
+    t = torch.tensor([30])
+    cv = de.class_vectors(model, "cat")
+    feats = host.features(x, t, host.encode([v[None, None] for v in cv], torch.tensor([0])))
+    assert [f.shape[-1] for f in feats] == e4t.config.unet_dims
+    pred = e4t.encoder(torch.randn(1, 2, 24), feats)
+    cond = host.encode(e4t.vectors([v[None] for v in cv], pred), torch.tensor([0]))
+    with e4t.offsets.applied(host.modules):
+        out = host.predict(x, t, cond)
+    plain = dt.encode_prompt(model, "a photo of cat cat")
+    assert torch.equal(cond, plain)
+    assert torch.equal(out, model.unet(x, t, encoder_hidden_states=plain).sample)
+
+
+def test_tune_leaves_the_model_untouched_and_files_round_trip(tmp_path):
+    model, vision, e4t = toy_setup(tmp_path)
+    snap = snapshot(model)
+    vision_state = {k: v.clone() for k, v in vision.state_dict().items()}
+    pre = {k: v.clone() for k, v in e4t.state_dict().items()}
+    img = images(1)[0]
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 4:12, 4:12] = 1
+    seen = []
+    concept = de.e4t_tune(model, vision, e4t, img, mask, "cat", steps=3, lr=1e-2,
+                          on_progress=lambda d, n, loss: seen.append(d))
+    assert concept.result.ok and concept.result.steps == 3 and seen == [1, 2, 3]
+    assert_untouched(model, snap)
+    assert all(torch.equal(v, vision_state[k]) for k, v in vision.state_dict().items())
+    assert all(torch.equal(v, pre[k]) for k, v in e4t.state_dict().items()), "the pre-trained E4T is not tuned"
+    tuned = concept.e4t.state_dict()
+    assert any(not torch.equal(tuned[k], pre[k]) for k in pre if ".up" in k), "the offsets were tuned"
+    assert concept.embedding.vectors["emb_params"].shape == (1, 32)
+
+    paths = concept.save(model, tmp_path / "out", "my cat")
+    emb = load_embedding(paths["embedding"], family="toy")
+    torch.testing.assert_close(emb.vectors["emb_params"], concept.embedding.vectors["emb_params"])
+    tensors, meta = read_safetensors(paths["lora"])
+    assert meta["method"] == "e4t" and len(tensors) == len(e4t.config.targets)
+    assert all(k.startswith("lora_unet_") and k.endswith(".diff") for k in tensors)
+    # the diff file is the tuned offsets exactly: W + diff == W ∘ (1 + Δ)
+    name = e4t.config.targets[0]
+    w = model.unet.get_submodule(name).weight
+    diff = tensors[f"lora_unet_{name.replace('.', '_')}.diff"]
+    torch.testing.assert_close(w + diff, w * (1 + concept.e4t.offsets.deltas()[name].detach()))
+    with pytest.raises(FileExistsError):
+        concept.save(model, tmp_path / "out", "my cat")
+
+    # sampling with the concept: hooks only inside, the model itself unchanged after
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
+    cond = dt.encode_prompt(model, "a photo of sks cat", concept.embedding)
+    with concept.applied(model) as unet:
+        with_offsets = unet(x, t, encoder_hidden_states=cond).sample
+    assert not torch.equal(with_offsets, model.unet(x, t, encoder_hidden_states=cond).sample)
+    assert_untouched(model, snap)
+
+
+def test_zero_steps_is_the_encoder_alone_and_cancel_stops(tmp_path):
+    model, vision, e4t = toy_setup(tmp_path)
+    img = images(1)[0]
+    zero = de.e4t_tune(model, vision, e4t, img, steps=0)
+    assert zero.result is None
+    assert all(torch.equal(a, b) for a, b in zip(zero.e4t.state_dict().values(), e4t.state_dict().values()))
+    calls = []
+    cancelled = de.e4t_tune(model, vision, e4t, img, steps=10, should_cancel=lambda: len(calls) >= 2,
+                            on_progress=lambda d, n, loss: calls.append(d))
+    assert cancelled.result.status == "cancelled" and cancelled.result.steps == 2
+
+
+def test_sdxl_predicts_both_embeddings(tmp_path):
+    model = make_sdxl(tmp_path)
+    model, vision, e4t = toy_setup(tmp_path, model)
+    assert e4t.config.word_dims == [32, 48]
+    concept = de.e4t_tune(model, vision, e4t, images(1)[0], steps=1, lr=1e-2)
+    assert {k: tuple(v.shape) for k, v in concept.embedding.vectors.items()} == {"clip_l": (1, 32),
+                                                                                 "clip_g": (1, 48)}
+
+
+def test_file_round_trip_and_errors(tmp_path):
+    model, vision, e4t = toy_setup(tmp_path)
+    with torch.no_grad():
+        for p in e4t.parameters():
+            p.add_(torch.randn_like(p))
+    path = save_e4t(tmp_path / "e.safetensors", e4t)
+    back = load_e4t(path, family="toy")
+    assert back.config == e4t.config
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), e4t.state_dict().values()))
+    with pytest.raises(FormatError, match="pre-trained for base family 'toy'"):
+        load_e4t(path, family="sd1")
+    tensors, meta = read_safetensors(path)
+    write_safetensors(tmp_path / "bad.safetensors", tensors, {**meta, "format": "boothkit.instantbooth"})
+    with pytest.raises(FormatError, match="not an E4T file"):
+        load_e4t(tmp_path / "bad.safetensors")
+    tensors.pop(next(iter(tensors)))
+    write_safetensors(tmp_path / "short.safetensors", tensors, meta)
+    with pytest.raises(FormatError, match="missing"):
+        load_e4t(tmp_path / "short.safetensors")
+    with pytest.raises(ValueError, match="one-token class word"):
+        de.class_vectors(model, "photo cat")
+
+
+def test_train_two_steps_writes_the_file_tune_loads(tmp_path):
+    from boothkit.training.cli import main as train_main
+    from boothkit.training.tune_cli import main as tune_main
+
+    sd = tiny_sd_folder(tmp_path / "sd", with_vae=True)
+    tiny_clip_vision().save_pretrained(tmp_path / "vision")
+    data = write_dataset(tmp_path / "data")
+    val = write_dataset(tmp_path / "val", n=2)
+    cfg = tmp_path / "e4t.toml"
+    cfg.write_text(f"""
+[model]
+base = "{sd}"
+clip_vision = "{tmp_path / 'vision'}"
+[data]
+train = "{data}"
+validation = "{val}"
+[method]
+category = "cat"
+lr = 1e-2
+hidden = 16
+sample_steps = 2
+validation_images = 1
+[train]
+batch_size = 2
+steps = 2
+checkpoint_every = 2
+""")
+    out = tmp_path / "run"
+    assert train_main(["e4t", "--config", str(cfg), "--output-dir", str(out)]) == 0
+    tensors, meta = read_safetensors(out / "e4t.safetensors")
+    assert meta["format"] == "boothkit.e4t" and meta["family"] == "toy" and meta["class_word"] == "cat"
+    assert all(k.startswith(("encoder.", "offsets.")) for k in tensors), "encoder and offsets only"
+    assert json.loads(meta["training"])["config"]["train"]["steps"] == 2
+    e4t = load_e4t(out / "e4t.safetensors", family="toy")
+    assert any(float(o.up.abs().sum()) > 0 for o in e4t.offsets.offsets), "the offsets were trained"
+    assert (out / "checkpoints" / "checkpoint-0000002.safetensors").exists()
+    assert list((out / "samples").glob("*.png"))
+
+    image = next(p for p in sorted(data.glob("*.png")) if not p.stem.endswith("_mask"))
+    code = tune_main(["--method", "e4t", "--image", str(image), "--class-noun", "cat", "--out", str(tmp_path / "c"),
+                      "--model", str(sd), "--e4t", str(out / "e4t.safetensors"), "--clip-vision",
+                      str(tmp_path / "vision"), "--steps", "2", "--name", "kitty"])
+    assert code == 0
+    assert (tmp_path / "c" / "kitty.safetensors").exists() and (tmp_path / "c" / "kitty_lora.safetensors").exists()

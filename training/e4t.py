@@ -1,0 +1,168 @@
+"""Pre-training E4T (seed 001) on a domain: many images of one class (or a few, each image naming its class word),
+prompts with the identifier before the class noun, the denoising loss plus the regularisers. The domain encoder and
+the weight offsets are trained; the denoiser, the text encoder and the CLIP backbone stay frozen. The objective is
+backend/e4t.py's — the same one a tune at use time runs for 5-15 steps."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..backend import e4t as e4t_backend
+from ..backend.e4t import E4T
+from ..backend.formats import save_e4t
+from ..backend.identifier import class_nouns_for, insert_identifier
+from ..hosts.diffusers_e4t import E4THost, class_tokens, class_vectors, new_config
+from ..hosts.diffusers_tune import text_slots
+from .data import LatentTargets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class E4TSettings:
+    identifier: str = "sks"
+    category: str = "person"  # picks the class-noun list (backend.identifier.CLASS_NOUNS) ...
+    class_nouns: list[str] = field(default_factory=list)  # ... extended by these; the first is the file's default
+    lr: float = 1.6e-5  # encoder and offsets (the public re-implementation's pre-training rate)
+    scale: float = 0.1
+    rank: int = 1
+    hidden: int = 256
+    reg_embedding: float = 0.01
+    reg_offsets: float = 0.0
+    tune_steps: int = 15  # defaults written into the file for the tune at use time
+    tune_lr: float = 1e-4
+    tune_batch: int = 4
+    cache_latents: bool = True
+    cache_vision: bool = True  # class tokens of each image, computed once (the backbone is frozen, no augmentation)
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa | xformers
+    masked_loss: bool = False
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of sks {noun}"])
+    sample_steps: int = 25
+    sample_guidance: float = 5.0
+    validation_images: int = 4
+
+
+class E4TTraining:
+    name = "e4t"
+
+    def __init__(self, model, vision, dataset, settings: E4TSettings, validation=None, device="cpu"):
+        s = self.s = settings
+        if s.attention not in ("sdpa", "xformers"):
+            raise ValueError(f"attention is {s.attention!r}; expected sdpa or xformers")
+        self.model, self.vision, self.dataset, self.validation = model, vision, dataset, validation
+        self.device = torch.device(device)
+        for part in model.parts() + [vision]:
+            part.requires_grad_(False).eval().to(self.device)
+        if s.attention == "xformers":
+            model.unet.enable_xformers_memory_efficient_attention()
+        if s.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            model.unet.train()
+        self.nouns = class_nouns_for(s.category, s.class_nouns)
+        self.e4t = E4T(new_config(model, vision, self.nouns[0], s.identifier, scale=s.scale, rank=s.rank,
+                                  hidden=s.hidden, reg_embedding=s.reg_embedding, reg_offsets=s.reg_offsets,
+                                  tune_steps=s.tune_steps, tune_lr=s.tune_lr, tune_batch=s.tune_batch)).to(self.device)
+        self.module = self.e4t
+        self.train_set = self._split(dataset, s.cache_latents)
+        self.val_set = self._split(validation, False) if validation is not None else None
+        self._class_vectors: dict[str, list[torch.Tensor]] = {}
+
+    def _split(self, dataset, cache: bool) -> dict:
+        """Per dataset: prompts with the identifier, the class word of each, its host and its targets."""
+        prompts, words = [], []
+        for item in dataset.items:
+            try:
+                p = insert_identifier(item.caption, self.s.identifier, self.nouns)
+            except ValueError as e:
+                raise ValueError(f"{item.path}: {e}") from None
+            w = p.split()
+            prompts.append(p)
+            words.append(w[w.index(self.s.identifier) + 1])
+        return {"dataset": dataset, "prompts": prompts, "words": words, "host": E4THost(self.model, self.e4t, prompts),
+                "targets": LatentTargets(self.model, dataset, self.device, cache), "tokens": {}}
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.e4t.parameters()), "lr": self.s.lr}]
+
+    def _vectors(self, word: str) -> list[torch.Tensor]:
+        if word not in self._class_vectors:
+            self._class_vectors[word] = [v.to(self.device) for v in class_vectors(self.model, word)]
+        return self._class_vectors[word]
+
+    def _tokens(self, split: dict, indices: list[int]) -> torch.Tensor:
+        ds, cache = split["dataset"], split["tokens"]
+        todo = [i for i in indices if i not in cache]
+        if todo:
+            t = class_tokens(self.vision, ds.images[todo].to(self.device), ds.masks[todo].to(self.device),
+                             self.e4t.config.vision_layers)
+            if not self.s.cache_vision:
+                return torch.stack([t[todo.index(i)] for i in indices])
+            cache.update(zip(todo, t))
+        return torch.stack([cache[i] for i in indices])
+
+    def batch(self, split: dict, indices: list[int]) -> e4t_backend.Batch:
+        vecs = [self._vectors(split["words"][i]) for i in indices]
+        class_vecs = [torch.stack([v[k] for v in vecs]) for k in range(len(text_slots(self.model)))]
+        masks = None
+        if self.s.masked_loss:
+            x0_size = split["targets"](indices[:1]).shape[-2:]
+            masks = torch.nn.functional.interpolate(split["dataset"].masks[indices].to(self.device), size=x0_size,
+                                                    mode="area")
+        return e4t_backend.Batch(split["targets"](indices), self._tokens(split, indices), class_vecs,
+                                 torch.tensor(indices), masks)
+
+    def loss(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        return self.train_set["host"].loss(self.batch(self.train_set, indices), generator)
+
+    def export(self, path: Path, weights: dict[str, torch.Tensor], config: dict) -> Path:
+        e4t = E4T(copy.deepcopy(self.e4t.config))
+        e4t.config.extra = {"settings": asdict(self.s), "config": config}
+        e4t.load_state_dict(weights)
+        return save_e4t(path, e4t)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Denoising loss on held-out images with fixed noise, comparable across steps."""
+        if self.val_set is None:
+            return {}
+        idx = list(range(min(len(self.val_set["dataset"]), 16)))
+        g = torch.Generator().manual_seed(1234)
+        return {"denoising_loss": self.val_set["host"].loss(self.batch(self.val_set, idx), g).item()}
+
+    @torch.no_grad()
+    def sample(self, out_dir: Path, step: int) -> Path | None:
+        """A grid: one row per validation image (the image, then one sample per prompt from the encoder's prediction
+        alone, no tuning), fixed seeds."""
+        if self.val_set is None or self.model.family == "sdxl":
+            return None
+        import torch.nn.functional as F
+
+        from ..backend.imageio import save_png
+        from ..hosts.diffusers_e4t import e4t_tune
+        from ..hosts.diffusers_tune import encode_prompt
+        from ..hosts.sampling import sample
+
+        ds, rows = self.val_set["dataset"], []
+        uncond = encode_prompt(self.model, "")
+        for i in range(min(self.s.validation_images, len(ds))):
+            word = self.val_set["words"][i]
+            concept = e4t_tune(self.model, self.vision, self.e4t, ds.images[i], ds.masks[i], word, steps=0)
+            row = [ds.images[i].to(self.device)]
+            for k, template in enumerate(self.s.sample_prompts):
+                cond = encode_prompt(self.model, template.format(noun=word), concept.embedding)
+                with concept.applied(self.model):
+                    img = sample(self.model, cond, uncond, seed=k, steps=self.s.sample_steps,
+                                 guidance=self.s.sample_guidance)
+                row.append(img[0] if img.shape[-1] == row[0].shape[-1] else
+                           F.interpolate(img, size=row[0].shape[-2:], mode="bilinear")[0])
+            rows.append(torch.cat(row, dim=-1))
+        if not rows:
+            return None
+        path = save_png(torch.cat(rows, dim=-2), Path(out_dir) / f"step-{step:07d}.png")
+        log.info("samples: %s", path)
+        return path
