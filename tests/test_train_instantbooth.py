@@ -108,6 +108,24 @@ def test_sigkill_then_resume_matches(setup, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
+def test_two_cpu_processes_with_accelerate_launch(setup, tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo): both processes train on their own shard, gradients are
+    averaged, the main process writes the same kind of file."""
+    root, cfg = setup
+    out = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "boothkit.cli", "train",
+           "instantbooth", "--config", str(cfg), "--output-dir", str(out), "--steps", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes: 2 (MULTI_CPU)" in done.stderr, done.stderr[-2000:]
+    ib = load_instantbooth(out / "instantbooth.safetensors", family="toy", ctx_dim=32)
+    assert any(float(a.gate) != 0 for a in ib.adapters)
+    assert json.loads(read_safetensors(out / "instantbooth.safetensors")[1]["training"])["config"]["train"]["steps"] == 2
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
     root, cfg = setup
     from boothkit.training import instantbooth
