@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora import UNET_PREFIX, LoRATensors, kohya_name
 from .quicktune import NoiseSchedule, TuneResult, tune_loop
 
 # every attention projection of a transformer block: self- and cross-attention q, k, v and out
@@ -126,10 +127,12 @@ class WeightOffsets(nn.Module):
         handles = []
         for name, offset in zip(self.names, self.offsets):
             module = modules[name]
+            # a host's frozen weight may be an inference tensor (ComfyUI), which autograd cannot save: a copy then
+            w = module.weight.detach().clone() if module.weight.is_inference() else module.weight
 
-            def hook(mod, args, output, offset=offset):
-                w = mod.weight
-                return output + F.linear(args[0], w * offset.delta().to(w.dtype))
+            def hook(mod, args, output, offset=offset, w=w):
+                x = args[0]
+                return output + F.linear(x, w.to(x.dtype) * offset.delta().to(x.dtype))
             handles.append(module.register_forward_hook(hook))
         try:
             yield
@@ -137,9 +140,54 @@ class WeightOffsets(nn.Module):
             for h in handles:
                 h.remove()
 
+    @torch.no_grad()
     def weight_diffs(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """W ∘ Δ per target: the exact change of each weight, for a weight-diff file that stock loaders apply."""
-        return {n: (weights[n].float() * d.float()).detach() for n, d in self.deltas().items()}
+        return {n: weights[n].float() * d.float() for n, d in self.deltas().items()}
+
+
+class _Stop(Exception):
+    """Raised by the last feature hook: the decoder half of the denoiser is not needed for the features."""
+
+
+def denoiser_features(predict: Predict, blocks: Sequence[nn.Module]) -> Features:
+    """``features(x_t, t, cond)``: the spatial mean of each of ``blocks``' outputs (the host passes the blocks that
+    end each resolution level of the denoiser's encoder, then its middle block), from one forward pass of
+    ``predict`` that stops after the last of them."""
+    blocks = list(blocks)
+    last = blocks[-1]
+
+    def features(x_t, t, cond):
+        pooled = []
+
+        def grab(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            pooled.append(h.float().mean(dim=(-2, -1)))
+            if module is last:
+                raise _Stop
+
+        handles = [b.register_forward_hook(grab) for b in blocks]
+        try:
+            predict(x_t, t, cond)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return pooled
+    return features
+
+
+def weight_diff_file(offsets: "WeightOffsets", weights: Mapping[str, torch.Tensor], family: str, identifier: str,
+                     base_model_version: str) -> LoRATensors:
+    """The offsets as exact weight changes W ∘ Δ under kohya names (diffusers module paths) with ``.diff``: ComfyUI's
+    LoraLoader and A1111's "full" networks apply them as W + diff."""
+    dtype = next(iter(weights.values())).dtype
+    tensors = {f"{kohya_name(UNET_PREFIX, n)}.diff": d.to(dtype) for n, d in offsets.weight_diffs(weights).items()}
+    metadata = {"format": "boothkit.weight_diff", "version": "1", "method": "e4t", "family": family,
+                "identifier": identifier, "ss_base_model_version": base_model_version,
+                "ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "full"}'}
+    return LoRATensors(tensors, metadata)
 
 
 class E4T(nn.Module):

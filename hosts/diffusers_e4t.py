@@ -15,50 +15,23 @@ import torch
 from ..backend import e4t as e4t_backend
 from ..backend.e4t import E4T, E4TConfig
 from ..backend.embedding import Embedding, save_embedding
-from ..backend.lora import BASE_MODEL_VERSIONS, UNET_PREFIX, LoRATensors, kohya_name
+from ..backend.lora import BASE_MODEL_VERSIONS, LoRATensors
 from ..backend.preprocess import prepare_concept_images
 from ..backend.quicktune import TuneResult, frozen
 from .diffusers_tune import (DEFAULT_TEMPLATE, TOY_TEMPLATE, PromptEncoder, cache_images, check_identifier,
                              default_resolution, make_predict, prepare_images, schedule_of, text_slots, word_ids)
 
 log = logging.getLogger(__name__)
-WEIGHT_DIFF_FORMAT = "boothkit.weight_diff"
 
 
-class _Stop(Exception):
-    """Raised by the last feature hook: the decoder half of the denoiser is not needed for the features."""
+def denoiser_features(predict, unet):
+    """Pooled outputs of every down block and of the mid block (backend/e4t.py's features)."""
+    return e4t_backend.denoiser_features(predict, list(unet.down_blocks) + [unet.mid_block])
 
 
 def unet_dims(unet) -> list[int]:
     c = list(unet.config.block_out_channels)
     return c + [c[-1]]
-
-
-def denoiser_features(predict, unet):
-    """``features(x_t, t, cond)``: the spatial mean of every down block's output and of the mid block's, from one
-    forward pass of the denoiser that stops after the mid block."""
-    blocks = list(unet.down_blocks) + [unet.mid_block]
-    last = blocks[-1]
-
-    def features(x_t, t, cond):
-        pooled = []
-
-        def grab(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            pooled.append(h.float().mean(dim=(-2, -1)))
-            if module is last:
-                raise _Stop
-
-        handles = [b.register_forward_hook(grab) for b in blocks]
-        try:
-            predict(x_t, t, cond)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return pooled
-    return features
 
 
 def default_vision_layers(vision) -> list[int]:
@@ -144,17 +117,10 @@ class E4TConcept:
             yield model.unet
 
     def weight_diff(self, model) -> LoRATensors:
-        """The offsets as exact weight changes W ∘ Δ under kohya names with ``.diff`` (ComfyUI's LoraLoader and
-        A1111's "full" networks apply them as W + diff), and metadata."""
+        """The offsets as a weight-diff file that stock ComfyUI (LoraLoader) and A1111 load."""
         weights = {n: model.unet.get_submodule(n).weight for n in self.e4t.config.targets}
-        diffs = self.e4t.offsets.weight_diffs(weights)
-        dtype = next(iter(weights.values())).dtype
-        tensors = {f"{kohya_name(UNET_PREFIX, n)}.diff": d.to(dtype) for n, d in diffs.items()}
-        metadata = {"format": WEIGHT_DIFF_FORMAT, "version": "1", "method": "e4t", "family": model.family,
-                    "identifier": self.embedding.identifier,
-                    "ss_base_model_version": BASE_MODEL_VERSIONS.get(model.family, model.family),
-                    "ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "full"}'}
-        return LoRATensors(tensors, metadata)
+        return e4t_backend.weight_diff_file(self.e4t.offsets, weights, model.family, self.embedding.identifier,
+                                            BASE_MODEL_VERSIONS.get(model.family, model.family))
 
     def save(self, model, out_dir: str | Path, name: str, overwrite: bool = False) -> dict[str, Path]:
         from ..backend.quicktune import output_paths

@@ -1,0 +1,180 @@
+"""The ComfyUI host of E4T (seed 001): the E4T Tune node's work on ComfyUI's MODEL / CLIP / CLIP_VISION / VAE. The
+method is backend/e4t.py (objective, tune, concept vectors); this file hands it ComfyUI callables and reuses the
+quick-tune host for everything the two share: the text encoders and prompt encoding, the DDPM view of the UNet,
+training on inference-mode weights without changing them, images, progress, and applying the result to clones
+through ComfyUI's own weight patching (the offsets as ``.diff`` patches through LoraLoader's key mapping, the
+embedding as a "set" patch on the identifier's token row)."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..backend import e4t as e4t_backend
+from ..backend import quicktune as qt
+from ..backend.e4t import E4T
+from ..backend.embedding import Embedding, embedding_metadata
+from ..backend.lora import BASE_MODEL_VERSIONS, LoRATensors
+from ..hosts.diffusers_tune import DEFAULT_TEMPLATE, check_identifier
+from . import quicktune_host as qh
+from .instantbooth_host import model_name
+
+log = logging.getLogger(__name__)
+
+
+def load(path: str | Path) -> E4T:
+    from ..backend.formats import load_e4t
+
+    return load_e4t(path).eval()
+
+
+def encoder_blocks(dm) -> list[torch.nn.Module]:
+    """The modules whose outputs end each resolution level of ComfyUI's UNet encoder (its downsamplers, then the last
+    input block) and the middle block: the same outputs as diffusers' down blocks and mid block. The last layer of
+    each block, because ComfyUI runs a block's layers one by one (forward_timestep_embed), never the block itself."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
+
+    ends = [i for i, b in enumerate(dm.input_blocks) if any(isinstance(layer, Downsample) for layer in b)]
+    return [dm.input_blocks[i][-1] for i in ends + [len(dm.input_blocks) - 1]] + [dm.middle_block[-1]]
+
+
+def offset_modules(model, targets) -> dict[str, torch.nn.Module]:
+    """The E4T targets (diffusers module paths) -> ComfyUI's UNet modules, through ComfyUI's own key map."""
+    import comfy.utils
+
+    to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    dm = model.get_model_object("diffusion_model")
+    return {n: dm.get_submodule(to_ldm[f"{n}.weight"][: -len(".weight")]) for n in targets if f"{n}.weight" in to_ldm}
+
+
+@torch.no_grad()
+def class_tokens(clip_vision, pixels: torch.Tensor, masks: torch.Tensor | None, e4t: E4T) -> torch.Tensor:
+    """The class token of each of the E4T file's CLIP layers [B, L, D], the subject cropped by its mask as in
+    training. ComfyUI's "all" intermediate output of layer i is transformers' hidden_states[i + 1]."""
+    import comfy.clip_vision
+    import comfy.model_management as mm
+
+    from ..backend.preprocess import prepare_concept_images
+
+    c = e4t.config
+    crops = prepare_concept_images(pixels, masks, clip_vision.image_size, 0.1, 0.0, normalize=False)
+    mm.load_model_gpu(clip_vision.patcher)
+    pv = comfy.clip_vision.clip_preprocess(crops.movedim(1, -1).clamp(0, 1).to(clip_vision.load_device),
+                                           size=clip_vision.image_size, mean=clip_vision.image_mean,
+                                           std=clip_vision.image_std, crop=False).float()
+    out = clip_vision.model(pixel_values=pv, intermediate_output="all")
+    hidden = out[1]  # [B, layers, T, D]
+    if hidden.shape[-1] != c.vision_dim or max(c.vision_layers) > hidden.shape[1]:
+        raise ValueError(f"the CLIP vision model has {hidden.shape[1]} layers of width {hidden.shape[-1]}, but the E4T "
+                         f"file was trained with width {c.vision_dim} and layers {c.vision_layers}: load the CLIP "
+                         f"vision model it was pre-trained with")
+    return torch.stack([hidden[:, i - 1, 0] for i in c.vision_layers], dim=1).float()
+
+
+def per_prompt(encoder: qh.PromptEncoder):
+    """backend ``encode`` with one vector per batch item ([B, 1, width] per text encoder): ComfyUI's CLIP takes one
+    embedding tensor per token list, so each item is encoded on its own."""
+    def encode(vectors, prompt_ids):
+        outs = [encoder([v[b] for v in vectors], prompt_ids[b: b + 1]) for b in range(len(prompt_ids))]
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return encode
+
+
+class Progress:
+    """ComfyUI's progress bar and a text line with the loss; Cancel stops within one step."""
+
+    def __init__(self, total: int):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(max(total, 1))
+
+    def __call__(self, done: int, total: int, loss: float) -> None:
+        import comfy.model_management
+
+        self.bar.update_absolute(done, total)
+        qh.send_text(f"E4T step {done}/{total}, loss {loss:.4f}")
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+@dataclass
+class E4TOutput:
+    model: object
+    clip: object
+    embedding: Embedding
+    lora: LoRATensors
+    report: str
+    result: qt.TuneResult | None
+
+
+def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, identifier: str = "sks",
+             mask=None, steps: int = 15, lr: float = 0.0, resolution: int = 512, seed: int = 0) -> E4TOutput:
+    """Tune a copy of ``e4t`` on one image for ``steps`` steps (0: the encoder's prediction alone; ``lr`` 0: the
+    file's rate) and return clones of MODEL and CLIP with the tuned offsets and embedding applied; the inputs are
+    never changed. Raises on bad input; ComfyUI's Cancel raises within one step."""
+    import comfy.model_management as mm
+
+    c = e4t.config
+    class_noun = (class_noun or "").strip() or c.class_word
+    identifier = check_identifier((identifier or "").strip(), class_noun)
+    family, prediction_type = qh.check_model(model)
+    if family != c.family:
+        raise ValueError(f"the E4T file was pre-trained for {c.family}; the model is {model_name(model)} ({family})")
+    slots = qh.text_slots(clip, family, model)
+    if [s.width for s in slots] != list(c.word_dims):
+        raise ValueError(f"the CLIP's text encoders are {[s.width for s in slots]} wide; the E4T file predicts "
+                         f"{c.word_dims}: connect the CLIP of the model the file was pre-trained for")
+    identifier_ids = qh.token_ids(clip, slots, identifier, "identifier")
+    class_ids = qh.token_ids(clip, slots, class_noun, "class noun")
+    if steps < 0:
+        raise ValueError(f"steps must be 0 or more, got {steps}")
+    device = model.load_device
+    prompt = DEFAULT_TEMPLATE.format(identifier=identifier, class_noun=class_noun)
+    with torch.inference_mode(False):
+        count = len(qh.image_list(image))
+        if count > 1:
+            log.info("E4T tunes on one image; using the first of %d", count)
+        pixels, pmasks, note = qh.prepare(image[:1], None if mask is None else mask[:1], resolution)
+        data = qh.encode_images(vae, model, pixels, pmasks, device)
+        tokens = class_tokens(clip_vision, pixels, pmasks, e4t).to(device)
+        mm.load_models_gpu([model, clip.patcher])
+        dm = model.get_model_object("diffusion_model")
+        tuned = copy.deepcopy(e4t).to(device).float().train()
+        modules = offset_modules(model, c.targets)
+        encoder = qh.PromptEncoder(clip, slots, [prompt], identifier, identifier_ids, model, resolution)
+        encode = per_prompt(encoder)
+        predict = qh.make_predict(model)
+        features = e4t_backend.denoiser_features(predict, encoder_blocks(dm))
+        schedule = qh.noise_schedule(model, prediction_type)
+        class_vectors = [s.layer.weight[i].detach().float().clone().to(device) for s, i in zip(slots, class_ids)]
+        batch = e4t_backend.Batch(data.mean, tokens, class_vectors, torch.zeros(1, dtype=torch.long), data.masks)
+        mm.throw_exception_if_processing_interrupted()
+        result = None
+        with qh.frozen(dm, clip.cond_stage_model), qh.trainable(dm, clip.cond_stage_model):
+            if steps > 0:
+                result = e4t_backend.tune(tuned, batch, features, encode, predict, schedule, modules, steps,
+                                          lr if lr > 0 else None, seed, Progress(steps))
+            vectors = e4t_backend.concept_vectors(tuned, batch.x0, batch.class_tokens, batch.class_vectors, features,
+                                                  encode, schedule, modules, batch.prompt_ids, seed=seed)
+        # as the CLIP will hold them (its token table may be fp16), so the clone and the saved embedding agree
+        vectors = [v.to(s.layer.weight.dtype).float() for s, v in zip(slots, vectors)]
+        training = {"method": "e4t", "host": "comfyui", "base_model": model_name(model), "class_noun": class_noun,
+                    "steps": steps, "steps_done": result.steps if result else 0, "seed": seed,
+                    "lr": lr if lr > 0 else c.tune_lr, "resolution": resolution}
+        embedding = Embedding({s.key: v.detach().cpu().reshape(1, -1) for s, v in zip(slots, vectors)}, family,
+                              identifier, class_noun)
+        embedding.metadata = embedding_metadata(embedding, training, prediction_type)
+        weights = {n: m.weight for n, m in modules.items()}
+        lora = e4t_backend.weight_diff_file(tuned.offsets, weights, family, identifier,
+                                            BASE_MODEL_VERSIONS.get(family, family))
+        model_out = qh.apply_lora(model, lora)
+        clip_out = qh.apply_embedding(clip, slots, identifier_ids, vectors)
+    status = result.status if result else qt.DONE
+    losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result and result.losses else ""
+    report = (f"E4T {'finished' if status == qt.DONE else f'stopped ({status})'}: "
+              f"{result.steps if result else 0}/{steps} steps{losses}" + (f"; note: {note}" if note else "") +
+              (f"; {result.message}" if result and result.message else ""))
+    qh.send_text(report)
+    return E4TOutput(model_out, clip_out, embedding, lora, report, result)

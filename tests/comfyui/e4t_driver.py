@@ -1,0 +1,240 @@
+"""The in-process half of the real-ComfyUI E4T tests: run with ComfyUI's python (test_e4t_real.py starts it).
+
+    python e4t_driver.py --comfyui COMFYUI_PATH --pack CUSTOM_NODES/boothkit --models MODELS --work DIR --out OUT
+
+Loads the pack with ComfyUI's own loader, writes a random E4T file for the test checkpoint and CLIP vision model
+(sized from ComfyUI's own UNet), runs Load E4T, E4T Tune and Save Concept as ComfyUI's executor runs nodes (inside
+torch.inference_mode()), then stock LoraLoader and CLIPTextEncode on what was saved, and a Cancel after step 1; writes
+OUT/results.json and OUT/tensors.safetensors. Tiny settings: a 64x64 photo, 2 steps."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IDENTIFIER, CLASS_NOUN, NAME = "sks", "cat", "e4t_cat"
+PROMPT = f"a photo of {IDENTIFIER} {CLASS_NOUN} on the beach"
+STEPS = 2
+E4T_FILE = "e4t_random.safetensors"
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--comfyui", required=True)
+    p.add_argument("--pack", required=True)
+    p.add_argument("--models", required=True, help="dir with checkpoints/ and clip_vision/ (make_models.py)")
+    p.add_argument("--work", required=True, help="dir for models/e4t, embeddings and loras")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    sys.path.insert(0, HERE)
+    from make_models import CHECKPOINT, CLIP_VISION, setup_comfy
+
+    setup_comfy(a.comfyui, pytorch_attention=True)
+    import torch
+
+    torch.set_num_threads(1)
+    import comfy.model_management as mm
+    import comfy.utils
+    import folder_paths
+    import nodes
+    from comfy_api.internal import _ComfyNodeInternal, make_locked_method_func
+
+    t0 = time.perf_counter()
+
+    def log(stage):
+        print(f"[e4t driver {time.perf_counter() - t0:6.1f}s] {stage}", file=sys.stderr, flush=True)
+
+    results, tensors = {}, {}
+    results["pack_loaded"] = bool(asyncio.run(nodes.load_custom_node(a.pack)))
+    pack = os.path.abspath(a.pack).replace(".", "_x_")
+    host = importlib.import_module(pack + ".nodes.e4t_host")
+    qh = importlib.import_module(pack + ".nodes.quicktune_host")
+    backend = importlib.import_module(pack + ".backend.e4t")
+    formats = importlib.import_module(pack + ".backend.formats")
+    for name in ("checkpoints", "clip_vision"):
+        folder_paths.add_model_folder_path(name, os.path.join(a.models, name))
+    for name in ("e4t", "embeddings", "loras"):  # never the checkout's models/
+        path = os.path.join(a.work, name)
+        os.makedirs(path, exist_ok=True)
+        folder_paths.folder_names_and_paths[name] = ([path], folder_paths.folder_names_and_paths[name][1])
+
+    def run(node_id, **kwargs):
+        cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+        with torch.inference_mode():
+            if issubclass(cls, _ComfyNodeInternal):
+                return make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE({}))(**kwargs).result
+            return getattr(cls(), cls.FUNCTION)(**kwargs)
+
+    def error_of(fn):
+        try:
+            fn()
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    results["schemas"] = {k: {"inputs": v.INPUT_TYPES(), "outputs": list(v.RETURN_TYPES)}
+                          for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k in ("BoothKitLoadE4T", "BoothKitE4TTune")}
+    model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)[:3]
+    (clip_vision,) = run("CLIPVisionLoader", clip_name=CLIP_VISION)
+    dm = model.get_model_object("diffusion_model")
+    token_layer = clip.cond_stage_model.clip_l.transformer.get_input_embeddings()
+
+    # ---- a random E4T file for this checkpoint, sized from ComfyUI's own UNet -----------------------------------------
+    with torch.inference_mode(False):
+        to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+        targets = backend.attention_targets(sorted(k[: -len(".weight")] for k in to_ldm if k.endswith(".weight")))
+        modules = host.offset_modules(model, targets)
+        with torch.inference_mode():
+            mm.load_models_gpu([model])
+        x = torch.zeros(1, 4, 8, 8)
+        with torch.no_grad():
+            feats = backend.denoiser_features(qh.make_predict(model), host.encoder_blocks(dm))(
+                x, torch.tensor([10]), {"context": torch.zeros(1, 77, 768)})
+        hidden = clip_vision.model.vision_model.encoder.layers
+        width = int(clip_vision.model.vision_model.embeddings.position_embedding.weight.shape[1])
+        n = len(hidden)
+        config = backend.E4TConfig(
+            family="sd1", word_dims=[768], vision_dim=width, vision_layers=sorted({max(1, round(n * k / 4))
+                                                                                 for k in (1, 2, 3, 4)}),
+            unet_dims=[int(f.shape[-1]) for f in feats], targets=targets,
+            target_shapes=[list(modules[t].weight.shape) for t in targets], class_word=CLASS_NOUN, hidden=32,
+            tune_lr=1e-2)
+        torch.manual_seed(0)
+        e4t = backend.E4T(config)
+        with torch.no_grad():  # a "pre-trained" state: a prediction and offsets that are not zero
+            for param in e4t.parameters():
+                param.add_(0.01 * torch.randn_like(param))
+        formats.save_e4t(os.path.join(a.work, "e4t", E4T_FILE), e4t)
+    results["num_targets"], results["unet_dims"] = len(targets), config.unet_dims
+    log("E4T file written")
+
+    def unet_state(m):
+        with torch.inference_mode():
+            mm.load_models_gpu([m])
+        return {k: v.detach().clone() for k, v in m.model.diffusion_model.state_dict().items()}
+
+    def token_table(c):
+        with torch.inference_mode():
+            c.load_model()
+        return token_layer.weight.detach().clone()
+
+    def untouched_report(before):
+        sd = unet_state(model)
+        return {"unet_state_identical": all(torch.equal(sd[k], v) for k, v in before["sd"].items()),
+                "model_patches_identical": model.patches == before["model_patches"],
+                "clip_patches_identical": clip.patcher.patches == before["clip_patches"],
+                "token_table_identical": bool(torch.equal(token_table(clip), before["tokens"])),
+                "forward_hooks_left": sum(len(m._forward_hooks) for m in dm.modules())}
+
+    before = {"sd": unet_state(model), "model_patches": {k: list(v) for k, v in model.patches.items()},
+              "clip_patches": dict(clip.patcher.patches), "tokens": token_table(clip)}
+
+    # ---- Load E4T, E4T Tune ------------------------------------------------------------------------------------------
+    (loaded,) = run("BoothKitLoadE4T", e4t_name=E4T_FILE)
+    results["listed"] = folder_paths.get_filename_list("e4t")
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    blob = ((xx ** 2 + yy ** 2) < 0.4).float()[..., None]
+    image = (blob * torch.tensor([0.9, 0.5, 0.1]) + (1 - blob) * torch.rand(3, generator=gen))[None].clamp(0, 1)
+    progress = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: progress.append(value))
+    args = dict(e4t=loaded, model=model, clip=clip, clip_vision=clip_vision, vae=vae, image=image, steps=STEPS,
+                learning_rate=0.0, identifier=IDENTIFIER, class_noun=CLASS_NOUN, resolution=64, seed=0)
+    e_model, e_clip, embedding, lora, report = run("BoothKitE4TTune", **args)
+    comfy.utils.set_progress_bar_global_hook(None)
+    results["report"], results["progress"] = report, progress
+    results["embedding"] = {"keys": sorted(embedding.vectors), "shape": list(embedding.vectors["emb_params"].shape),
+                            "identifier": embedding.identifier}
+    results["lora"] = {"num": len(lora.tensors), "all_diff": all(k.endswith(".diff") for k in lora.tensors),
+                       "method": lora.metadata.get("method")}
+    results["untouched_after_run"] = untouched_report(before)
+    log("E4T tune done")
+
+    sd_e = unet_state(e_model)
+    changed = sorted(k for k in sd_e if not torch.equal(sd_e[k], before["sd"][k]))
+    expected = sorted(to_ldm[f"{t}.weight"].replace("diffusion_model.", "", 1) if to_ldm[f"{t}.weight"].startswith(
+        "diffusion_model.") else to_ldm[f"{t}.weight"] for t in targets)
+    results["changed_are_targets"] = changed == expected
+    results["num_changed"] = len(changed)
+    ident_id = clip.tokenize(IDENTIFIER, return_word_ids=True)["l"][0][1][0]
+    table = token_table(e_clip)
+    others = torch.ones(table.shape[0], dtype=torch.bool)
+    others[ident_id] = False
+    results["clip_rows"] = {"others_identical": bool(torch.equal(table[others], before["tokens"][others])),
+                            "identifier_is_embedding": bool(torch.equal(table[ident_id].float(),
+                                                                        embedding.vectors["emb_params"][0])),
+                            "table_dtype": str(table.dtype),
+                            "max_diff": float((table[ident_id].float() - embedding.vectors["emb_params"][0]).abs().max())}
+
+    # ---- Save Concept, stock LoraLoader and embedding:name -----------------------------------------------------------
+    (paths,) = run("BoothKitSaveConcept", embedding=embedding, lora=lora, name=NAME, overwrite=False)
+    results["saved"] = paths.splitlines()
+    records = Records()
+    logging.getLogger().addHandler(records)
+    try:
+        lora_model, _ = run("LoraLoader", model=model, clip=clip, lora_name=f"{NAME}_lora.safetensors",
+                            strength_model=1.0, strength_clip=1.0)
+    finally:
+        logging.getLogger().removeHandler(records)
+    results["lora_loader_warnings"] = records.messages
+    sd_l = unet_state(lora_model)
+    results["lora_loader_equals_tune"] = all(torch.equal(sd_l[k], sd_e[k]) for k in sd_e)
+    results["max_weight_change"] = max(float((sd_e[k] - before["sd"][k]).abs().max()) for k in changed) if changed \
+        else 0.0
+    (cond_e,) = run("CLIPTextEncode", clip=e_clip, text=PROMPT)
+    (cond_emb,) = run("CLIPTextEncode", clip=clip, text=PROMPT.replace(IDENTIFIER, f"embedding:{NAME}"))
+    (cond_plain,) = run("CLIPTextEncode", clip=clip, text=PROMPT)
+    tensors.update(cond_e=cond_e[0][0], cond_emb=cond_emb[0][0], cond_plain=cond_plain[0][0])
+
+    # ---- Cancel after step 1 ------------------------------------------------------------------------------------------
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 1:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    results["cancel_error"] = error_of(lambda: run("BoothKitE4TTune", **{**args, "steps": 5}))
+    mm.interrupt_current_processing(False)
+    comfy.utils.set_progress_bar_global_hook(None)
+    results["cancel_progress"] = seen
+    results["untouched_at_end"] = untouched_report(before)
+    results["errors"] = {
+        "class_multi_token": error_of(lambda: run("BoothKitE4TTune", **{**args, "class_noun": "orange cat"})),
+        "missing_file": error_of(lambda: run("BoothKitLoadE4T", e4t_name="nope.safetensors")),
+    }
+    results["t_total"] = time.perf_counter() - t0
+
+    from safetensors.torch import save_file
+
+    os.makedirs(a.out, exist_ok=True)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+              os.path.join(a.out, "tensors.safetensors"))
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,79 @@
+"""Load E4T, E4T Tune and Save Concept in a real ComfyUI (e4t_driver.py in ComfyUI's python, nodes called as the
+executor calls them, under inference mode): the tune changes exactly the attention projections of the returned MODEL
+and the identifier's row of the returned CLIP, the saved weight-diff file loads in stock LoraLoader with no unloaded
+keys and gives the same weights, the embedding works as ``embedding:name``, and neither a finished nor a cancelled
+run changes the input MODEL and CLIP."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
+              pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
+                                 reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
+                                        "(README: 'Testing with a real ComfyUI')")]
+
+HERE = Path(__file__).resolve().parent
+UNTOUCHED = {"unet_state_identical": True, "model_patches_identical": True, "clip_patches_identical": True,
+             "token_table_identical": True, "forward_hooks_left": 0}
+
+
+@pytest.fixture(scope="module")
+def e4t_run(comfy, comfy_models, comfy_base, tmp_path_factory):
+    work, out = tmp_path_factory.mktemp("e4t_work"), tmp_path_factory.mktemp("e4t_out")
+    cmd = [comfy["python"], str(HERE / "e4t_driver.py"), "--comfyui", str(comfy["path"]),
+           "--pack", str(comfy_base / "custom_nodes" / "boothkit"), "--models", str(comfy_models),
+           "--work", str(work), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=comfy["path"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        pytest.fail(f"the E4T driver failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    from safetensors.torch import load_file
+
+    return json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors")
+
+
+def test_nodes_register_with_their_types(e4t_run):
+    r, _ = e4t_run
+    assert r["pack_loaded"] and r["listed"] == ["e4t_random.safetensors"]
+    tune = r["schemas"]["BoothKitE4TTune"]
+    assert tune["outputs"] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING", "BOOTHKIT_LORA", "STRING"]
+    req = tune["inputs"]["required"]
+    assert [req[k][0] for k in ("e4t", "model", "clip", "clip_vision", "vae", "image")] == \
+        ["BOOTHKIT_E4T", "MODEL", "CLIP", "CLIP_VISION", "VAE", "IMAGE"]
+    assert req["steps"][1]["default"] == 15
+    assert r["schemas"]["BoothKitLoadE4T"]["outputs"] == ["BOOTHKIT_E4T"]
+
+
+def test_tune_applies_offsets_and_embedding_to_clones_only(e4t_run):
+    r, _ = e4t_run
+    assert r["progress"] == [1, 2] and r["report"].startswith("E4T finished: 2/2 steps")
+    assert "resized" not in r["report"]
+    assert r["embedding"] == {"keys": ["emb_params"], "shape": [1, 768], "identifier": "sks"}
+    assert r["lora"] == {"num": r["num_targets"], "all_diff": True, "method": "e4t"}
+    assert r["changed_are_targets"] and r["num_changed"] == r["num_targets"] > 0, \
+        "exactly the attention projections change"
+    assert r["clip_rows"]["others_identical"] and r["clip_rows"]["identifier_is_embedding"]
+    assert r["untouched_after_run"] == UNTOUCHED
+
+
+def test_saved_files_load_in_stock_nodes(e4t_run):
+    r, t = e4t_run
+    assert [Path(p).name for p in r["saved"]] == ["e4t_cat.safetensors", "e4t_cat_lora.safetensors"]
+    assert r["lora_loader_warnings"] == [], "stock LoraLoader must load every key"
+    assert r["lora_loader_equals_tune"] and r["max_weight_change"] > 0
+    assert torch.equal(t["cond_emb"], t["cond_e"]), "embedding:name == the tuned CLIP with the identifier"
+    assert not torch.equal(t["cond_plain"], t["cond_e"])
+
+
+def test_cancel_stops_within_a_step_and_leaves_the_inputs(e4t_run):
+    r, _ = e4t_run
+    assert r["cancel_error"].startswith("InterruptProcessingException") and r["cancel_progress"] == [1]
+    assert r["untouched_at_end"] == UNTOUCHED
+    assert "'orange cat' is 2 tokens" in r["errors"]["class_multi_token"]
+    assert "nope.safetensors" in r["errors"]["missing_file"]
