@@ -196,6 +196,7 @@ def main_e4t(args) -> int:
     from ..backend.imageio import mask_path, read_image
     from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
     from ..hosts.diffusers_e4t import e4t_tune
+    from ..hosts.diffusers_tune import resolve_mixed_precision
     from ..hosts.loading import load_clip_vision, load_sd
 
     name = safe_name(args.name or args.identifier)
@@ -218,6 +219,9 @@ def main_e4t(args) -> int:
         part.to(device)
     vision = load_clip_vision(args.clip_vision).to(device)
     e4t = load_e4t(e4t_path, family=model.family)
+    if args.gradient_checkpointing:  # diffusers checkpoints only in training mode; the UNet has no dropout/BN
+        model.unet.enable_gradient_checkpointing()
+        model.unet.train()
     e4t.config.identifier = args.identifier  # only a prompt word: the file's encoder works with any
     image_path = Path(args.image)
     image = read_image(image_path)
@@ -225,7 +229,8 @@ def main_e4t(args) -> int:
     run = Cancellable(args.steps if args.steps is not None else e4t.config.tune_steps, "e4t")
     try:
         concept = e4t_tune(model, vision, e4t, image, mask, args.class_noun, steps=args.steps, lr=args.lr,
-                           seed=args.seed, on_progress=run.on_progress, should_cancel=run.should_cancel)
+                           seed=args.seed, on_progress=run.on_progress, should_cancel=run.should_cancel,
+                           mixed_precision=resolve_mixed_precision(args.mixed_precision, device))
     finally:
         run.close()
     status = concept.result.status if concept.result is not None else DONE
