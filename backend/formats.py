@@ -115,6 +115,24 @@ class _Fields:
             raise self.error(name, v[:80], "JSON") from None
 
 
+def load_checked(path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """Load ``tensors`` into ``model`` (built from the file's metadata) after checking that the names and shapes are
+    exactly those the metadata implies; the message names the file and the first differences."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"{path}: tensors do not match the metadata's {what}; missing {missing[:5]}"
+                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                          f"{'...' if len(unexpected) > 5 else ''}")
+    for k, t in expected.items():
+        if tensors[k].shape != t.shape:
+            raise FormatError(f"{path}: tensor '{k}' has shape {tuple(tensors[k].shape)}, the metadata implies "
+                              f"{tuple(t.shape)}")
+    model.load_state_dict(tensors)
+    return model
+
+
 def instantbooth_metadata(config: InstantBoothConfig) -> dict[str, str]:
     c = config
     return {
@@ -184,20 +202,7 @@ def load_instantbooth(path: str | Path, family: str | None = None, ctx_dim: int 
     if ctx_dim is not None and ctx_dim != config.ctx_dim:
         raise FormatError(f"{path}: metadata field 'ctx_dim' is {config.ctx_dim}, but the model's text encoder is "
                           f"{ctx_dim} wide; the file is for another base model.")
-    model = InstantBooth(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise FormatError(f"{path}: tensors do not match the metadata's layout; missing {missing[:5]}"
-                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                          f"{'...' if len(unexpected) > 5 else ''}")
-    for k, t in expected.items():
-        if tensors[k].shape != t.shape:
-            raise FormatError(f"{path}: tensor '{k}' has shape {tuple(tensors[k].shape)}, the metadata implies "
-                              f"{tuple(t.shape)}")
-    model.load_state_dict(tensors)
-    return model
+    return load_checked(path, InstantBooth(config), tensors, "layout")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,15 +245,4 @@ def load_e4t(path: str | Path, family: str | None = None):
         config = E4TConfig(**{**raw, "extra": extra})
     except (TypeError, ValueError) as e:
         raise f.error("config", str(raw)[:80], f"the fields of an E4T configuration ({e})") from None
-    model = E4T(config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise FormatError(f"{path}: tensors do not match the metadata's configuration; missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    for k, t in expected.items():
-        if tensors[k].shape != t.shape:
-            raise FormatError(f"{path}: tensor '{k}' has shape {tuple(tensors[k].shape)}, the metadata implies "
-                              f"{tuple(t.shape)}")
-    model.load_state_dict(tensors)
-    return model
+    return load_checked(path, E4T(config), tensors, "configuration")
