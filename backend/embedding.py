@@ -97,11 +97,17 @@ def embedding_metadata(embedding: Embedding, training: Mapping[str, object], pre
 
 def save_embedding(path: str | Path, embedding: Embedding, training: Mapping[str, object] | None = None,
                    prediction_type: str = "epsilon", overwrite: bool = False) -> Path:
+    """Write ``embedding``. Without ``training``, an embedding that already carries BoothKit metadata (set by the
+    node that trained it, or read from a file) is written with that metadata unchanged."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in embedding.vectors.items()}
-    return write_safetensors(path, tensors, embedding_metadata(embedding, training or {}, prediction_type))
+    if training is None and embedding.metadata.get("format") == EMBEDDING_FORMAT:
+        meta = dict(embedding.metadata)
+    else:
+        meta = embedding_metadata(embedding, training or {}, prediction_type)
+    return write_safetensors(path, tensors, meta)
 
 
 def _guess_family(path, tensors: Mapping[str, torch.Tensor]) -> str:

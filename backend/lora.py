@@ -385,16 +385,50 @@ def lora_metadata(lora: LoRA, family: str, identifier: str, training: Mapping[st
     return meta
 
 
+@dataclass
+class LoRATensors:
+    """A LoRA file's content in memory: what a host passes from the node that made it to the node that saves it
+    (ComfyUI type ``BOOTHKIT_LORA``). ``tensors`` have keys stock loaders map (kohya's ``<layer>.lora_down.weight`` /
+    ``.lora_up.weight`` / ``.alpha``; a method with whole-weight offsets adds ComfyUI's ``<layer>.diff``), ``metadata``
+    is the file's string metadata, complete. Saving writes both as they are."""
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        return write_safetensors(path, self.tensors, self.metadata)
+
+
+def _renamed(key: str, names: Mapping[str, str]) -> str:
+    for suffix in _SUFFIXES:
+        if key.endswith(suffix):
+            layer = key[: -len(suffix)]
+            return names.get(layer, layer) + suffix
+    return key
+
+
+def lora_tensors(lora: LoRA, family: str, identifier: str, training: Mapping[str, object] | None = None,
+                 prediction_type: str = "epsilon", dtype: torch.dtype | None = None,
+                 names: Mapping[str, str] | None = None) -> LoRATensors:
+    """The file content of ``lora``: kohya tensors and metadata with kohya's content hashes. ``names`` renames layers
+    (e.g. a host's own module paths to the diffusers paths kohya files use)."""
+    tensors = lora.kohya_state_dict(dtype)
+    if names:
+        tensors = {_renamed(k, names): v for k, v in tensors.items()}
+    meta = lora_metadata(lora, family, identifier, training or {}, prediction_type)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
+    return LoRATensors(tensors, meta)
+
+
 def save_lora(path: str | Path, lora: LoRA, family: str, identifier: str, training: Mapping[str, object] | None = None,
               prediction_type: str = "epsilon", overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write a kohya-format LoRA with kohya ss_* metadata plus BoothKit's format/version/method/family/identifier."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    tensors = lora.kohya_state_dict(dtype)
-    meta = lora_metadata(lora, family, identifier, training or {}, prediction_type)
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
-    return write_safetensors(path, tensors, meta)
+    return lora_tensors(lora, family, identifier, training, prediction_type, dtype).save(path, overwrite=True)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 # safetensors only: BoothKit never reads pickles
-MODEL_FOLDERS = {"instantbooth": {".safetensors"}}
+MODEL_FOLDERS = {"instantbooth": {".safetensors"}, "e4t": {".safetensors"}}
 
 
 def register_model_folders() -> None:
@@ -23,17 +23,11 @@ register_model_folders()
 
 
 def node_list() -> list[type[io.ComfyNode]]:
+    from .e4t import NODES as e4t_nodes
     from .instantbooth import NODES as instantbooth_nodes
+    from .quicktune import NODES as quicktune_nodes
 
-    nodes = list(instantbooth_nodes)
-    try:
-        from .quicktune import NODES as quicktune_nodes
-    except ModuleNotFoundError as e:  # the quick-tune nodes are optional until nodes/quicktune.py exists
-        if e.name != f"{__name__}.quicktune":
-            raise
-    else:
-        nodes += quicktune_nodes
-    return nodes
+    return list(instantbooth_nodes) + list(quicktune_nodes) + list(e4t_nodes)
 
 
 class BoothKitExtension(ComfyExtension):

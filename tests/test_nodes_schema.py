@@ -59,11 +59,12 @@ def schemas(pack):
 def test_every_node_is_listed_prefixed_and_in_the_boothkit_category(pack):
     nodes, ib_nodes, _ = pack
     listed = asyncio.run(nodes.BoothKitExtension().get_node_list())
-    assert listed == ib_nodes.NODES
+    assert listed[: len(ib_nodes.NODES)] == ib_nodes.NODES
     ids = [cls.define_schema().node_id for cls in listed]
     assert len(set(ids)) == len(ids)
     assert set(ids) >= {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply",
-                        "BoothKitInstantBoothCondition"}
+                        "BoothKitInstantBoothCondition", "BoothKitQuickTuneConcept", "BoothKitSaveConcept",
+                        "BoothKitLoadE4T", "BoothKitE4TTune"}
     for cls in listed:
         s = cls.define_schema()
         assert s.node_id.startswith("BoothKit") and s.category == "BoothKit" and s.display_name and s.description
@@ -71,12 +72,12 @@ def test_every_node_is_listed_prefixed_and_in_the_boothkit_category(pack):
         assert len(set(ids_)) == len(ids_), f"{s.node_id}: duplicate input/output ids"
 
 
-def test_quicktune_nodes_join_the_list_when_that_module_exists(pack, monkeypatch):
-    nodes, ib_nodes, _ = pack
-    fake = type(sys)("boothkit.nodes.quicktune")
-    fake.NODES = ["quicktune-node"]
-    monkeypatch.setitem(sys.modules, "boothkit.nodes.quicktune", fake)
-    assert nodes.node_list() == ib_nodes.NODES + ["quicktune-node"]
+def test_the_quicktune_nodes_are_listed(pack):
+    nodes, _, _ = pack
+    import boothkit.nodes.quicktune as qt_nodes
+
+    listed = nodes.node_list()
+    assert [cls for cls in listed if cls in qt_nodes.NODES] == qt_nodes.NODES
 
 
 def test_defaults_match_the_paper(pack):
@@ -88,6 +89,19 @@ def test_defaults_match_the_paper(pack):
     assert [i.io_type for i in s["BoothKitInstantBoothApply"].inputs[:2]] == ["MODEL", "INSTANTBOOTH_CONCEPT"]
     enc = {i.id: i for i in s["BoothKitInstantBoothEncodeConcept"].inputs}
     assert enc["masks"].optional and not enc["images"].optional
+
+
+def test_e4t_nodes_follow_the_paper_and_take_one_image(pack):
+    s = schemas(pack)
+    tune = {i.id: i for i in s["BoothKitE4TTune"].inputs}
+    assert tune["steps"].kwargs["default"] == 15 and tune["learning_rate"].kwargs["default"] == 0.0
+    assert [i.io_type for i in s["BoothKitE4TTune"].inputs[:6]] == ["BOOTHKIT_E4T", "MODEL", "CLIP", "CLIP_VISION",
+                                                                     "VAE", "IMAGE"]
+    assert tune["mask"].optional
+    assert [o.io_type for o in s["BoothKitE4TTune"].outputs] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING",
+                                                                 "BOOTHKIT_LORA", "STRING"]
+    nodes, _, _ = pack
+    assert nodes.MODEL_FOLDERS["e4t"] == {".safetensors"}, "models/e4t holds safetensors only"
 
 
 def test_importing_the_nodes_imports_nothing_heavy():
@@ -149,7 +163,7 @@ def workflow_files():
 def test_workflows_and_example_workflows_hold_the_same_files():
     a = {p.name: p.read_text() for p in (ROOT / "workflows").glob("*.json")}
     b = {p.name: p.read_text() for p in (ROOT / "example_workflows").glob("*.json")}
-    assert "instantbooth.json" in a, "one workflow per method, InstantBooth's included"
+    assert {"instantbooth.json", "quicktune.json", "e4t.json"} <= set(a), "one workflow per method"
     assert a == b, "example_workflows/ (ComfyUI's convention) must mirror workflows/"
 
 
@@ -202,7 +216,18 @@ def test_workflow_matches_the_schemas(pack, path):
                                                    f"{src_type} -> {by_id[dst]['type']}.{dst_name} ({dst_type}), "
                                                    f"link says {link_type}")
     used = {n["type"] for n in wf["nodes"]}
-    assert {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply"} <= used
+    assert WORKFLOW_NODES.get(path.name, set()) <= used and any(t.startswith("BoothKit") for t in used), \
+        f"{path.name} must show its method's nodes"
+
+
+# the nodes each method's workflow must show
+WORKFLOW_NODES = {
+    "instantbooth.json": {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply"},
+    "quicktune.json": {"BoothKitQuickTuneConcept", "BoothKitSaveConcept", "CheckpointLoaderSimple", "LoadImage",
+                       "CLIPTextEncode", "KSampler", "SaveImage"},
+    "e4t.json": {"BoothKitLoadE4T", "BoothKitE4TTune", "BoothKitSaveConcept", "CLIPVisionLoader", "LoadImage",
+                 "CLIPTextEncode", "KSampler", "SaveImage"},
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -75,3 +75,18 @@ def driver_run(comfy, comfy_base, tmp_path_factory):
 
     results = json.loads((out / "results.json").read_text())
     return results, load_file(out / "tensors.safetensors"), ib_dir
+
+
+@pytest.fixture(scope="session")
+def e4t_run(comfy, comfy_models, comfy_base, tmp_path_factory):
+    """tests/comfyui/e4t_driver.py run once in ComfyUI's python: (results, tensors). Its random E4T file, embedding
+    and LoRA go into the base directory's models/ (e4t/, embeddings/, loras/), where the server test finds them."""
+    out = tmp_path_factory.mktemp("e4t_out")
+    run_logged([comfy["python"], str(HERE / "e4t_driver.py"), "--comfyui", str(comfy["path"]),
+                "--pack", str(comfy_base / "custom_nodes" / "boothkit"), "--models", str(comfy_models),
+                "--work", str(comfy_base / "models"), "--out", str(out)],
+               "the E4T driver", timeout=900, cwd=comfy["path"],
+               env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    from safetensors.torch import load_file
+
+    return json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors")

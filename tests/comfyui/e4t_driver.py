@@ -25,14 +25,6 @@ STEPS = 2
 E4T_FILE = "e4t_random.safetensors"
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
@@ -43,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     sys.path.insert(0, HERE)
+    from node_runner import Records, error_of, node_runner
     from make_models import CHECKPOINT, CLIP_VISION, setup_comfy
 
     setup_comfy(a.comfyui, pytorch_attention=True)
@@ -53,7 +46,8 @@ def main(argv=None) -> int:
     import comfy.utils
     import folder_paths
     import nodes
-    from comfy_api.internal import _ComfyNodeInternal, make_locked_method_func
+
+    run = node_runner()
 
     t0 = time.perf_counter()
 
@@ -74,19 +68,7 @@ def main(argv=None) -> int:
         os.makedirs(path, exist_ok=True)
         folder_paths.folder_names_and_paths[name] = ([path], folder_paths.folder_names_and_paths[name][1])
 
-    def run(node_id, **kwargs):
-        cls = nodes.NODE_CLASS_MAPPINGS[node_id]
-        with torch.inference_mode():
-            if issubclass(cls, _ComfyNodeInternal):
-                return make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE({}))(**kwargs).result
-            return getattr(cls(), cls.FUNCTION)(**kwargs)
 
-    def error_of(fn):
-        try:
-            fn()
-        except Exception as e:
-            return f"{type(e).__name__}: {e}"
-        return None
 
     results["schemas"] = {k: {"inputs": v.INPUT_TYPES(), "outputs": list(v.RETURN_TYPES)}
                           for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k in ("BoothKitLoadE4T", "BoothKitE4TTune")}

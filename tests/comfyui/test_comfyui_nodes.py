@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
                                         "(README: 'Testing with a real ComfyUI')")]
 
 NODE_IDS = {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply",
-            "BoothKitInstantBoothCondition", "BoothKitInstantBoothTextEncode", "BoothKitInstantBoothInsertIdentifier"}
+            "BoothKitInstantBoothCondition", "BoothKitInstantBoothTextEncode", "BoothKitInstantBoothInsertIdentifier",
+            "BoothKitQuickTuneConcept", "BoothKitSaveConcept", "BoothKitLoadE4T", "BoothKitE4TTune"}
 
 
 def test_pack_loads_through_comfyuis_loader_without_heavy_imports(driver_run):
@@ -23,8 +24,10 @@ def test_pack_loads_through_comfyuis_loader_without_heavy_imports(driver_run):
     assert all(v["category"] == "BoothKit" for v in results["nodes"].values())
     heavy = {"kornia", "diffusers", "einops"} & set(results["modules_imported_at_load"])
     assert not heavy, f"loading the pack imported {heavy}"
-    assert results["pack_modules_before_first_run"] == ["", ".nodes", ".nodes.instantbooth"], \
-        "only the node definitions load at start-up; backend/ and the host load when a node runs"
+    loaded = results["pack_modules_before_first_run"]
+    assert {"", ".nodes", ".nodes.instantbooth", ".nodes.quicktune"} <= set(loaded)
+    assert all(m in ("", ".nodes") or m.startswith(".nodes.") and not m.endswith("_host") for m in loaded), \
+        f"only the node definitions load at start-up; backend/ and the hosts load when a node runs: {loaded}"
     assert ".backend.preprocess" in results["pack_modules_after_run"]
 
 

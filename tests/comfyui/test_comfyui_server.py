@@ -26,8 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 # what a user substitutes: their model names (here the test's), plus a small size and 2 steps to stay fast on a CPU
 SUBSTITUTE = {"ckpt_name": "boothkit_tiny_sd15.safetensors", "clip_name": "boothkit_vitl14.safetensors",
-              "instantbooth_name": "ib_random.safetensors", "image": "subject.png", "width": 128, "height": 128,
-              "steps": 2}
+              "instantbooth_name": "ib_random.safetensors", "e4t_name": "e4t_random.safetensors",
+              "image": "subject.png", "width": 128, "height": 128, "steps": 2, "embedding_steps": 1, "denoiser_steps": 1, "resolution": 64}
+# per BoothKit node of a workflow: an input, a bad value for it, and the start of the message the client must get
+BAD_INPUT = {"BoothKitInstantBoothCondition": ("text", "a photo of a person", "does not contain the identifier 'sks'"),
+             "BoothKitQuickTuneConcept": ("identifier", "qzxvbkw", "identifier 'qzxvbkw' is"),
+             "BoothKitE4TTune": ("class_noun", "orange cat", "class noun 'orange cat' is")}
 
 
 def http(url, body=None, timeout=30):
@@ -39,7 +43,7 @@ def http(url, body=None, timeout=30):
 
 
 @pytest.fixture(scope="module")
-def server(comfy, comfy_base, driver_run, tmp_path_factory):
+def server(comfy, comfy_base, driver_run, e4t_run, tmp_path_factory):
     """ComfyUI's main.py in its own python; the pack comes in through custom_nodes/ of the base directory."""
     from PIL import Image
 
@@ -153,6 +157,7 @@ def test_object_info_lists_every_boothkit_node(server):
     ours = {k: v for k, v in server["object_info"].items() if k.startswith("BoothKit")}
     assert set(ours) == {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply",
                          "BoothKitInstantBoothCondition", "BoothKitInstantBoothTextEncode",
+                         "BoothKitQuickTuneConcept", "BoothKitSaveConcept", "BoothKitLoadE4T", "BoothKitE4TTune",
                          "BoothKitInstantBoothInsertIdentifier"}
     assert all(v["category"] == "BoothKit" and v["python_module"] == "custom_nodes.boothkit" for v in ours.values())
     options = ours["BoothKitLoadInstantBooth"]["input"]["required"]["instantbooth_name"][1]["options"]
@@ -179,11 +184,14 @@ def test_workflow_runs_and_gives_an_image(server, path):
     with Image.open(io.BytesIO(data)) as im:
         assert im.size == (128, 128)
 
-    # the same workflow with a prompt that lacks the identifier: the node's message reaches the client
-    for node in prompt.values():
-        if node["class_type"] == "BoothKitInstantBoothCondition":
-            node["inputs"]["text"] = "a photo of a person"
+    # the same workflow with a bad input (a prompt without the identifier, an identifier of several tokens): the
+    # node's message reaches the client
+    node = next((n for n in prompt.values() if n["class_type"] in BAD_INPUT), None)
+    if node is None:
+        return
+    name, value, message = BAD_INPUT[node["class_type"]]
+    node["inputs"][name] = value
     entry = submit(server, prompt)
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert errors and errors[0]["node_type"] == "BoothKitInstantBoothCondition"
-    assert "does not contain the identifier 'sks'" in errors[0]["exception_message"]
+    assert errors and errors[0]["node_type"] == node["class_type"]
+    assert message in errors[0]["exception_message"]

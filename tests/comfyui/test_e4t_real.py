@@ -5,9 +5,7 @@ keys and gives the same weights, the embedding works as ``embedding:name``, and 
 run changes the input MODEL and CLIP."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,24 +16,8 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
                                  reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
                                         "(README: 'Testing with a real ComfyUI')")]
 
-HERE = Path(__file__).resolve().parent
 UNTOUCHED = {"unet_state_identical": True, "model_patches_identical": True, "clip_patches_identical": True,
              "token_table_identical": True, "forward_hooks_left": 0}
-
-
-@pytest.fixture(scope="module")
-def e4t_run(comfy, comfy_models, comfy_base, tmp_path_factory):
-    work, out = tmp_path_factory.mktemp("e4t_work"), tmp_path_factory.mktemp("e4t_out")
-    cmd = [comfy["python"], str(HERE / "e4t_driver.py"), "--comfyui", str(comfy["path"]),
-           "--pack", str(comfy_base / "custom_nodes" / "boothkit"), "--models", str(comfy_models),
-           "--work", str(work), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=comfy["path"],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    if done.returncode != 0:
-        pytest.fail(f"the E4T driver failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    from safetensors.torch import load_file
-
-    return json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors")
 
 
 def test_nodes_register_with_their_types(e4t_run):

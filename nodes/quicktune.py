@@ -1,0 +1,134 @@
+"""Two-stage quick-tune nodes (seed 002): tune a concept from a few photos inside ComfyUI (textual inversion of the
+identifier, then a LoRA on the denoiser) and save it as files stock ComfyUI and A1111 load. Thin: the work is in
+quicktune_host.py (ComfyUI side) and backend/quicktune.py. Nothing heavy is imported until a node runs."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+CATEGORY = "BoothKit"
+EMBEDDINGS_FOLDER, LORAS_FOLDER = "embeddings", "loras"  # ComfyUI's own model folders
+
+# the values travelling on these links: backend.embedding.Embedding and backend.lora.LoRATensors; other methods (E4T)
+# produce the same types, so one Save Concept node writes them all
+EmbeddingType = io.Custom("BOOTHKIT_EMBEDDING")
+LoRAType = io.Custom("BOOTHKIT_LORA")
+
+
+def _host():
+    from . import quicktune_host
+
+    return quicktune_host
+
+
+class QuickTuneConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        # defaults are QuickTuneConfig.sd()'s (the paper's setting); a stub-tier test keeps them equal
+        return io.Schema(
+            node_id="BoothKitQuickTuneConcept",
+            display_name="Quick-Tune Concept",
+            category=CATEGORY,
+            description="Learns a subject from a few photos in two stages: the identifier's token vector (textual "
+                        "inversion, everything else frozen), then a LoRA on the denoiser with the text encoder "
+                        "frozen. Returns copies of MODEL and CLIP with the result applied (the inputs are not "
+                        "changed), plus the embedding and LoRA for Save Concept. Prompt with the identifier, e.g. "
+                        "'a photo of sks cat'.",
+            inputs=[
+                io.Model.Input("model", tooltip="The Stable Diffusion model to tune (SD1.x, SD2.x or SDXL)."),
+                io.Clip.Input("clip", tooltip="The model's CLIP (from the same checkpoint)."),
+                io.Vae.Input("vae", tooltip="The model's VAE: encodes the photos once."),
+                io.Image.Input("images", tooltip="Photos of the subject, as one batch (4-6 is typical)."),
+                io.String.Input("identifier", default="sks",
+                                tooltip="The rare word that will mean the subject; must be one token."),
+                io.String.Input("class_noun", default="person",
+                                tooltip="What the subject is (cat, dog, person, ...); the training prompt is 'a photo "
+                                        "of <identifier> <class noun>'."),
+                io.String.Input("init_word", default="",
+                                tooltip="Word whose token vector starts stage 1; must be one token. Empty: the class "
+                                        "noun."),
+                io.Int.Input("embedding_steps", default=100, min=0, max=10000,
+                             tooltip="Stage 1 steps (paper: ~100); 0 skips it (DreamBooth-style, the identifier's own "
+                                     "vector)."),
+                io.Float.Input("embedding_lr", default=0.005, min=0.000001, max=1.0, step=0.000001,
+                               tooltip="Stage 1 learning rate (paper: 5e-3)."),
+                io.Int.Input("denoiser_steps", default=300, min=0, max=10000,
+                             tooltip="Stage 2 steps (paper: 200-400); 0 skips it (textual inversion alone)."),
+                io.Float.Input("denoiser_lr", default=0.0001, min=0.000001, max=1.0, step=0.000001,
+                               tooltip="Stage 2 (LoRA) learning rate."),
+                io.Int.Input("lora_rank", default=4, min=1, max=128, tooltip="Rank of the denoiser LoRA."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
+                             tooltip="Training size: photos are resized (shorter side) and centre-cropped to it. "
+                                     "512 for SD1.x, 768 for SD2.x-768, 1024 for SDXL."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the LoRA's start, batches, noise and timesteps."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: 1 on the subject, one per image (or one for all); the loss counts "
+                                      "only the subject. LoadImage's alpha mask is 1 on the transparent part: invert "
+                                      "it first."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A copy of the model with the LoRA applied."),
+                io.Clip.Output(display_name="clip",
+                               tooltip="A copy of the CLIP whose identifier token is the learned vector."),
+                EmbeddingType.Output(display_name="embedding", tooltip="The learned embedding, for Save Concept."),
+                LoRAType.Output(display_name="lora", tooltip="The learned LoRA, for Save Concept."),
+                io.String.Output(display_name="report", tooltip="Steps, losses and notes of the run."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, identifier, class_noun, init_word, embedding_steps, embedding_lr,
+                denoiser_steps, denoiser_lr, lora_rank, resolution, seed, mask=None) -> io.NodeOutput:
+        out = _host().quick_tune(model, clip, vae, images, class_noun, identifier=identifier, init_word=init_word,
+                                 masks=mask, embedding_steps=embedding_steps, embedding_lr=embedding_lr,
+                                 denoiser_steps=denoiser_steps, denoiser_lr=denoiser_lr, rank=lora_rank,
+                                 resolution=resolution, seed=seed)
+        return io.NodeOutput(out.model, out.clip, out.embedding, out.lora, out.report)
+
+
+class SaveConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BoothKitSaveConcept",
+            display_name="Save Concept",
+            category=CATEGORY,
+            description="Saves a learned embedding to models/embeddings/<name>.safetensors (prompt with "
+                        "embedding:<name> in ComfyUI, <name> in A1111) and a LoRA to "
+                        "models/loras/<name>_lora.safetensors (LoraLoader). Existing files are kept unless "
+                        "overwrite is on.",
+            inputs=[
+                EmbeddingType.Input("embedding", optional=True),
+                LoRAType.Input("lora", optional=True),
+                io.String.Input("name", default="my_concept",
+                                tooltip="File name: letters, digits, '.', '_' and '-' (anything else becomes '_'; "
+                                        "folders are dropped)."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace files of the same name."),
+            ],
+            outputs=[io.String.Output(display_name="paths", tooltip="The files written, one per line.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, name=None, overwrite=None) -> bool | str:
+        if not isinstance(name, str):  # a linked name is checked when the node runs
+            return True
+        from ..backend.quicktune import safe_name
+
+        try:
+            safe_name(name)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, name, overwrite, embedding=None, lora=None) -> io.NodeOutput:
+        paths = _host().save_concept(embedding, lora, name, overwrite,
+                                     folder_paths.get_folder_paths(EMBEDDINGS_FOLDER)[0],
+                                     folder_paths.get_folder_paths(LORAS_FOLDER)[0])
+        text = "\n".join(str(p) for p in paths)
+        return io.NodeOutput(text, ui={"text": [text]})
+
+
+NODES = [QuickTuneConcept, SaveConcept]
