@@ -115,11 +115,11 @@ class WeightOffsets(nn.Module):
     def penalty(self) -> torch.Tensor:
         return torch.stack([o.delta().pow(2).mean() for o in self.offsets]).mean()
 
-    @contextmanager
-    def applied(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:
-        """While inside, each target Linear computes x·(W ∘ (1 + Δ))ᵀ + b, as its own output plus x·(W ∘ Δ)ᵀ —
-        differentiable in Δ, the base weight never written. ``modules`` maps the target names to the host's
-        modules."""
+    def attach(self, modules: Mapping[str, nn.Module]) -> list:
+        """Hook each target Linear so it computes x·(W ∘ (1 + Δ))ᵀ + b, as its own output plus x·(W ∘ Δ)ᵀ —
+        differentiable in Δ, the base weight never written. ``modules`` maps the target names to the host's modules.
+        Returns the hook handles; the hooks must stay attached through the backward pass (gradient checkpointing
+        re-runs the forward there)."""
         missing = [n for n in self.names if n not in modules]
         if missing:
             raise ValueError(f"the denoiser has no module for offsets {missing[:3]}"
@@ -134,6 +134,12 @@ class WeightOffsets(nn.Module):
                 x = args[0]
                 return output + F.linear(x, w.to(x.dtype) * offset.delta().to(x.dtype))
             handles.append(module.register_forward_hook(hook))
+        return handles
+
+    @contextmanager
+    def applied(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+        """:meth:`attach` while inside, removed on exit."""
+        handles = self.attach(modules)
         try:
             yield
         finally:
@@ -226,7 +232,8 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
               schedule: NoiseSchedule, modules: Mapping[str, nn.Module], generator: torch.Generator | None = None,
               reg_embedding: float | None = None) -> torch.Tensor:
     """Denoising loss with the predicted identifier and the offsets applied, plus the regularisers — the one loss of
-    pre-training and of tuning."""
+    pre-training and of tuning. The caller keeps the offsets attached to ``modules`` (:meth:`WeightOffsets.attach`)
+    through the forward and the backward pass."""
     c = e4t.config
     x0 = batch.x0
     b = x0.shape[0]
@@ -236,12 +243,11 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
     t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator, device=where).to(x0.device)
     x_t = schedule.add_noise(x0, noise, t)
     class_vectors = [v.expand(b, -1) if v.ndim == 1 else v for v in batch.class_vectors]
-    with e4t.offsets.applied(modules):
-        with torch.no_grad():  # the denoiser's features are an input of the encoder, not a path for gradients
-            feats = features(x_t, t, encode([v.unsqueeze(1) for v in class_vectors], batch.prompt_ids))
-        prediction = e4t.encoder(batch.class_tokens, [f.detach() for f in feats])
-        cond = encode(e4t.vectors(class_vectors, prediction), batch.prompt_ids)
-        out = predict(x_t, t, cond)
+    with torch.no_grad():  # the denoiser's features are an input of the encoder, not a path for gradients
+        feats = features(x_t, t, encode([v.unsqueeze(1) for v in class_vectors], batch.prompt_ids))
+    prediction = e4t.encoder(batch.class_tokens, [f.detach() for f in feats])
+    cond = encode(e4t.vectors(class_vectors, prediction), batch.prompt_ids)
+    out = predict(x_t, t, cond)
     err = (out.float() - schedule.target(x0, noise, t).float()) ** 2
     if batch.masks is not None:
         m = batch.masks.to(err.dtype)
@@ -294,5 +300,6 @@ def tune(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Pr
         return objective(e4t, rep, features, encode, predict, schedule, modules, g)
 
     params = [p for p in e4t.parameters() if p.requires_grad]
-    return tune_loop(params, loss_fn, steps, c.tune_lr if lr is None else lr, on_progress, should_cancel,
-                     mixed_precision=mixed_precision)
+    with e4t.offsets.applied(modules):
+        return tune_loop(params, loss_fn, steps, c.tune_lr if lr is None else lr, on_progress, should_cancel,
+                         mixed_precision=mixed_precision)

@@ -27,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--e4t-steps", type=int, default=15)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="E4T with gradient checkpointing")
+    p.add_argument("--only-e4t", action="store_true",
+                   help="measure E4T alone (memory of an SD1.5-shaped tune on a CPU, where the 400 quick-tune steps "
+                        "would take hours); no ratio then")
     p.add_argument("--child", choices=("e4t", "quicktune"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -130,33 +133,36 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    runs: dict[str, list[dict]] = {"e4t": [], "quicktune": []}
+    which_all = ["e4t"] if args.only_e4t else ["e4t", "quicktune"]
+    runs: dict[str, list[dict]] = {w: [] for w in which_all}
     for r in range(args.rounds):
-        order = ["e4t", "quicktune"] if r % 2 == 0 else ["quicktune", "e4t"]
-        for which in order:
+        for which in (which_all if r % 2 == 0 else which_all[::-1]):
             runs[which].append(run_child(args, which))
             print(f"round {r + 1} {which}: {runs[which][-1]['seconds']:.2f} s", file=sys.stderr)
 
     def med(which, key):
-        vals = [x[key] for x in runs[which] if x[key] is not None]
+        vals = [x[key] for x in runs.get(which, []) if x[key] is not None]
         return statistics.median(vals) if vals else None
 
-    e, q = med("e4t", "seconds"), med("quicktune", "seconds")
+    def growth(which):
+        return statistics.median(x["rss_peak_mb"] - x["rss_base_mb"] for x in runs[which]) if which in runs else None
+
     device = runs["e4t"][0]["device"]
     print(f"E4T tune vs two-stage quick-tune, model {args.model}, device {device}, median of {args.rounds}")
     print(f"{'method':<22}{'steps':>7}{'time s':>10}{'RSS peak MB':>14}{'RSS growth MB':>15}{'CUDA peak MB':>14}")
     for which, label in (("e4t", f"E4T ({args.e4t_steps} steps)"), ("quicktune", "quick-tune (default)")):
+        if which not in runs:
+            continue
         cuda = med(which, "cuda_peak_mb")
-        growth = statistics.median(x["rss_peak_mb"] - x["rss_base_mb"] for x in runs[which])
         print(f"{label:<22}{runs[which][0]['steps']:>7}{med(which, 'seconds'):>10.2f}"
-              f"{med(which, 'rss_peak_mb'):>14.0f}{growth:>15.0f}{(f'{cuda:.0f}' if cuda else '-'):>14}")
-    result = {"ratio": round(e / q, 4), "e4t_s": round(e, 3), "quicktune_s": round(q, 3),
-              "e4t_rss_peak_mb": round(med("e4t", "rss_peak_mb"), 1),
-              "quicktune_rss_peak_mb": round(med("quicktune", "rss_peak_mb"), 1),
-              "e4t_rss_growth_mb": round(statistics.median(x["rss_peak_mb"] - x["rss_base_mb"] for x in runs["e4t"]), 1),
-              "quicktune_rss_growth_mb": round(statistics.median(x["rss_peak_mb"] - x["rss_base_mb"]
-                                                                 for x in runs["quicktune"]), 1),
-              "e4t_cuda_peak_mb": med("e4t", "cuda_peak_mb"), "quicktune_cuda_peak_mb": med("quicktune", "cuda_peak_mb"),
-              "model": args.model, "device": device}
+              f"{med(which, 'rss_peak_mb'):>14.0f}{growth(which):>15.0f}{(f'{cuda:.0f}' if cuda else '-'):>14}")
+    e, q = med("e4t", "seconds"), med("quicktune", "seconds")
+    rnd = lambda v, n=1: None if v is None else round(v, n)  # noqa: E731
+    result = {"ratio": rnd(e / q, 4) if q else None, "e4t_s": rnd(e, 3), "quicktune_s": rnd(q, 3),
+              "e4t_rss_peak_mb": rnd(med("e4t", "rss_peak_mb")), "quicktune_rss_peak_mb": rnd(med("quicktune",
+                                                                                                  "rss_peak_mb")),
+              "e4t_rss_growth_mb": rnd(growth("e4t")), "quicktune_rss_growth_mb": rnd(growth("quicktune")),
+              "e4t_cuda_peak_mb": rnd(med("e4t", "cuda_peak_mb")),
+              "quicktune_cuda_peak_mb": rnd(med("quicktune", "cuda_peak_mb")), "model": args.model, "device": device}
     print(json.dumps(result))
     return 0

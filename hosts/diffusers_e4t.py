@@ -98,6 +98,7 @@ class E4THost:
                                             resolution or default_resolution(model))
 
     def loss(self, batch: e4t_backend.Batch, generator=None) -> torch.Tensor:
+        """The objective; the offsets must be attached (``e4t.offsets.attach(self.modules)``)."""
         return e4t_backend.objective(self.e4t, batch, self.features, self.encode, self.predict, self.schedule,
                                      self.modules, generator)
 

@@ -222,3 +222,21 @@ checkpoint_every = 2
                       str(tmp_path / "vision"), "--steps", "2", "--name", "kitty"])
     assert code == 0
     assert (tmp_path / "c" / "kitty.safetensors").exists() and (tmp_path / "c" / "kitty_lora.safetensors").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_tune(tmp_path):
+    """The offsets stay attached through the backward pass, which checkpointing's recomputation needs."""
+    model, vision, e4t = toy_setup(tmp_path)
+    img = images(1)[0]
+    plain = de.e4t_tune(model, vision, e4t, img, steps=2, lr=1e-2)
+    model.unet.enable_gradient_checkpointing()
+    model.unet.train()
+    try:
+        ckpt = de.e4t_tune(model, vision, e4t, img, steps=2, lr=1e-2)
+    finally:
+        model.unet.disable_gradient_checkpointing()
+        model.unet.eval()
+    assert ckpt.result.ok
+    torch.testing.assert_close(torch.tensor(ckpt.result.losses), torch.tensor(plain.result.losses))
+    for a, b in zip(ckpt.e4t.parameters(), plain.e4t.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -71,6 +71,8 @@ class E4TTraining:
         self.train_set = self._split(dataset, s.cache_latents)
         self.val_set = self._split(validation, False) if validation is not None else None
         self._class_vectors: dict[str, list[torch.Tensor]] = {}
+        # attached for the whole run: the backward pass (and gradient checkpointing's recomputation) needs them
+        self.hooks = self.e4t.offsets.attach(self.train_set["host"].modules)
 
     def _split(self, dataset, cache: bool) -> dict:
         """Per dataset: prompts with the identifier, the class word of each, its host and its targets."""
@@ -140,15 +142,31 @@ class E4TTraining:
         alone, no tuning), fixed seeds."""
         if self.val_set is None or self.model.family == "sdxl":
             return None
+        from ..backend.imageio import save_png
+        from ..hosts.diffusers_tune import encode_prompt
+
+        ds, rows = self.val_set["dataset"], []
+        uncond = encode_prompt(self.model, "")
+        for h in self.hooks:  # each sample applies its own tuned copy's offsets
+            h.remove()
+        try:
+            rows = self._sample_rows(ds, uncond)
+        finally:
+            self.hooks = self.e4t.offsets.attach(self.train_set["host"].modules)
+        if not rows:
+            return None
+        path = save_png(torch.cat(rows, dim=-2), Path(out_dir) / f"step-{step:07d}.png")
+        log.info("samples: %s", path)
+        return path
+
+    def _sample_rows(self, ds, uncond) -> list[torch.Tensor]:
         import torch.nn.functional as F
 
-        from ..backend.imageio import save_png
         from ..hosts.diffusers_e4t import e4t_tune
         from ..hosts.diffusers_tune import encode_prompt
         from ..hosts.sampling import sample
 
-        ds, rows = self.val_set["dataset"], []
-        uncond = encode_prompt(self.model, "")
+        rows = []
         for i in range(min(self.s.validation_images, len(ds))):
             word = self.val_set["words"][i]
             concept = e4t_tune(self.model, self.vision, self.e4t, ds.images[i], ds.masks[i], word, steps=0)
@@ -161,8 +179,4 @@ class E4TTraining:
                 row.append(img[0] if img.shape[-1] == row[0].shape[-1] else
                            F.interpolate(img, size=row[0].shape[-2:], mode="bilinear")[0])
             rows.append(torch.cat(row, dim=-1))
-        if not rows:
-            return None
-        path = save_png(torch.cat(rows, dim=-2), Path(out_dir) / f"step-{step:07d}.png")
-        log.info("samples: %s", path)
-        return path
+        return rows
