@@ -127,7 +127,7 @@ def token_ids(clip, slots: Sequence[TextEncoderSlot], word: str, what: str) -> l
             found = "no tokens" if not ids else f"{len(ids)} tokens"
             raise ValueError(f"{what} {word!r} is {found} for the text encoder CLIP-{slot.comfy_key.upper()}; "
                              f"the vector stands in one token's place, so the {what} must be a single "
-                             f"token (e.g. {'sks' if what == 'identifier' else 'cat, dog or person'})")
+                             f"token (e.g. {dict(identifier='sks', init_word='the class noun').get(what.replace(' ', '_'), 'cat, dog or person')})")
         out.append(ids[0])
     return out
 
