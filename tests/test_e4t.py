@@ -240,3 +240,22 @@ def test_gradient_checkpointing_gives_the_same_tune(tmp_path):
     torch.testing.assert_close(torch.tensor(ckpt.result.losses), torch.tensor(plain.result.losses))
     for a, b in zip(ckpt.e4t.parameters(), plain.e4t.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tune_cli_on_the_toy_world_with_the_shipped_file(tmp_path, capsys):
+    """`boothkit tune --method e4t --image FILE` with its defaults: the toy base and its shipped, verified E4T file."""
+    from boothkit.backend.imageio import save_png
+    from boothkit.toyworld import domain
+    from boothkit.training.tune_cli import main as tune_main
+
+    sample = domain.identity_renders(domain.identities("heldout")[0], 1, 0)[0]
+    save_png(sample.image, tmp_path / "subject.png")
+    save_png(sample.mask.expand(3, -1, -1), tmp_path / "subject_mask.png")
+    assert tune_main(["--method", "e4t", "--image", str(tmp_path / "subject.png"), "--class-noun",
+                      domain.CLASS_NOUNS[sample.identity.class_name][0], "--out", str(tmp_path / "out"),
+                      "--steps", "2"]) == 0
+    assert "embedding:sks" in capsys.readouterr().out
+    emb = load_embedding(tmp_path / "out" / "sks.safetensors", family="toy")
+    assert emb.vectors["emb_params"].shape == (1, 64)
+    tensors, meta = read_safetensors(tmp_path / "out" / "sks_lora.safetensors")
+    assert meta["family"] == "toy" and all(k.endswith(".diff") for k in tensors)

@@ -49,6 +49,19 @@ def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
     assert (tmp_path / "eval.md").read_text().startswith("Held-out toy-world identities")
 
 
+def test_update_adds_rows_to_the_table_of_the_same_settings(tmp_path):
+    common = ["--subjects", "1", "--contexts", "1", "--samples", "1", "--steps", "2", "--out", str(tmp_path)]
+    assert eval_main(["--methods", "e4t-0"] + common) == 0
+    assert eval_main(["--methods", "base", "--update"] + common) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert list(result["methods"]) == ["base", "e4t-0"], "rows in the methods' order, the old one kept"
+    assert result["methods"]["e4t-0"]["clip_t_vs_base"] == pytest.approx(
+        result["methods"]["e4t-0"]["clip_t"] / result["methods"]["base"]["clip_t"])
+    with pytest.raises(ValueError, match="settings of the existing table"):
+        eval_main(["--methods", "base", "--update", "--subjects", "2", "--contexts", "1", "--samples", "1",
+                   "--steps", "2", "--out", str(tmp_path)])
+
+
 def _has_instantbooth():
     try:
         store.verified("instantbooth.safetensors")

@@ -148,7 +148,26 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for eval.json and eval.md")
+    p.add_argument("--update", action="store_true",
+                   help="add the methods to the table already in --out (same settings), replacing their rows")
     return p.parse_args(argv)
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``new``'s rows added to ``old``'s table, in the methods' canonical order; the settings must agree."""
+    from .methods import DEFAULT_METHODS, METHODS
+
+    keys = ("subjects", "references", "contexts", "samples_per_prompt", "seed", "sample_steps")
+    if any(old["settings"].get(k) != new["settings"].get(k) for k in keys):
+        raise ValueError(f"--update needs the settings of the existing table: "
+                         f"{ {k: old['settings'].get(k) for k in keys} }")
+    rows = {**old["methods"], **new["methods"]}
+    order = DEFAULT_METHODS + [m for m in METHODS if m not in DEFAULT_METHODS]
+    rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))}
+    base_t = rows.get("base", {}).get("clip_t")
+    for r in rows.values():
+        r["clip_t_vs_base"] = r["clip_t"] / base_t if base_t else None
+    return {"methods": rows, "settings": old["settings"]}
 
 
 def main(argv=None) -> int:
@@ -157,6 +176,8 @@ def main(argv=None) -> int:
                       args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.update and (out / "eval.json").exists():
+        result = merge(json.loads((out / "eval.json").read_text()), result)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     md = to_markdown(result)
     (out / "eval.md").write_text(md)
