@@ -8,14 +8,11 @@ torch.inference_mode()), then stock LoraLoader and CLIPTextEncode on what was sa
 OUT/results.json and OUT/tensors.safetensors. Tiny settings: a 64x64 photo, 2 steps."""
 from __future__ import annotations
 
-import argparse
-import asyncio
 import importlib
 import json
 import logging
 import os
 import sys
-import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,38 +22,21 @@ STEPS = 2
 E4T_FILE = "e4t_random.safetensors"
 
 
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--comfyui", required=True)
-    p.add_argument("--pack", required=True)
-    p.add_argument("--models", required=True, help="dir with checkpoints/ and clip_vision/ (make_models.py)")
-    p.add_argument("--work", required=True, help="dir for models/e4t, embeddings and loras")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
     sys.path.insert(0, HERE)
-    from node_runner import Records, error_of, node_runner
-    from make_models import CHECKPOINT, CLIP_VISION, setup_comfy
+    from make_models import CHECKPOINT, CLIP_VISION
+    from node_runner import Records, error_of, node_runner, start, token_table, unet_state
 
-    setup_comfy(a.comfyui, pytorch_attention=True)
-    import torch
-
-    torch.set_num_threads(1)
+    a, pack, loaded, log = start(argv, "e4t")
     import comfy.model_management as mm
     import comfy.utils
     import folder_paths
     import nodes
+    import torch
 
     run = node_runner()
-
-    t0 = time.perf_counter()
-
-    def log(stage):
-        print(f"[e4t driver {time.perf_counter() - t0:6.1f}s] {stage}", file=sys.stderr, flush=True)
-
     results, tensors = {}, {}
-    results["pack_loaded"] = bool(asyncio.run(nodes.load_custom_node(a.pack)))
-    pack = os.path.abspath(a.pack).replace(".", "_x_")
+    results["pack_loaded"] = loaded
     host = importlib.import_module(pack + ".nodes.e4t_host")
     qh = importlib.import_module(pack + ".nodes.quicktune_host")
     backend = importlib.import_module(pack + ".backend.e4t")
@@ -106,26 +86,18 @@ def main(argv=None) -> int:
     results["num_targets"], results["unet_dims"] = len(targets), config.unet_dims
     log("E4T file written")
 
-    def unet_state(m):
-        with torch.inference_mode():
-            mm.load_models_gpu([m])
-        return {k: v.detach().clone() for k, v in m.model.diffusion_model.state_dict().items()}
 
-    def token_table(c):
-        with torch.inference_mode():
-            c.load_model()
-        return token_layer.weight.detach().clone()
 
     def untouched_report(before):
         sd = unet_state(model)
         return {"unet_state_identical": all(torch.equal(sd[k], v) for k, v in before["sd"].items()),
                 "model_patches_identical": model.patches == before["model_patches"],
                 "clip_patches_identical": clip.patcher.patches == before["clip_patches"],
-                "token_table_identical": bool(torch.equal(token_table(clip), before["tokens"])),
+                "token_table_identical": bool(torch.equal(token_table(clip, token_layer), before["tokens"])),
                 "forward_hooks_left": sum(len(m._forward_hooks) for m in dm.modules())}
 
     before = {"sd": unet_state(model), "model_patches": {k: list(v) for k, v in model.patches.items()},
-              "clip_patches": dict(clip.patcher.patches), "tokens": token_table(clip)}
+              "clip_patches": dict(clip.patcher.patches), "tokens": token_table(clip, token_layer)}
 
     # ---- Load E4T, E4T Tune ------------------------------------------------------------------------------------------
     (loaded,) = run("BoothKitLoadE4T", e4t_name=E4T_FILE)
@@ -155,7 +127,7 @@ def main(argv=None) -> int:
     results["changed_are_targets"] = changed == expected
     results["num_changed"] = len(changed)
     ident_id = clip.tokenize(IDENTIFIER, return_word_ids=True)["l"][0][1][0]
-    table = token_table(e_clip)
+    table = token_table(e_clip, token_layer)
     others = torch.ones(table.shape[0], dtype=torch.bool)
     others[ident_id] = False
     results["clip_rows"] = {"others_identical": bool(torch.equal(table[others], before["tokens"][others])),
@@ -202,7 +174,7 @@ def main(argv=None) -> int:
         "class_multi_token": error_of(lambda: run("BoothKitE4TTune", **{**args, "class_noun": "orange cat"})),
         "missing_file": error_of(lambda: run("BoothKitLoadE4T", e4t_name="nope.safetensors")),
     }
-    results["t_total"] = time.perf_counter() - t0
+    results["t_total"] = log.elapsed()
 
     from safetensors.torch import save_file
 

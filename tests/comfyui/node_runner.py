@@ -37,3 +37,57 @@ def error_of(fn):
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def start(argv, name: str):
+    """What every tuning driver does first: parse the common arguments (--comfyui, --pack, --models, --work, --out),
+    set up ComfyUI on the CPU with one thread, load the pack with ComfyUI's own loader. Returns (args, the pack's
+    module name, whether it loaded, log(stage))."""
+    import argparse
+    import asyncio
+    import os
+    import sys
+    import time
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--comfyui", required=True)
+    p.add_argument("--pack", required=True, help="the pack as ComfyUI sees it: a custom_nodes/<name> path")
+    p.add_argument("--models", required=True, help="dir with checkpoints/ and clip_vision/ (make_models.py)")
+    p.add_argument("--work", required=True, help="dir for the models/ folders the driver writes")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    from make_models import setup_comfy
+
+    setup_comfy(a.comfyui, pytorch_attention=True)
+    import torch
+
+    torch.set_num_threads(1)
+    import nodes
+
+    t0 = time.perf_counter()
+
+    def log(stage):
+        print(f"[{name} driver {time.perf_counter() - t0:6.1f}s] {stage}", file=sys.stderr, flush=True)
+    log.elapsed = lambda: time.perf_counter() - t0
+
+    loaded = bool(asyncio.run(nodes.load_custom_node(a.pack)))
+    return a, os.path.abspath(a.pack).replace(".", "_x_"), loaded, log  # the module name load_custom_node gives
+
+
+def unet_state(model) -> dict:
+    """The MODEL's UNet weights as sampling would see them (its patches applied), copied."""
+    import comfy.model_management as mm
+    import torch
+
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def token_table(clip, layer):
+    """The CLIP's token-embedding table ``layer`` as encoding would see it (its patches applied), copied."""
+    import torch
+
+    with torch.inference_mode():
+        clip.load_model()
+    return layer.weight.detach().clone()

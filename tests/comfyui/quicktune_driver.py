@@ -9,8 +9,6 @@ stock LoraLoader and CLIPTextEncode on what was saved, a Cancel after step k and
 OUT/results.json and OUT/tensors.safetensors. Tiny settings: 64x64 images, 3 + 3 steps."""
 from __future__ import annotations
 
-import argparse
-import asyncio
 import importlib
 import json
 import logging
@@ -25,38 +23,21 @@ PROMPT = f"a photo of {IDENTIFIER} {CLASS_NOUN} on the beach"
 STEPS = 3  # per stage
 
 
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--comfyui", required=True)
-    p.add_argument("--pack", required=True, help="the pack as ComfyUI sees it: a custom_nodes/<name> path")
-    p.add_argument("--models", required=True, help="dir with checkpoints/ (make_models.py)")
-    p.add_argument("--work", required=True, help="empty dir for models/embeddings and models/loras")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
     sys.path.insert(0, HERE)
-    from node_runner import Records, error_of, node_runner
-    from make_models import CHECKPOINT, setup_comfy
+    from make_models import CHECKPOINT
+    from node_runner import Records, error_of, node_runner, start, token_table, unet_state
 
-    setup_comfy(a.comfyui, pytorch_attention=True)
-    import torch
-
-    torch.set_num_threads(1)
+    a, pack, loaded, log = start(argv, "quicktune")
     import comfy.model_management as mm
     import comfy.utils
     import folder_paths
     import nodes
+    import torch
 
     run = node_runner()
-
-    t0 = time.perf_counter()
-
-    def log(stage):
-        print(f"[quicktune driver {time.perf_counter() - t0:6.1f}s] {stage}", file=sys.stderr, flush=True)
-
     results, tensors = {}, {}
-    results["pack_loaded"] = bool(asyncio.run(nodes.load_custom_node(a.pack)))
-    pack = os.path.abspath(a.pack).replace(".", "_x_")  # the module name load_custom_node gives a package
+    results["pack_loaded"] = loaded
     host = importlib.import_module(pack + ".nodes.quicktune_host")
     backend_embedding = importlib.import_module(pack + ".backend.embedding")
     backend_lora = importlib.import_module(pack + ".backend.lora")
@@ -78,15 +59,7 @@ def main(argv=None) -> int:
     token_layer = clip.cond_stage_model.clip_l.transformer.get_input_embeddings()
     results["weights_are_inference_tensors"] = bool(next(dm.parameters()).is_inference())
 
-    def unet_state(m):
-        with torch.inference_mode():
-            mm.load_models_gpu([m])
-        return {k: v.detach().clone() for k, v in m.model.diffusion_model.state_dict().items()}
 
-    def token_table(c):
-        with torch.inference_mode():
-            c.load_model()
-        return token_layer.weight.detach().clone()
 
     def untouched_report(before):
         """Everything of the input MODEL/CLIP that training could have left behind, compared with ``before``."""
@@ -96,7 +69,7 @@ def main(argv=None) -> int:
             "model_patches_identical": model.patches == before["model_patches"],
             "model_options_identical": repr(model.model_options) == before["model_options"],
             "clip_patches_identical": clip.patcher.patches == before["clip_patches"],
-            "token_table_identical": bool(torch.equal(token_table(clip), before["tokens"])),
+            "token_table_identical": bool(torch.equal(token_table(clip, token_layer), before["tokens"])),
             "forward_hooks_left": sum(len(m._forward_hooks) for m in dm.modules()),
             "weight_functions_left": sum(1 for root in (dm, clip.cond_stage_model) for m in root.modules()
                                          if "weight_function" in m.__dict__ and m.weight_function
@@ -105,7 +78,7 @@ def main(argv=None) -> int:
 
     before = {"sd": unet_state(model), "model_patches": {k: list(v) for k, v in model.patches.items()},
               "model_options": repr(model.model_options), "clip_patches": dict(clip.patcher.patches),
-              "tokens": token_table(clip)}
+              "tokens": token_table(clip, token_layer)}
 
     def flags():
         return [p.requires_grad for root in (dm, clip.cond_stage_model) for p in root.parameters()]
@@ -155,7 +128,7 @@ def main(argv=None) -> int:
     sd_qt = unet_state(qt_model)
     lora_targets = {k for k in sd_qt if not torch.equal(sd_qt[k], before["sd"][k])}
     results["qt_changed_keys"] = sorted(lora_targets)
-    qt_table = token_table(qt_clip)
+    qt_table = token_table(qt_clip, token_layer)
     other_rows = torch.ones(qt_table.shape[0], dtype=torch.bool)
     other_rows[ident_id] = False
     results["qt_clip"] = {
@@ -256,7 +229,7 @@ def main(argv=None) -> int:
     results["sdxl"] = sdxl_case(torch, run, vae, images, emb_dir, lora_dir, unet_state)
     results["t_sdxl"] = time.perf_counter() - t
     log("SDXL-shaped model checked")
-    results["t_total"] = time.perf_counter() - t0
+    results["t_total"] = log.elapsed()
 
     from safetensors.torch import save_file
 
