@@ -10,6 +10,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .encoders import ConceptEncoder, PatchEncoder
+from .identifier import class_nouns_for
 
 FAMILIES = {
     # base-model family -> text-encoder width (the concept token's width); "toy" is the project's own toy world
@@ -87,6 +88,13 @@ class InstantBoothConfig:
         want = FAMILIES[self.family]
         if want is not None and want != self.ctx_dim:
             raise ValueError(f"family {self.family} has text width {want}, but ctx_dim is {self.ctx_dim}")
+
+    def subject_nouns(self) -> list[str]:
+        """The nouns that mark the subject in a prompt (the identifier goes before the first): the file's class
+        noun and the category and extra nouns it was trained with."""
+        trained = self.extra.get("settings", {})
+        return class_nouns_for(trained.get("category", self.class_noun),
+                               [self.class_noun, *trained.get("class_nouns", [])])
 
 
 @dataclass

@@ -27,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance (default 5.0; the toy world's own 3.0 with --model toy)")
     p.add_argument("--out", default="out/generate.png")
     return p.parse_args(argv)
 
@@ -41,7 +42,7 @@ def default_instantbooth() -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ..backend.formats import load_instantbooth
-    from ..backend.identifier import class_nouns_for, insert_identifier
+    from ..backend.identifier import insert_identifier
     from ..backend.imageio import read_images_and_masks, save_png
     from .diffusers_host import InstantBoothHooks, condition_with_concept, encode_images, encode_prompt
     from .loading import load_clip_vision, load_sd
@@ -53,26 +54,32 @@ def main(argv=None) -> int:
     vision = load_clip_vision(args.clip_vision)
     images, masks = read_images_and_masks(args.images[0] if len(args.images) == 1 else args.images)
     concept = ib.encode(*encode_images(vision, images, masks, ib))
-    prompt = insert_identifier(args.prompt, concept.identifier, class_nouns_for(concept.class_noun))
+    prompt = insert_identifier(args.prompt, concept.identifier, ib.config.subject_nouns())
     alpha = ib.config.alpha if args.alpha is None else args.alpha
     beta = ib.config.beta if args.beta is None else args.beta
+    if args.guidance is not None:
+        guidance = args.guidance
+    elif model.family == "toy":
+        from ..toyworld.base import DEFAULT_GUIDANCE as guidance  # higher scales break the toy base's samples
+    else:
+        guidance = 5.0
     log.info("prompt: %s  (α=%.2f, β=%.2f, %d image(s))", prompt, alpha, beta, len(images))
 
     if model.family == "sdxl":
-        out = _generate_sdxl(model, ib, concept, prompt, args, alpha, beta)
+        out = _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance)
     else:
         cond = condition_with_concept(encode_prompt(model.text_encoder, model.tokenizer, prompt), model.tokenizer,
                                       prompt, concept, alpha)
         uncond = encode_prompt(model.text_encoder, model.tokenizer, args.negative_prompt)
         enabled = ib.config.layout.select(skip_levels=args.skip_levels)
         with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled):
-            out = sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, args.guidance)
+            out = sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance)
     path = save_png(out, args.out)
     print(f"wrote {path}")
     return 0
 
 
-def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta):
+def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     from ..backend.identifier import inject_concept
@@ -92,6 +99,6 @@ def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta):
     with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled), torch.no_grad():
         out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
                    negative_pooled_prompt_embeds=npooled, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
+                   guidance_scale=guidance, num_images_per_prompt=args.num_images,
                    generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
     return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backend.identifier import class_nouns_for, find_identifier_rows, inject_concept, insert_identifier
+from ..backend.identifier import find_identifier_rows, inject_concept, insert_identifier
 from ..backend.instantbooth import FAMILIES, AdapterLayout, Concept, InstantBooth
 
 log = logging.getLogger(__name__)
@@ -353,10 +353,9 @@ def condition(conditioning: list, clip, text: str, booth_concept: BoothConcept, 
 
 
 def with_identifier(text: str, booth_concept: BoothConcept) -> str:
-    """Insert the identifier before the first class noun of the concept's category ("a photo of a person" ->
+    """Insert the identifier before the first noun the InstantBooth file marks the subject with ("a photo of a person" ->
     "a photo of a sks person"); a text that already has it is returned unchanged."""
-    concept = booth_concept.concept
-    return insert_identifier(text, concept.identifier, class_nouns_for(concept.class_noun))
+    return insert_identifier(text, booth_concept.concept.identifier, booth_concept.booth.model.config.subject_nouns())
 
 
 def encode_text(clip, text: str, booth_concept: BoothConcept, alpha: float, add_identifier: bool = True) -> list:

@@ -39,3 +39,22 @@ def test_generate_end_to_end_on_a_diffusers_folder(tmp_path, with_vae):
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "b0.png")), img)
     with pytest.raises(ValueError, match="neither the identifier 'sks' nor a class noun"):
         generate(common[:-6] + ["--prompt", "a photo of grass", "--out", str(out)])
+
+
+def test_generate_with_the_toy_defaults_uses_the_shipped_instantbooth(tmp_path, caplog):
+    """No --model / --instantbooth / --clip-vision: the toy world's base, CLIP and shipped InstantBooth file."""
+    import logging
+
+    from boothkit.backend.imageio import save_png
+    from boothkit.toyworld import domain
+
+    for i, s in enumerate(domain.identity_renders(domain.identities("heldout")[3], 2, 1)):
+        save_png(s.image, tmp_path / f"{i}.png")
+        save_png(s.mask.expand(3, -1, -1), tmp_path / f"{i}_mask.png")
+    out = tmp_path / "out.png"
+    with caplog.at_level(logging.INFO):
+        assert generate(["--images", str(tmp_path), "--prompt", "a photo of a cat on snow at night", "--steps", "3",
+                         "--out", str(out)]) == 0
+    assert np.asarray(Image.open(out)).shape == (32, 32, 3)
+    assert "a photo of a sks cat on snow at night  (α=0.40, β=1.00, 2 image(s))" in caplog.text, \
+        "the identifier is inserted and the file's α, β are used"

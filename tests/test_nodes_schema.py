@@ -545,9 +545,10 @@ class FakeClip:
         return [[torch.randn(1, self.LENGTH * n, 8, generator=g), {"pooled_output": torch.ones(1, 8)}]]
 
 
-def booth_concept(host, ctx=8):
+def booth_concept(host, ctx=8, **config):
     f_c = torch.arange(ctx, dtype=torch.float32) + 1
-    return host.BoothConcept(Concept(f_c, torch.randn(6, ctx), "sks", "person", 1), None)
+    booth = host.BoothModel(InstantBooth(tiny_config(LAYOUT, ctx=ctx, class_noun="person", **config)), "test")
+    return host.BoothConcept(Concept(f_c, torch.randn(6, ctx), "sks", "person", 1), booth)
 
 
 def test_condition_replaces_only_the_identifier_rows(pack):
@@ -591,6 +592,10 @@ def test_insert_identifier_and_text_encode(pack):
     assert host.with_identifier("sks person", concept) == "sks person"
     with pytest.raises(ValueError, match="class noun"):
         host.with_identifier("a red car", concept)
+    # the category and extra nouns the file was trained with mark the subject too
+    toy = booth_concept(host, extra={"settings": {"category": "cat", "class_nouns": ["kitten", "robot"]}})
+    assert host.with_identifier("a photo of a robot on snow", toy) == "a photo of a sks robot on snow"
+    assert host.with_identifier("a photo of a cat", toy) == "a photo of a sks cat"
     (out,) = host.encode_text(FakeClip(), "a photo of a person", concept, 0.5)
     assert torch.equal(out[0][0, 5], 0.5 * concept.concept.f_c)  # "a photo of a sks person": row 5
 
