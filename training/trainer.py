@@ -1,4 +1,4 @@
-"""The training machinery every BoothKit method shares (InstantBooth now, E4T later): accelerate for devices,
+"""The training machinery every BoothKit method shares (InstantBooth and E4T): accelerate for devices,
 processes and mixed precision; gradient accumulation; atomic checkpoints with exact resume; a NaN guard; EMA;
 progress, TensorBoard, samples and validation. A method supplies its trainable module, its parameter groups, a loss
 for a list of dataset indices, and an export.
