@@ -116,7 +116,7 @@ class WeightOffsets(nn.Module):
         return torch.stack([o.delta().pow(2).mean() for o in self.offsets]).mean()
 
     def attach(self, modules: Mapping[str, nn.Module]) -> list:
-        """Hook each target Linear so it computes x·(W ∘ (1 + Δ))ᵀ + b, as its own output plus x·(W ∘ Δ)ᵀ —
+        """Hook each target Linear so it computes x·(W ∘ (1 + Δ))ᵀ + b: its own output plus x·(W ∘ Δ)ᵀ —
         differentiable in Δ, the base weight never written. ``modules`` maps the target names to the host's modules.
         Returns the hook handles; the hooks must stay attached through the backward pass (gradient checkpointing
         re-runs the forward there)."""

@@ -220,7 +220,8 @@ def save_e4t(path: str | Path, model) -> Path:
     extra = config.pop("extra")
     metadata = {"format": E4T_FORMAT, "version": str(E4T_VERSION), "method": "e4t", "family": model.config.family,
                 "identifier": model.config.identifier, "class_word": model.config.class_word,
-                "config": json.dumps(config, sort_keys=True), "training": json.dumps(extra, sort_keys=True, default=str)}
+                "config": json.dumps(config, sort_keys=True),
+                "training": json.dumps(extra, sort_keys=True, default=str)}
     return write_safetensors(path, model.state_dict(), metadata)
 
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 
 DEFAULT_IDENTIFIER = "sks"
+DEFAULT_TEMPLATE = "a photo of {identifier} {class_noun}"  # the tuning methods' training prompt (seed 002)
+TOY_TEMPLATE = "a photo of a {identifier} {class_noun}"  # the toy base's caption style ("a photo of a cat ...")
 
 # Per-category class nouns: the identifier is inserted right before the first of these in a prompt.
 CLASS_NOUNS: dict[str, list[str]] = {
@@ -87,3 +89,16 @@ def inject_concept(cond: torch.Tensor, rows: Sequence[int], f_c: torch.Tensor, a
     idx = torch.as_tensor(list(rows), device=cond.device)
     out[:, idx] = token[:, None, :].expand(-1, len(rows), -1)
     return out
+
+
+_IDENTIFIER_OK = re.compile(r"^[\w.\-]+$")
+
+
+def check_identifier(identifier: str, class_noun: str | None = None) -> str:
+    """An identifier is one word (letters, digits, '_', '.', '-'), not the class noun itself."""
+    if not isinstance(identifier, str) or not _IDENTIFIER_OK.match(identifier):
+        raise ValueError(f"identifier {identifier!r} must be a single word of letters, digits, '_', '.' or '-' "
+                         f"(e.g. 'sks'); it names the embedding and marks the subject in prompts")
+    if class_noun is not None and identifier.lower() == class_noun.lower():
+        raise ValueError(f"identifier {identifier!r} equals the class noun; choose a rare word such as 'sks'")
+    return identifier

@@ -3,7 +3,10 @@ mask out the background, resize to the backbone's input size and apply CLIP norm
 augmentation that moves image and mask together. Images are [N, 3, H, W] floats in [0, 1], masks [N, 1, H, W]."""
 from __future__ import annotations
 
+import logging
+
 import torch
+import torch.nn.functional as F
 from kornia.geometry.transform import crop_and_resize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -91,3 +94,47 @@ class TrainAugment:
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks = self.geometric(images, masks)
         return self.color(images).clamp(0, 1), (masks > 0.5).to(images.dtype)
+
+
+log = logging.getLogger(__name__)
+
+
+def _resize_square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """[C, H, W] -> [C, size, size]: shorter side to ``size`` then a centre crop (what DreamBooth's loader does)."""
+    _, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    kwargs = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
+    x = F.interpolate(x[None].float(), size=(nh, nw), mode=mode, **kwargs)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top: top + size, left: left + size]
+
+
+def prepare_images(images, size: int, masks=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A list (or batch) of [3, H, W] images in [0, 1] (and [1, H, W] masks) -> [N, 3, size, size] (+ [N, 1, ...]).
+    Images of other sizes are resized and centre-cropped, with a note in the log."""
+    imgs = list(images) if not isinstance(images, torch.Tensor) or images.ndim == 4 else [images]
+    if not imgs:
+        raise ValueError("no training images: give at least one image of the subject (quick-tune: 4-6 is typical; "
+                         "E4T: one)")
+    for i, im in enumerate(imgs):
+        if not isinstance(im, torch.Tensor) or im.ndim != 3 or im.shape[0] != 3:
+            raise ValueError(f"training image {i} must be a [3, H, W] tensor in [0, 1], got "
+                             f"{tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__}")
+    sizes = sorted({tuple(im.shape[1:]) for im in imgs})
+    if sizes != [(size, size)]:
+        log.info("resizing %d training image(s) of size(s) %s to %dx%d (shorter side, centre crop)", len(imgs),
+                 ", ".join(f"{h}x{w}" for h, w in sizes), size, size)
+    out = torch.stack([_resize_square(im, size, "bilinear") for im in imgs]).clamp(0, 1)
+    if masks is None:
+        return out, None
+    ms = list(masks) if not isinstance(masks, torch.Tensor) or masks.ndim == 4 else [masks]
+    if len(ms) != len(imgs):
+        raise ValueError(f"got {len(ms)} masks for {len(imgs)} images; give one mask per image or none")
+    ms = [m if m.ndim == 3 else m[None] for m in ms]
+    for i, (m, im) in enumerate(zip(ms, imgs)):
+        if tuple(m.shape[1:]) != tuple(im.shape[1:]):
+            raise ValueError(f"mask {i} is {tuple(m.shape[1:])} but its image is {tuple(im.shape[1:])}")
+    return out, torch.stack([_resize_square(m[:1].float(), size, "nearest") for m in ms]).clamp(0, 1)

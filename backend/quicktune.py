@@ -539,3 +539,13 @@ def output_paths(out_dir: str | Path, name: str, kinds: Sequence[str], overwrite
             raise FileExistsError(f"{p} exists; pass --overwrite (overwrite=True) to replace it, or choose another "
                                   f"--name")
     return paths
+
+
+def resolve_mixed_precision(choice: str, device: torch.device) -> str:
+    """"auto" -> bf16 on a CUDA device that supports it, else full precision (on CPU bf16 autocast is slower for the
+    toy world's small convolutions than fp32)."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"

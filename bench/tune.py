@@ -214,7 +214,7 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     model = load_model(args.model, device, args.resolution)
     res = dt.default_resolution(model)
-    mixed = dt.resolve_mixed_precision(args.mixed_precision, device)
+    mixed = qt.resolve_mixed_precision(args.mixed_precision, device)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")

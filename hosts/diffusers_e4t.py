@@ -18,8 +18,10 @@ from ..backend.embedding import Embedding, save_embedding
 from ..backend.lora import BASE_MODEL_VERSIONS, LoRATensors
 from ..backend.preprocess import prepare_concept_images
 from ..backend.quicktune import TuneResult, frozen
-from .diffusers_tune import (DEFAULT_TEMPLATE, TOY_TEMPLATE, PromptEncoder, cache_images, check_identifier,
-                             default_resolution, make_predict, prepare_images, schedule_of, text_slots, word_ids)
+from ..backend.identifier import DEFAULT_TEMPLATE, TOY_TEMPLATE, check_identifier
+from ..backend.preprocess import prepare_images
+from .diffusers_tune import (PromptEncoder, cache_images, default_resolution, make_predict, schedule_of, text_slots,
+                             word_ids)
 
 log = logging.getLogger(__name__)
 

@@ -29,16 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import quicktune as qt
+from ..backend.quicktune import resolve_mixed_precision  # noqa: F401
 from ..backend.embedding import Embedding, save_embedding
-from ..backend.identifier import DEFAULT_IDENTIFIER
+from ..backend.identifier import DEFAULT_IDENTIFIER, DEFAULT_TEMPLATE, TOY_TEMPLATE, check_identifier  # noqa: F401
+from ..backend.preprocess import prepare_images  # noqa: F401  (re-exported: the hosts' image preparation)
 from ..backend.lora import LoRA, save_lora
 from ..backend.formats import write_safetensors
 
 log = logging.getLogger(__name__)
 
 PAPER_INIT_WORD = "rare"  # seed 002 initialises "(rare)" from the word "rare"
-DEFAULT_TEMPLATE = "a photo of {identifier} {class_noun}"  # the paper's training prompt
-TOY_TEMPLATE = "a photo of a {identifier} {class_noun}"  # the toy base's caption style ("a photo of a cat ...")
 UNET_FORMAT = "boothkit.unet"
 
 
@@ -65,19 +65,6 @@ def text_slots(model) -> list[TextSlot]:
 
 def word_ids(tokenizer, word: str) -> list[int]:
     return list(tokenizer(word, add_special_tokens=False).input_ids)
-
-
-_IDENTIFIER_OK = re.compile(r"^[\w.\-]+$")
-
-
-def check_identifier(identifier: str, class_noun: str | None = None) -> str:
-    """An identifier is one word (letters, digits, '_', '.', '-'), not the class noun itself."""
-    if not isinstance(identifier, str) or not _IDENTIFIER_OK.match(identifier):
-        raise ValueError(f"identifier {identifier!r} must be a single word of letters, digits, '_', '.' or '-' "
-                         f"(e.g. 'sks'); it names the embedding and marks the subject in prompts")
-    if class_noun is not None and identifier.lower() == class_noun.lower():
-        raise ValueError(f"identifier {identifier!r} equals the class noun; choose a rare word such as 'sks'")
-    return identifier
 
 
 @dataclass
@@ -233,46 +220,6 @@ def default_resolution(model) -> int:
     return int(size) * 2 ** (len(model.vae.config.block_out_channels) - 1)
 
 
-def _resize_square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """[C, H, W] -> [C, size, size]: shorter side to ``size`` then a centre crop (what DreamBooth's loader does)."""
-    _, h, w = x.shape
-    if (h, w) == (size, size):
-        return x
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    kwargs = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
-    x = F.interpolate(x[None].float(), size=(nh, nw), mode=mode, **kwargs)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, top: top + size, left: left + size]
-
-
-def prepare_images(images, size: int, masks=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A list (or batch) of [3, H, W] images in [0, 1] (and [1, H, W] masks) -> [N, 3, size, size] (+ [N, 1, ...]).
-    Images of other sizes are resized and centre-cropped, with a note in the log."""
-    imgs = list(images) if not isinstance(images, torch.Tensor) or images.ndim == 4 else [images]
-    if not imgs:
-        raise ValueError("no training images: quick-tune needs at least one image of the subject (4-6 is typical)")
-    for i, im in enumerate(imgs):
-        if not isinstance(im, torch.Tensor) or im.ndim != 3 or im.shape[0] != 3:
-            raise ValueError(f"training image {i} must be a [3, H, W] tensor in [0, 1], got "
-                             f"{tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__}")
-    sizes = sorted({tuple(im.shape[1:]) for im in imgs})
-    if sizes != [(size, size)]:
-        log.info("resizing %d training image(s) of size(s) %s to %dx%d (shorter side, centre crop)", len(imgs),
-                 ", ".join(f"{h}x{w}" for h, w in sizes), size, size)
-    out = torch.stack([_resize_square(im, size, "bilinear") for im in imgs]).clamp(0, 1)
-    if masks is None:
-        return out, None
-    ms = list(masks) if not isinstance(masks, torch.Tensor) or masks.ndim == 4 else [masks]
-    if len(ms) != len(imgs):
-        raise ValueError(f"got {len(ms)} masks for {len(imgs)} images; give one mask per image or none")
-    ms = [m if m.ndim == 3 else m[None] for m in ms]
-    for i, (m, im) in enumerate(zip(ms, imgs)):
-        if tuple(m.shape[1:]) != tuple(im.shape[1:]):
-            raise ValueError(f"mask {i} is {tuple(m.shape[1:])} but its image is {tuple(im.shape[1:])}")
-    return out, torch.stack([_resize_square(m[:1].float(), size, "nearest") for m in ms]).clamp(0, 1)
-
-
 @torch.no_grad()
 def cache_images(model, images: torch.Tensor, masks: torch.Tensor | None = None, flip: bool = False,
                  device=None, chunk: int = 4) -> qt.TrainingSet:
@@ -350,16 +297,6 @@ class QuickTuneResult:
                     "training": json.dumps(training, sort_keys=True, default=str)}
             write_safetensors(paths["unet"], self.unet_state, meta)
         return paths
-
-
-def resolve_mixed_precision(choice: str, device: torch.device) -> str:
-    """"auto" -> bf16 on a CUDA device that supports it, else full precision (on CPU bf16 autocast is slower for the
-    toy world's small convolutions than fp32)."""
-    if choice != "auto":
-        return choice
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
 
 
 def _init_word(slots: Sequence[TextSlot], init_word: str | None, class_noun: str) -> tuple[str, list[list[int]]]:

@@ -18,7 +18,7 @@ from ..backend import quicktune as qt
 from ..backend.e4t import E4T
 from ..backend.embedding import Embedding, embedding_metadata
 from ..backend.lora import BASE_MODEL_VERSIONS, LoRATensors
-from ..hosts.diffusers_tune import DEFAULT_TEMPLATE, check_identifier
+from ..backend.identifier import DEFAULT_TEMPLATE, check_identifier
 from . import quicktune_host as qh
 from .instantbooth_host import model_name
 

@@ -353,8 +353,8 @@ def condition(conditioning: list, clip, text: str, booth_concept: BoothConcept, 
 
 
 def with_identifier(text: str, booth_concept: BoothConcept) -> str:
-    """Insert the identifier before the first noun the InstantBooth file marks the subject with ("a photo of a person" ->
-    "a photo of a sks person"); a text that already has it is returned unchanged."""
+    """Insert the identifier before the first noun the InstantBooth file marks the subject with ("a photo of a
+    person" -> "a photo of a sks person"); a text that already has it is returned unchanged."""
     return insert_identifier(text, booth_concept.concept.identifier, booth_concept.booth.model.config.subject_nouns())
 
 

@@ -40,7 +40,9 @@ from ..backend import quicktune as qt
 from ..backend.embedding import Embedding, embedding_metadata, keys_for, save_embedding
 from ..backend.identifier import DEFAULT_IDENTIFIER
 from ..backend.lora import UNET_PREFIX, LoRA, LoRATensors, kohya_name, lora_tensors
-from ..hosts.diffusers_tune import DEFAULT_TEMPLATE, check_identifier, prepare_images, resolve_mixed_precision
+from ..backend.identifier import DEFAULT_TEMPLATE, check_identifier
+from ..backend.preprocess import prepare_images
+from ..backend.quicktune import resolve_mixed_precision
 from .instantbooth_host import model_family, model_name, model_text_width
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,9 @@ def text_slots(clip, family: str, model=None) -> list[TextEncoderSlot]:
     return slots
 
 
+EXAMPLES = {"identifier": "sks", "init word": "the class noun"}  # what a one-token word could be, for messages
+
+
 def token_ids(clip, slots: Sequence[TextEncoderSlot], word: str, what: str) -> list[int]:
     """The one token id of ``word`` in each text encoder's vocabulary; a clear error when it is more or none."""
     tokens = clip.tokenize(word, return_word_ids=True)
@@ -127,7 +132,7 @@ def token_ids(clip, slots: Sequence[TextEncoderSlot], word: str, what: str) -> l
             found = "no tokens" if not ids else f"{len(ids)} tokens"
             raise ValueError(f"{what} {word!r} is {found} for the text encoder CLIP-{slot.comfy_key.upper()}; "
                              f"the vector stands in one token's place, so the {what} must be a single "
-                             f"token (e.g. {dict(identifier='sks', init_word='the class noun').get(what.replace(' ', '_'), 'cat, dog or person')})")
+                             f"token (e.g. {EXAMPLES.get(what, 'cat, dog or person')})")
         out.append(ids[0])
     return out
 

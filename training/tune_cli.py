@@ -141,7 +141,8 @@ def main(argv=None) -> int:
         return main_e4t(args)
 
     from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
-    from ..hosts.diffusers_tune import check_identifier, quick_tune
+    from ..backend.identifier import check_identifier
+    from ..hosts.diffusers_tune import quick_tune
     from ..hosts.loading import load_sd
 
     check_identifier(args.identifier, args.class_noun)
@@ -196,7 +197,7 @@ def main_e4t(args) -> int:
     from ..backend.imageio import mask_path, read_image
     from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
     from ..hosts.diffusers_e4t import e4t_tune
-    from ..hosts.diffusers_tune import resolve_mixed_precision
+    from ..backend.quicktune import resolve_mixed_precision
     from ..hosts.loading import load_clip_vision, load_sd
 
     name = safe_name(args.name or args.identifier)
