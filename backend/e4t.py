@@ -229,8 +229,8 @@ class Batch:
 
 
 def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Predict,
-              schedule: NoiseSchedule, modules: Mapping[str, nn.Module], generator: torch.Generator | None = None,
-              reg_embedding: float | None = None) -> torch.Tensor:
+              schedule: NoiseSchedule, modules: Mapping[str, nn.Module], generator: torch.Generator | None = None
+              ) -> torch.Tensor:
     """Denoising loss with the predicted identifier and the offsets applied, plus the regularisers — the one loss of
     pre-training and of tuning. The caller keeps the offsets attached to ``modules`` (:meth:`WeightOffsets.attach`)
     through the forward and the backward pass."""
@@ -254,8 +254,7 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
         loss = (err * m).sum() / (m.sum() * err.shape[1]).clamp_min(1e-8)
     else:
         loss = err.mean()
-    lam = c.reg_embedding if reg_embedding is None else reg_embedding
-    loss = loss + lam * torch.stack([p.float().pow(2).sum(-1).mean() for p in prediction]).sum()
+    loss = loss + c.reg_embedding * torch.stack([p.float().pow(2).sum(-1).mean() for p in prediction]).sum()
     if c.reg_offsets:
         loss = loss + c.reg_offsets * e4t.offsets.penalty()
     return loss

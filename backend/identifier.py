@@ -102,3 +102,8 @@ def check_identifier(identifier: str, class_noun: str | None = None) -> str:
     if class_noun is not None and identifier.lower() == class_noun.lower():
         raise ValueError(f"identifier {identifier!r} equals the class noun; choose a rare word such as 'sks'")
     return identifier
+
+
+def training_template(family: str) -> str:
+    """The tuning methods' training prompt for a base family: the paper's, or the toy base's caption style."""
+    return TOY_TEMPLATE if family == "toy" else DEFAULT_TEMPLATE

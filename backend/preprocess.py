@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.transform import crop_and_resize
 
+log = logging.getLogger(__name__)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -94,9 +96,6 @@ class TrainAugment:
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks = self.geometric(images, masks)
         return self.color(images).clamp(0, 1), (masks > 0.5).to(images.dtype)
-
-
-log = logging.getLogger(__name__)
 
 
 def _resize_square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:

@@ -64,9 +64,6 @@ def child(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.model, device, None)
-    model.family = getattr(model, "family", "toy")
-    if not hasattr(model, "parts"):
-        model.parts = lambda: [m for m in (model.unet, model.text_encoder, model.vae) if m is not None]
     from ..toyworld import domain
 
     ident = domain.identities("heldout")[0]

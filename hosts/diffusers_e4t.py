@@ -18,7 +18,7 @@ from ..backend.embedding import Embedding, save_embedding
 from ..backend.lora import BASE_MODEL_VERSIONS, LoRATensors
 from ..backend.preprocess import prepare_concept_images
 from ..backend.quicktune import TuneResult, frozen
-from ..backend.identifier import DEFAULT_TEMPLATE, TOY_TEMPLATE, check_identifier
+from ..backend.identifier import check_identifier, training_template
 from ..backend.preprocess import prepare_images
 from .diffusers_tune import (PromptEncoder, cache_images, default_resolution, make_predict, schedule_of, text_slots,
                              word_ids)
@@ -76,8 +76,11 @@ def new_config(model, vision, class_word: str, identifier: str = "sks", **overri
                      identifier=check_identifier(identifier, class_word), class_word=class_word, **overrides)
 
 
-def prompt_template(model) -> str:
-    return TOY_TEMPLATE if model.family == "toy" else DEFAULT_TEMPLATE
+def offset_modules(unet, targets) -> dict[str, torch.nn.Module]:
+    """The E4T targets (diffusers module paths) that ``unet`` has -> its modules; WeightOffsets.attach names any
+    that are missing."""
+    names = {n for n, _ in unet.named_modules()}
+    return {n: unet.get_submodule(n) for n in targets if n in names}
 
 
 class E4THost:
@@ -89,12 +92,7 @@ class E4THost:
         self.predict = make_predict({"unet": model.unet})
         self.features = denoiser_features(self.predict, model.unet)
         self.schedule = schedule_of(model)
-        self.modules = {}
-        for name in c.targets:
-            try:
-                self.modules[name] = model.unet.get_submodule(name)
-            except AttributeError:
-                pass  # WeightOffsets.applied names what is missing
+        self.modules = offset_modules(model.unet, c.targets)
         fill = [[s.tokenizer.bos_token_id] for s in text_slots(model)]
         self.encode = PromptEncoder.spliced(model, prompts, c.identifier, fill,
                                             resolution or default_resolution(model))
@@ -115,13 +113,12 @@ class E4TConcept:
     @contextmanager
     def applied(self, model):
         """While inside, ``model.unet`` runs with the tuned offsets (hooks, removed on exit)."""
-        modules = {n: model.unet.get_submodule(n) for n in self.e4t.config.targets}
-        with torch.no_grad(), self.e4t.offsets.applied(modules):
+        with torch.no_grad(), self.e4t.offsets.applied(offset_modules(model.unet, self.e4t.config.targets)):
             yield model.unet
 
     def weight_diff(self, model) -> LoRATensors:
         """The offsets as a weight-diff file that stock ComfyUI (LoraLoader) and A1111 load."""
-        weights = {n: model.unet.get_submodule(n).weight for n in self.e4t.config.targets}
+        weights = {n: m.weight for n, m in offset_modules(model.unet, self.e4t.config.targets).items()}
         return e4t_backend.weight_diff_file(self.e4t.offsets, weights, model.family, self.embedding.identifier,
                                             BASE_MODEL_VERSIONS.get(model.family, model.family))
 
@@ -152,7 +149,7 @@ def e4t_tune(model, vision, e4t: E4T, image: torch.Tensor, mask: torch.Tensor | 
         log.info("E4T tunes on one image; using the first of %d", images.shape[0])
         images, masks = images[:1], None if masks is None else masks[:1]
     ts = cache_images(model, images, masks)
-    prompt = prompt_template(model).format(identifier=c.identifier, class_noun=word)
+    prompt = training_template(model.family).format(identifier=c.identifier, class_noun=word)
     host = E4THost(model, tuned, [prompt])
     batch = e4t_backend.Batch(ts.mean, class_tokens(vision, images, masks, c.vision_layers),
                               class_vectors(model, word), torch.zeros(1, dtype=torch.long), ts.masks)

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import quicktune as qt
-from ..backend.quicktune import resolve_mixed_precision  # noqa: F401
 from ..backend.embedding import Embedding, save_embedding
-from ..backend.identifier import DEFAULT_IDENTIFIER, DEFAULT_TEMPLATE, TOY_TEMPLATE, check_identifier  # noqa: F401
-from ..backend.preprocess import prepare_images  # noqa: F401  (re-exported: the hosts' image preparation)
-from ..backend.lora import LoRA, save_lora
 from ..backend.formats import write_safetensors
+from ..backend.identifier import DEFAULT_IDENTIFIER, check_identifier, training_template
+from ..backend.lora import LoRA, save_lora
+from ..backend.preprocess import prepare_images
+from ..backend.quicktune import resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def quick_tune(model, images, class_noun: str, *, identifier: str = DEFAULT_IDEN
     resolution = resolution or default_resolution(model)
     slots = text_slots(model)
 
-    templates = list(prompts) if prompts else [TOY_TEMPLATE if model.family == "toy" else DEFAULT_TEMPLATE]
+    templates = list(prompts) if prompts else [training_template(model.family)]
     texts = [t.format(identifier=identifier, class_noun=class_noun) for t in templates]
     if stage1:
         init_word, fill = _init_word(slots, init_word, class_noun)

@@ -195,9 +195,8 @@ def main(argv=None) -> int:
 def main_e4t(args) -> int:
     from ..backend.formats import load_e4t
     from ..backend.imageio import mask_path, read_image
-    from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
+    from ..backend.quicktune import CANCELLED, DONE, output_paths, resolve_mixed_precision, safe_name
     from ..hosts.diffusers_e4t import e4t_tune
-    from ..backend.quicktune import resolve_mixed_precision
     from ..hosts.loading import load_clip_vision, load_sd
 
     name = safe_name(args.name or args.identifier)
