@@ -60,6 +60,18 @@ def test_update_adds_rows_to_the_table_of_the_same_settings(tmp_path):
     with pytest.raises(ValueError, match="settings of the existing table"):
         eval_main(["--methods", "base", "--update", "--subjects", "2", "--contexts", "1", "--samples", "1",
                    "--steps", "2", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="settings of the existing table"):  # another β is another table
+        eval_main(["--methods", "instantbooth", "--update", "--beta", "0.5"] + common)
+
+
+def test_overrides_replace_the_shipped_defaults_and_are_recorded(tmp_path):
+    common = ["--subjects", "1", "--contexts", "1", "--samples", "1", "--steps", "2"]
+    assert eval_main(["--methods", "instantbooth", "--out", str(tmp_path / "a")] + common) == 0
+    assert eval_main(["--methods", "instantbooth", "--beta", "0", "--out", str(tmp_path / "b")] + common) == 0
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in "ab")
+    assert "overrides" not in a["settings"] and b["settings"]["overrides"] == {"beta": 0.0}
+    assert a["methods"]["instantbooth"]["identity"] != b["methods"]["instantbooth"]["identity"], "β = 0 differs"
+    assert "beta 0.0." in (tmp_path / "b" / "eval.md").read_text()
 
 
 def _has_instantbooth():

@@ -72,7 +72,9 @@ def prompts_for(subject: Subject, contexts, identifier: str | None) -> tuple[lis
 
 
 def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
-             seed: int, steps: int) -> dict:
+             seed: int, steps: int, overrides: dict | None = None) -> dict:
+    """``overrides`` replace the shipped files' inference defaults: ``beta`` (InstantBooth's β), ``e4t_lr`` (E4T's
+    tune learning rate); the table records them."""
     from .methods import DEFAULT_METHODS, METHODS, ToyEnv
     from .scorers import load_scorers
 
@@ -80,6 +82,11 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
     env = ToyEnv.load(sample_steps=steps)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "beta" in overrides and env.instantbooth is not None:
+        env.instantbooth.config.beta = overrides["beta"]
+    if "e4t_lr" in overrides and env.e4t is not None:
+        env.e4t.config.tune_lr = overrides["e4t_lr"]
     if methods is None:  # the default: every method whose trained files exist
         trained = {"instantbooth": env.instantbooth is not None, "e4t": env.e4t is not None}
         methods = [m for m in DEFAULT_METHODS if trained.get(m.split("-")[0], True)]
@@ -117,14 +124,16 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
         r["clip_t_vs_base"] = r["clip_t"] / base_t if base_t else None
     return {"methods": rows, "settings": {"subjects": n_subjects, "references": k_refs, "contexts": n_contexts,
                                           "samples_per_prompt": samples_per_prompt, "seed": seed,
-                                          "sample_steps": steps, "threads": torch.get_num_threads()}}
+                                          "sample_steps": steps, "threads": torch.get_num_threads(),
+                                          **({"overrides": overrides} if overrides else {})}}
 
 
 def to_markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"Held-out toy-world identities: {s['subjects']} subjects × {s['contexts']} prompts × "
              f"{s['samples_per_prompt']} samples, {s['references']} reference images each, seed {s['seed']}, "
-             f"{s['sample_steps']} DDIM steps, {s['threads']} CPU threads.", "",
+             f"{s['sample_steps']} DDIM steps, {s['threads']} CPU threads"
+             + "".join(f", {k} {v}" for k, v in s.get("overrides", {}).items()) + ".", "",
              "| method | identity ↑ | CLIP-I ↑ | CLIP-T ↑ | CLIP-T / base | personalize s/concept | s/image |",
              "|---|---|---|---|---|---|---|"]
     for name, r in result["methods"].items():
@@ -148,6 +157,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for eval.json and eval.md")
+    p.add_argument("--beta", type=float, help="InstantBooth's adapter weight β instead of the shipped file's")
+    p.add_argument("--e4t-lr", type=float, help="E4T's tune learning rate instead of the shipped file's")
     p.add_argument("--update", action="store_true",
                    help="add the methods to the table already in --out (same settings), replacing their rows")
     return p.parse_args(argv)
@@ -158,7 +169,8 @@ def merge(old: dict, new: dict) -> dict:
     from .methods import DEFAULT_METHODS, METHODS
 
     keys = ("subjects", "references", "contexts", "samples_per_prompt", "seed", "sample_steps")
-    if any(old["settings"].get(k) != new["settings"].get(k) for k in keys):
+    if any(old["settings"].get(k) != new["settings"].get(k) for k in keys) or \
+            (old["settings"].get("overrides") or {}) != (new["settings"].get("overrides") or {}):
         raise ValueError(f"--update needs the settings of the existing table: "
                          f"{ {k: old['settings'].get(k) for k in keys} }")
     rows = {**old["methods"], **new["methods"]}
@@ -173,7 +185,7 @@ def merge(old: dict, new: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = evaluate(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
-                      args.steps)
+                      args.steps, {"beta": args.beta, "e4t_lr": args.e4t_lr})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.update and (out / "eval.json").exists():
