@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from boothkit.toyworld import store
 from boothkit.toyworld.evaluate import eval_contexts, main as eval_main, make_subjects, prompts_for, to_markdown
 
 
@@ -74,17 +73,9 @@ def test_overrides_replace_the_shipped_defaults_and_are_recorded(tmp_path):
     assert "beta 0.0." in (tmp_path / "b" / "eval.md").read_text()
 
 
-def _has_instantbooth():
-    try:
-        store.verified("instantbooth.safetensors")
-        return True
-    except store.WeightsError:
-        return False
-
-
 @pytest.mark.slow
 def test_demo_writes_the_grid(tmp_path, capsys):
-    """The README's main command with its defaults (InstantBooth once shipped, until then the short quick-tune)."""
+    """The README's main command with its defaults: the shipped toy InstantBooth."""
     from PIL import Image
 
     from boothkit.toyworld.demo import main as demo_main
@@ -96,7 +87,7 @@ def test_demo_writes_the_grid(tmp_path, capsys):
     assert img.size == (6 * 34, 2 * 34)
     out_text = capsys.readouterr().out
     assert "wrote" in out_text
-    assert ("method: instantbooth" if _has_instantbooth() else "method: quicktune-demo") in out_text
+    assert "method: instantbooth" in out_text, "the shipped InstantBooth is the demo's default"
 
 
 def test_quicktune_method_personalizes_without_touching_the_base():
