@@ -110,13 +110,12 @@ class E4TTraining:
     def batch(self, split: dict, indices: list[int]) -> e4t_backend.Batch:
         vecs = [self._vectors(split["words"][i]) for i in indices]
         class_vecs = [torch.stack([v[k] for v in vecs]) for k in range(len(text_slots(self.model)))]
+        x0 = split["targets"](indices)
         masks = None
         if self.s.masked_loss:
-            x0_size = split["targets"](indices[:1]).shape[-2:]
-            masks = torch.nn.functional.interpolate(split["dataset"].masks[indices].to(self.device), size=x0_size,
-                                                    mode="area")
-        return e4t_backend.Batch(split["targets"](indices), self._tokens(split, indices), class_vecs,
-                                 torch.tensor(indices), masks)
+            masks = torch.nn.functional.interpolate(split["dataset"].masks[indices].to(self.device),
+                                                    size=x0.shape[-2:], mode="area")
+        return e4t_backend.Batch(x0, self._tokens(split, indices), class_vecs, torch.tensor(indices), masks)
 
     def loss(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         return self.train_set["host"].loss(self.batch(self.train_set, indices), generator)

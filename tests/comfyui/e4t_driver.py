@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import sys
 import traceback
@@ -25,7 +24,7 @@ E4T_FILE = "e4t_random.safetensors"
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from make_models import CHECKPOINT, CLIP_VISION
-    from node_runner import Records, error_of, node_runner, start, token_table, unet_state
+    from node_runner import error_of, node_runner, start, stock_lora_loader, token_table, unet_state
 
     a, pack, loaded, log = start(argv, "e4t")
     import comfy.model_management as mm
@@ -139,14 +138,7 @@ def main(argv=None) -> int:
     # ---- Save Concept, stock LoraLoader and embedding:name -----------------------------------------------------------
     (paths,) = run("BoothKitSaveConcept", embedding=embedding, lora=lora, name=NAME, overwrite=False)
     results["saved"] = paths.splitlines()
-    records = Records()
-    logging.getLogger().addHandler(records)
-    try:
-        lora_model, _ = run("LoraLoader", model=model, clip=clip, lora_name=f"{NAME}_lora.safetensors",
-                            strength_model=1.0, strength_clip=1.0)
-    finally:
-        logging.getLogger().removeHandler(records)
-    results["lora_loader_warnings"] = records.messages
+    lora_model, _, results["lora_loader_warnings"] = stock_lora_loader(run, model, clip, f"{NAME}_lora.safetensors")
     sd_l = unet_state(lora_model)
     results["lora_loader_equals_tune"] = all(torch.equal(sd_l[k], sd_e[k]) for k in sd_e)
     results["max_weight_change"] = max(float((sd_e[k] - before["sd"][k]).abs().max()) for k in changed) if changed \

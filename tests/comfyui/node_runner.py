@@ -30,6 +30,19 @@ def node_runner():
     return run
 
 
+def stock_lora_loader(run, model, clip, lora_name: str):
+    """Stock LoraLoader at strength 1 on ``lora_name``: (MODEL, CLIP, the warnings ComfyUI logged meanwhile, such as
+    "lora key not loaded")."""
+    records = Records()
+    logging.getLogger().addHandler(records)
+    try:
+        lora_model, lora_clip = run("LoraLoader", model=model, clip=clip, lora_name=lora_name, strength_model=1.0,
+                                    strength_clip=1.0)
+    finally:
+        logging.getLogger().removeHandler(records)
+    return lora_model, lora_clip, records.messages
+
+
 def error_of(fn):
     """The message a node error shows in the UI, or None."""
     try:

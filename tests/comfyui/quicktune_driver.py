@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ STEPS = 3  # per stage
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from make_models import CHECKPOINT
-    from node_runner import Records, error_of, node_runner, start, token_table, unet_state
+    from node_runner import error_of, node_runner, start, stock_lora_loader, token_table, unet_state
 
     a, pack, loaded, log = start(argv, "quicktune")
     import comfy.model_management as mm
@@ -155,14 +154,8 @@ def main(argv=None) -> int:
     lf = backend_lora.load_lora(os.path.join(lora_dir, f"{NAME}_lora.safetensors"), family="sd1")
     results["lora_file"] = {"layers": len(lf.lora.pairs), "identifier": lf.identifier}
 
-    records = Records()
-    logging.getLogger().addHandler(records)
-    try:
-        lora_model, lora_clip = run("LoraLoader", model=model, clip=clip, lora_name=f"{NAME}_lora.safetensors",
-                                    strength_model=1.0, strength_clip=1.0)
-    finally:
-        logging.getLogger().removeHandler(records)
-    results["lora_loader_warnings"] = records.messages
+    lora_model, lora_clip, results["lora_loader_warnings"] = stock_lora_loader(run, model, clip,
+                                                                               f"{NAME}_lora.safetensors")
     results["lora_loader_patched_keys"] = len(lora_model.patches)
     sd_lora = unet_state(lora_model)
     results["lora_loader_equals_quick_tune"] = all(torch.equal(sd_lora[k], sd_qt[k]) for k in sd_qt)
@@ -261,7 +254,7 @@ def sdxl_case(torch, run, vae, images, emb_dir, lora_dir, unet_state) -> dict:
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
-    from node_runner import Records
+    from node_runner import stock_lora_loader
 
     unet_config = dict(
         image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1], channel_mult=[1, 2],
@@ -292,13 +285,7 @@ def sdxl_case(torch, run, vae, images, emb_dir, lora_dir, unet_state) -> dict:
     (cond_qt,) = run("CLIPTextEncode", clip=qt_clip, text=PROMPT)
     (cond_emb,) = run("CLIPTextEncode", clip=clip, text=prompt)
     (cond_plain,) = run("CLIPTextEncode", clip=clip, text=PROMPT)
-    records = Records()
-    logging.getLogger().addHandler(records)
-    try:
-        lora_model, _ = run("LoraLoader", model=model, clip=clip, lora_name=f"{name}_lora.safetensors",
-                            strength_model=1.0, strength_clip=1.0)
-    finally:
-        logging.getLogger().removeHandler(records)
+    lora_model, _, warnings = stock_lora_loader(run, model, clip, f"{name}_lora.safetensors")
     sd_qt, sd_lora = unet_state(qt_model), unet_state(lora_model)
     after = unet_state(model)
     with torch.inference_mode():
@@ -311,7 +298,7 @@ def sdxl_case(torch, run, vae, images, emb_dir, lora_dir, unet_state) -> dict:
         "pooled_equal": bool(torch.equal(cond_qt[0][1]["pooled_output"], cond_emb[0][1]["pooled_output"])),
         "cond_changed": float((cond_qt[0][0] - cond_plain[0][0]).abs().max()),
         "identifier_ids": {k: ident[k][0][1][0] for k in "lg"},
-        "lora_loader_warnings": records.messages,
+        "lora_loader_warnings": warnings,
         "lora_layers": len({k.split(".")[0] for k in lora.tensors}),
         "lora_loader_patched_keys": len(lora_model.patches),
         "lora_loader_equals_quick_tune": all(torch.equal(sd_lora[k], sd_qt[k]) for k in sd_qt),
