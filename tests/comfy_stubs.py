@@ -5,7 +5,9 @@ same nodes against the real thing."""
 from __future__ import annotations
 
 import os
+import sys
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -151,3 +153,25 @@ def stub_modules(models_dir: str) -> dict[str, types.ModuleType]:
     api = types.ModuleType("comfy_api")
     api.latest = latest
     return {"comfy_api": api, "comfy_api.latest": latest, "folder_paths": make_folder_paths(models_dir)}
+
+
+@contextmanager
+def stubbed_comfy(models_dir, folders=()):
+    """While inside, ComfyUI's modules are these stubs (with model ``folders`` registered under ``models_dir``) and
+    ``boothkit.nodes`` is imported afresh against them; both are undone on exit, so nothing leaks into other tests."""
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    stubs = stub_modules(str(models_dir))
+    for name in folders:
+        stubs["folder_paths"].add_model_folder_path(name, os.path.join(str(models_dir), name))
+    for name, module in stubs.items():
+        mp.setitem(sys.modules, name, module)
+    for name in [m for m in sys.modules if m.startswith("boothkit.nodes")]:
+        mp.delitem(sys.modules, name)
+    try:
+        yield
+    finally:
+        for name in [m for m in sys.modules if m.startswith("boothkit.nodes")]:
+            del sys.modules[name]
+        mp.undo()

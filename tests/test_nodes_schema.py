@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_stubs import stub_modules
+from comfy_stubs import stubbed_comfy
 from torch import nn
 
 from boothkit.backend.formats import FormatError, save_instantbooth
@@ -32,19 +32,12 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pack(models_dir):
     """boothkit.nodes imported against stubbed ComfyUI modules; removed again afterwards so nothing leaks."""
-    mp = pytest.MonkeyPatch()
-    for name, module in stub_modules(str(models_dir)).items():
-        mp.setitem(sys.modules, name, module)
-    for name in [m for m in sys.modules if m.startswith("boothkit.nodes")]:
-        mp.delitem(sys.modules, name)
-    import boothkit.nodes as nodes
-    import boothkit.nodes.instantbooth as ib_nodes
-    import boothkit.nodes.instantbooth_host as host
+    with stubbed_comfy(models_dir):
+        import boothkit.nodes as nodes
+        import boothkit.nodes.instantbooth as ib_nodes
+        import boothkit.nodes.instantbooth_host as host
 
-    yield nodes, ib_nodes, host
-    for name in [m for m in sys.modules if m.startswith("boothkit.nodes")]:
-        del sys.modules[name]
-    mp.undo()
+        yield nodes, ib_nodes, host
 
 
 def schemas(pack):

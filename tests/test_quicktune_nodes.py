@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_stubs import stub_modules
+from comfy_stubs import stubbed_comfy
 from safetensors.torch import load_file
 from torch import nn
 
@@ -32,22 +32,12 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pack(models_dir):
     """boothkit.nodes.quicktune (+ host) against stubbed ComfyUI modules, with ComfyUI's embeddings/loras folders."""
-    mp = pytest.MonkeyPatch()
-    stubs = stub_modules(str(models_dir))
-    for name in ("embeddings", "loras"):
-        stubs["folder_paths"].add_model_folder_path(name, str(models_dir / name))
-    for name, module in stubs.items():
-        mp.setitem(sys.modules, name, module)
-    for name in [m for m in sys.modules if m.startswith("boothkit.nodes")]:
-        mp.delitem(sys.modules, name)
-    import boothkit.nodes as nodes
-    import boothkit.nodes.quicktune as qt_nodes
-    import boothkit.nodes.quicktune_host as host
+    with stubbed_comfy(models_dir, folders=("embeddings", "loras")):
+        import boothkit.nodes as nodes
+        import boothkit.nodes.quicktune as qt_nodes
+        import boothkit.nodes.quicktune_host as host
 
-    yield nodes, qt_nodes, host
-    for name in [m for m in sys.modules if m.startswith("boothkit.nodes")]:
-        del sys.modules[name]
-    mp.undo()
+        yield nodes, qt_nodes, host
 
 
 def inputs_of(schema):
