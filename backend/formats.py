@@ -107,6 +107,14 @@ class _Fields:
         except ValueError:
             raise self.error(name, v, "a number") from None
 
+    def kind(self, fmt: str, version: int, method: str, what: str) -> None:
+        """The file is of format ``fmt`` (``what`` names it in the message), at most ``version``, for ``method``."""
+        found = self.str("format")
+        if found != fmt:
+            raise self.error("format", found, f"'{fmt}' (this file is not {what})")
+        check_version(self.path, self.meta, version)
+        self.str("method", {method})
+
     def json(self, name: str):
         v = self.str(name)
         try:
@@ -163,11 +171,7 @@ def save_instantbooth(path: str | Path, model: InstantBooth) -> Path:
 
 def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> InstantBoothConfig:
     f = _Fields(path, metadata)
-    fmt = f.str("format")
-    if fmt != INSTANTBOOTH_FORMAT:
-        raise f.error("format", fmt, f"'{INSTANTBOOTH_FORMAT}' (this file is not an InstantBooth file)")
-    check_version(path, metadata, INSTANTBOOTH_VERSION)
-    f.str("method", {"instantbooth"})
+    f.kind(INSTANTBOOTH_FORMAT, INSTANTBOOTH_VERSION, "instantbooth", "an InstantBooth file")
     lay = f.json("layout")
     try:
         layout = AdapterLayout(**{k: [int(x) for x in lay[k]] for k in ("dims", "heads", "levels", "depths")})
@@ -231,11 +235,7 @@ def load_e4t(path: str | Path, family: str | None = None):
 
     tensors, metadata = read_safetensors(path)
     f = _Fields(path, metadata)
-    fmt = f.str("format")
-    if fmt != E4T_FORMAT:
-        raise f.error("format", fmt, f"'{E4T_FORMAT}' (this file is not an E4T file)")
-    check_version(path, metadata, E4T_VERSION)
-    f.str("method", {"e4t"})
+    f.kind(E4T_FORMAT, E4T_VERSION, "e4t", "an E4T file")
     fam = f.str("family", set(FAMILIES))
     if family is not None and family != fam:
         raise FormatError(f"{path}: this E4T file was pre-trained for base family '{fam}', but the model to tune is "
