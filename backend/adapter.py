@@ -21,6 +21,10 @@ class Adapter(nn.Module):
         heads: attention heads; the host passes the block's own head count.
     """
 
+    # Explicit softmax(QKᵀ)V instead of PyTorch's fused kernel: a trainer sets it on CPU, where the fused backward is
+    # slow (training/frozen.py). Same result up to rounding; not stored in files.
+    eager_attention: bool = False
+
     def __init__(self, dim: int, ctx_dim: int, heads: int):
         super().__init__()
         if dim % heads != 0:
@@ -63,7 +67,10 @@ class Adapter(nn.Module):
         # Only the first len(y) outputs of S([y, f_p]) are kept, so only y's tokens need queries.
         k = torch.cat([k_y, k_p.to(x.dtype).expand(b, -1, -1, -1)], dim=2)
         v = torch.cat([v_y, v_p.to(x.dtype).expand(b, -1, -1, -1)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.eager_attention:
+            out = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = self.to_out(out.transpose(1, 2).flatten(2))
         return (beta * torch.tanh(self.gate)).to(y.dtype) * out
 

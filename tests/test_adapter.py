@@ -92,3 +92,22 @@ def test_family_width_mismatch_is_rejected():
     with pytest.raises(ValueError, match="family sd1 has text width 768, but ctx_dim is 1024"):
         InstantBoothConfig(vision_global_dim=4, vision_token_dim=4, tokens_per_image=1, ctx_dim=1024,
                            layout=layout(), family="sd1")
+
+
+def test_eager_attention_matches_the_fused_kernel_values_and_gradients():
+    """The trainers' CPU kernel (explicit softmax(QKᵀ)V) computes what SDPA computes, forward and backward."""
+    torch.manual_seed(2)
+    a = Adapter(dim=32, ctx_dim=16, heads=2)
+    with torch.no_grad():
+        a.gate.fill_(0.8)
+    y, f_p = torch.randn(3, 20, 32), torch.randn(3, 7, 16)
+    grads = []
+    for eager in (False, True):
+        a.eager_attention = eager
+        a.zero_grad()
+        out = a(y, f_p)
+        out.square().sum().backward()
+        grads.append((out.detach(), a.to_q.weight.grad.clone(), a.proj.weight.grad.clone()))
+    (o1, q1, p1), (o2, q2, p2) = grads
+    assert torch.allclose(o1, o2, atol=1e-5) and torch.allclose(q1, q2, atol=1e-4) and torch.allclose(p1, p2, atol=1e-4)
+    assert "eager_attention" not in a.state_dict(), "a kernel choice, not a weight"

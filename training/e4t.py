@@ -18,6 +18,7 @@ from ..backend.identifier import class_nouns_for, insert_identifier
 from ..hosts.diffusers_e4t import E4THost, class_tokens, class_vectors, new_config
 from ..hosts.diffusers_tune import text_slots
 from .data import LatentTargets
+from .frozen import freeze_base
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class E4TSettings:
     cache_latents: bool = True
     cache_vision: bool = True  # class tokens of each image, computed once (the backbone is frozen, no augmentation)
     gradient_checkpointing: bool = False
-    attention: str = "sdpa"  # sdpa | xformers
+    attention: str = "auto"  # auto | sdpa | eager | xformers (auto: eager on CPU, sdpa on GPU; training/frozen.py)
     masked_loss: bool = False
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of sks {noun}"])
     sample_steps: int = 25
@@ -52,17 +53,10 @@ class E4TTraining:
 
     def __init__(self, model, vision, dataset, settings: E4TSettings, validation=None, device="cpu"):
         s = self.s = settings
-        if s.attention not in ("sdpa", "xformers"):
-            raise ValueError(f"attention is {s.attention!r}; expected sdpa or xformers")
         self.model, self.vision, self.dataset, self.validation = model, vision, dataset, validation
         self.device = torch.device(device)
-        for part in model.parts() + [vision]:
-            part.requires_grad_(False).eval().to(self.device)
-        if s.attention == "xformers":
-            model.unet.enable_xformers_memory_efficient_attention()
-        if s.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            model.unet.train()
+        self.attention = freeze_base(model, vision, self.device, attention=s.attention,
+                                     gradient_checkpointing=s.gradient_checkpointing)
         self.nouns = class_nouns_for(s.category, s.class_nouns)
         self.e4t = E4T(new_config(model, vision, self.nouns[0], s.identifier, scale=s.scale, rank=s.rank,
                                   hidden=s.hidden, reg_embedding=s.reg_embedding, reg_offsets=s.reg_offsets,

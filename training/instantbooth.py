@@ -21,6 +21,7 @@ from ..backend.identifier import find_identifier_rows
 from ..hosts.diffusers_host import InstantBoothHooks, adapter_layout, encode_prompt, tokenize_chunks
 from ..hosts.loading import SDModel
 from .data import LatentTargets
+from .frozen import attention_kind, freeze_base
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class InstantBoothSettings:
     cache_latents: bool = True  # VAE latents of the targets, computed once (no augmentation touches them)
     cache_text: bool = True  # text-encoder outputs per caption, computed once (the text encoder is frozen)
     gradient_checkpointing: bool = False
-    attention: str = "sdpa"  # sdpa | xformers
+    attention: str = "auto"  # auto | sdpa | eager | xformers (auto: eager on CPU, sdpa on GPU; training/frozen.py)
     masked_loss: bool = False  # loss on the subject's mask only
     subject_weight: float = 0.0  # > 0: pixels under the mask count (1 + subject_weight) times (0 = the paper)
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of sks {noun}"])
@@ -59,20 +60,11 @@ class InstantBoothTraining:
     def __init__(self, model: SDModel, vision, dataset, settings: InstantBoothSettings, validation=None,
                  device: torch.device | str = "cpu"):
         s = self.s = settings
-        if s.attention not in ("sdpa", "xformers"):
-            raise ValueError(f"attention is {s.attention!r}; expected sdpa or xformers")
+        attention_kind(s.attention, device)  # a wrong name fails before anything loads
         if s.num_images < 1:
             raise ValueError("num_images must be at least 1")
         self.model, self.vision, self.dataset, self.validation = model, vision, dataset, validation
         self.device = torch.device(device)
-        for part in model.parts() + [vision]:
-            part.requires_grad_(False).eval().to(self.device)
-        if s.attention == "xformers":
-            model.unet.enable_xformers_memory_efficient_attention()  # raises a clear error if not installed
-        if s.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            model.unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout/BN to change
-
         vc = vision.config
         self.nouns = class_nouns_for(s.category, s.class_nouns)
         config = InstantBoothConfig(
@@ -82,6 +74,8 @@ class InstantBoothTraining:
             class_noun=s.class_nouns[0] if s.class_nouns else s.category, alpha=s.alpha_inference,
             beta=s.beta_inference, image_size=int(vc.image_size), crop_margin=s.crop_margin, background=s.background)
         self.ib = InstantBooth(config).to(self.device)
+        self.attention = freeze_base(model, vision, self.device, attention=s.attention,
+                                     gradient_checkpointing=s.gradient_checkpointing, adapters=self.ib.adapters)
         self.module = self.ib
         self.hooks = InstantBoothHooks(model.unet, self.ib, None, beta=s.beta)
         self.augment = TrainAugment() if s.augment else None
