@@ -229,11 +229,11 @@ class Batch:
 
 
 def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Predict,
-              schedule: NoiseSchedule, modules: Mapping[str, nn.Module], generator: torch.Generator | None = None
-              ) -> torch.Tensor:
-    """Denoising loss with the predicted identifier and the offsets applied, plus the regularisers — the one loss of
-    pre-training and of tuning. The caller keeps the offsets attached to ``modules`` (:meth:`WeightOffsets.attach`)
-    through the forward and the backward pass."""
+              schedule: NoiseSchedule, modules: Mapping[str, nn.Module], generator: torch.Generator | None = None,
+              regularise: bool = True) -> torch.Tensor:
+    """Denoising loss with the predicted identifier and the offsets applied, plus the regularisers (unless
+    ``regularise`` is off, for validation) — the one loss of pre-training and of tuning. The caller keeps the offsets
+    attached to ``modules`` (:meth:`WeightOffsets.attach`) through the forward and the backward pass."""
     c = e4t.config
     x0 = batch.x0
     b = x0.shape[0]
@@ -254,6 +254,8 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
         loss = (err * m).sum() / (m.sum() * err.shape[1]).clamp_min(1e-8)
     else:
         loss = err.mean()
+    if not regularise:
+        return loss
     loss = loss + c.reg_embedding * torch.stack([p.float().pow(2).sum(-1).mean() for p in prediction]).sum()
     if c.reg_offsets:
         loss = loss + c.reg_offsets * e4t.offsets.penalty()

@@ -259,3 +259,24 @@ def test_tune_cli_on_the_toy_world_with_the_shipped_file(tmp_path, capsys):
     assert emb.vectors["emb_params"].shape == (1, 64)
     tensors, meta = read_safetensors(tmp_path / "out" / "sks_lora.safetensors")
     assert meta["family"] == "toy" and all(k.endswith(".diff") for k in tensors)
+
+
+def test_validation_compares_with_the_base_model_on_the_same_draws(tmp_path):
+    """Untrained, E4T's validation loss is the base model's exactly; once the offsets move, only E4T's changes, and
+    the training hooks are back in place afterwards."""
+    from boothkit.hosts.loading import load_sd
+    from boothkit.training.data import FolderDataset
+    from boothkit.training.e4t import E4TSettings, E4TTraining
+
+    sd = tiny_sd_folder(tmp_path / "sd", with_vae=False)
+    ds = FolderDataset(write_dataset(tmp_path / "data", n=3), 32)
+    method = E4TTraining(load_sd(sd), tiny_clip_vision(), ds, E4TSettings(category="cat", hidden=16), validation=ds)
+    first = method.validate()
+    assert first["denoising_loss"] == first["denoising_loss_base"] > 0
+    with torch.no_grad():
+        for o in method.e4t.offsets.offsets:
+            o.up.normal_(std=0.5)
+    second = method.validate()
+    assert second["denoising_loss_base"] == first["denoising_loss_base"]
+    assert second["denoising_loss"] != first["denoising_loss"]
+    assert method.validate() == second, "hooks re-attached once, not stacked"

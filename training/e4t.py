@@ -122,12 +122,26 @@ class E4TTraining:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Denoising loss on held-out images with fixed noise, comparable across steps."""
+        """Denoising loss on held-out images with fixed noise (no regularisers), comparable across steps, and the base
+        model's on the same draws (the class word, no offsets): pre-training has learnt something only where the
+        first is below the second."""
         if self.val_set is None:
             return {}
-        idx = list(range(min(len(self.val_set["dataset"]), 16)))
-        g = torch.Generator().manual_seed(1234)
-        return {"denoising_loss": self.val_set["host"].loss(self.batch(self.val_set, idx), g).item()}
+        host = self.val_set["host"]
+        batch = self.batch(self.val_set, list(range(min(len(self.val_set["dataset"]), 16))))
+
+        def loss(e4t):
+            return e4t_backend.objective(e4t, batch, host.features, host.encode, host.predict, host.schedule,
+                                         host.modules, torch.Generator().manual_seed(1234), regularise=False).item()
+
+        out = {"denoising_loss": loss(self.e4t)}
+        for h in self.hooks:  # a fresh E4T predicts 0 and has Δ = 0: the base model with the class word
+            h.remove()
+        try:
+            out["denoising_loss_base"] = loss(E4T(self.e4t.config).to(self.device))
+        finally:
+            self.hooks = self.e4t.offsets.attach(self.train_set["host"].modules)
+        return out
 
     @torch.no_grad()
     def sample(self, out_dir: Path, step: int) -> Path | None:
