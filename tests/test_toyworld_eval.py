@@ -20,6 +20,16 @@ def test_subjects_are_held_out_and_deterministic():
         make_subjects(10_000, 1, 0)
 
 
+def test_dev_subjects_are_held_out_and_disjoint_from_the_table():
+    from boothkit.toyworld import domain
+
+    n = len(domain.identities("heldout")) // 2
+    table, dev = make_subjects(n, 1, 0), make_subjects(n, 1, 0, dev=True)
+    assert {s.identity.id for s in table}.isdisjoint({s.identity.id for s in dev})
+    assert {s.identity.id for s in dev} <= {i.id for i in domain.identities("heldout")}
+    assert {s.class_name for s in make_subjects(2, 1, 0, dev=True)} == set(domain.CLASS_NOUNS)
+
+
 def test_prompts_carry_the_identifier_and_the_scored_text_does_not():
     s = make_subjects(1, 1, 0)[0]
     with_id, plain = prompts_for(s, eval_contexts(3, 0), "sks")

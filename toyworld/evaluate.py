@@ -33,7 +33,9 @@ class Subject:
     masks: torch.Tensor  # [K, 1, R, R]
 
 
-def make_subjects(n: int, k_refs: int, seed: int) -> list[Subject]:
+def make_subjects(n: int, k_refs: int, seed: int, dev: bool = False) -> list[Subject]:
+    """The first ``n`` held-out identities (classes interleaved), or with ``dev`` the last ``n``: a development set
+    to choose settings on, disjoint from the table's subjects while 2n <= the held-out count."""
     from . import domain
 
     ids = domain.identities("heldout")
@@ -46,7 +48,7 @@ def make_subjects(n: int, k_refs: int, seed: int) -> list[Subject]:
     order = [x for group in zip(*by_class.values()) for x in group] + \
         [x for x in ids if x not in {y for g in zip(*by_class.values()) for y in g}]
     out = []
-    for ident in order[:n]:
+    for ident in (order[len(order) - n:][::-1] if dev else order[:n]):
         rng = np.random.default_rng(seed * 7919 + ident.id)
         samples = [domain.render(ident, domain.random_context(rng), seed=int(rng.integers(1 << 30)))
                    for _ in range(k_refs)]
@@ -72,7 +74,7 @@ def prompts_for(subject: Subject, contexts, identifier: str | None) -> tuple[lis
 
 
 def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
-             seed: int, steps: int, overrides: dict | None = None) -> dict:
+             seed: int, steps: int, overrides: dict | None = None, dev: bool = False) -> dict:
     """``overrides`` replace the shipped files' inference defaults: ``beta`` (InstantBooth's β), ``e4t_lr`` (E4T's
     tune learning rate); the table records them."""
     from .methods import DEFAULT_METHODS, METHODS, ToyEnv
@@ -94,7 +96,7 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
             if not ok:
                 log.warning("%s left out: the toy world has no trained %s file yet", name, name)
     scorers = load_scorers()
-    subjects = make_subjects(n_subjects, k_refs, seed)
+    subjects = make_subjects(n_subjects, k_refs, seed, dev)
     contexts = eval_contexts(n_contexts, seed)
     rows = {}
     from tqdm.auto import tqdm
@@ -125,12 +127,13 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
     return {"methods": rows, "settings": {"subjects": n_subjects, "references": k_refs, "contexts": n_contexts,
                                           "samples_per_prompt": samples_per_prompt, "seed": seed,
                                           "sample_steps": steps, "threads": torch.get_num_threads(),
+                                          **({"dev": True} if dev else {}),
                                           **({"overrides": overrides} if overrides else {})}}
 
 
 def to_markdown(result: dict) -> str:
     s = result["settings"]
-    lines = [f"Held-out toy-world identities: {s['subjects']} subjects × {s['contexts']} prompts × "
+    lines = [f"Held-out toy-world identities{' (development set)' if s.get('dev') else ''}: {s['subjects']} subjects × {s['contexts']} prompts × "
              f"{s['samples_per_prompt']} samples, {s['references']} reference images each, seed {s['seed']}, "
              f"{s['sample_steps']} DDIM steps, {s['threads']} CPU threads"
              + "".join(f", {k} {v}" for k, v in s.get("overrides", {}).items()) + ".", "",
@@ -159,6 +162,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/eval", help="folder for eval.json and eval.md")
     p.add_argument("--beta", type=float, help="InstantBooth's adapter weight β instead of the shipped file's")
     p.add_argument("--e4t-lr", type=float, help="E4T's tune learning rate instead of the shipped file's")
+    p.add_argument("--dev", action="store_true",
+                   help="score the last held-out identities instead of the first: a development set on which to "
+                        "choose settings, disjoint from the table's subjects")
     p.add_argument("--update", action="store_true",
                    help="add the methods to the table already in --out (same settings), replacing their rows")
     return p.parse_args(argv)
@@ -169,7 +175,7 @@ def merge(old: dict, new: dict) -> dict:
     from .methods import DEFAULT_METHODS, METHODS
 
     keys = ("subjects", "references", "contexts", "samples_per_prompt", "seed", "sample_steps")
-    if any(old["settings"].get(k) != new["settings"].get(k) for k in keys) or \
+    if any(old["settings"].get(k) != new["settings"].get(k) for k in keys + ("dev",)) or \
             (old["settings"].get("overrides") or {}) != (new["settings"].get("overrides") or {}):
         raise ValueError(f"--update needs the settings of the existing table: "
                          f"{ {k: old['settings'].get(k) for k in keys} }")
@@ -185,7 +191,7 @@ def merge(old: dict, new: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = evaluate(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
-                      args.steps, {"beta": args.beta, "e4t_lr": args.e4t_lr})
+                      args.steps, {"beta": args.beta, "e4t_lr": args.e4t_lr}, args.dev)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.update and (out / "eval.json").exists():
