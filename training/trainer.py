@@ -231,6 +231,6 @@ class Trainer:
         metrics = self.method.validate()
         if metrics:
             log.info("validation at step %d: %s", self.step,
-                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if math.isfinite(v)))
+                     ", ".join(f"{k}={v:.6g}" for k, v in metrics.items() if math.isfinite(v)))
             if self.acc.log_with:
                 self.acc.log({f"val/{k}": v for k, v in metrics.items()}, step=self.step)
