@@ -76,7 +76,7 @@ def prompts_for(subject: Subject, contexts, identifier: str | None) -> tuple[lis
 def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
              seed: int, steps: int, overrides: dict | None = None, dev: bool = False) -> dict:
     """``overrides`` replace the shipped files' inference defaults: ``beta`` (InstantBooth's β), ``e4t_lr`` (E4T's
-    tune learning rate); the table records them."""
+    tune learning rate), ``e4t`` (another pre-trained E4T file, e.g. a new run's); the table records them."""
     from .methods import DEFAULT_METHODS, METHODS, ToyEnv
     from .scorers import load_scorers
 
@@ -87,6 +87,10 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "beta" in overrides and env.instantbooth is not None:
         env.instantbooth.config.beta = overrides["beta"]
+    if "e4t" in overrides:
+        from ..backend.formats import load_e4t
+
+        env.e4t = load_e4t(overrides["e4t"], family="toy")
     if "e4t_lr" in overrides and env.e4t is not None:
         env.e4t.config.tune_lr = overrides["e4t_lr"]
     if methods is None:  # the default: every method whose trained files exist
@@ -162,6 +166,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/eval", help="folder for eval.json and eval.md")
     p.add_argument("--beta", type=float, help="InstantBooth's adapter weight β instead of the shipped file's")
     p.add_argument("--e4t-lr", type=float, help="E4T's tune learning rate instead of the shipped file's")
+    p.add_argument("--e4t", metavar="FILE", help="a pre-trained E4T file instead of the shipped one")
     p.add_argument("--dev", action="store_true",
                    help="score the last held-out identities instead of the first: a development set on which to "
                         "choose settings, disjoint from the table's subjects")
@@ -191,7 +196,7 @@ def merge(old: dict, new: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = evaluate(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
-                      args.steps, {"beta": args.beta, "e4t_lr": args.e4t_lr}, args.dev)
+                      args.steps, {"beta": args.beta, "e4t_lr": args.e4t_lr, "e4t": args.e4t}, args.dev)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.update and (out / "eval.json").exists():

@@ -105,16 +105,22 @@ def quicktune(embedding: bool = True, denoiser: bool = True, **overrides):
     return method
 
 
-def e4t(steps: int):
+def e4t(steps: int, pretrained: bool = True):
     """E4T (seed 001) from the subject's first image alone: the pre-trained encoder's prediction, then ``steps``
-    tuning steps of the encoder and the weight offsets."""
+    tuning steps of the encoder and the weight offsets. ``pretrained=False`` is the ablation: the same tune from an
+    untrained E4T of the shipped file's shape (prediction 0, Δ = 0), to show what the pre-training adds."""
     def method(env: ToyEnv, subject, seed: int):
+        from ..backend.e4t import E4T
         from ..hosts.diffusers_e4t import e4t_tune
         from ..hosts.diffusers_tune import encode_prompt
 
         if env.e4t is None:
             raise ValueError("the toy world has no pre-trained E4T file yet; train it (README, 'Toy world')")
-        concept = e4t_tune(env.base, env.vision, env.e4t, subject.images[0], subject.masks[0], subject.noun,
+        start = env.e4t
+        if not pretrained:
+            torch.manual_seed(seed)  # Δ's random V factors
+            start = E4T(env.e4t.config)
+        concept = e4t_tune(env.base, env.vision, start, subject.images[0], subject.masks[0], subject.noun,
                            steps=steps, seed=seed)
 
         def generate(prompts, plain_prompts, seed):
@@ -139,6 +145,7 @@ METHODS = {
     "e4t-0": e4t(0),
     "e4t-5": e4t(5),
     "e4t-15": e4t(15),
+    "e4t-15-untrained": e4t(15, pretrained=False),
 }
 DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune", "e4t-0", "e4t-5",
-                   "e4t-15"]
+                   "e4t-15", "e4t-15-untrained"]
