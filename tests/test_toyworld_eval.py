@@ -142,3 +142,20 @@ def test_untrained_e4t_ablation_starts_from_zero_and_leaves_the_shipped_file(tmp
     assert float(start.encoder.mlp[-1].weight.abs().sum()) == 0, "prediction 0: the class word"
     assert all(torch.equal(before[k], v) for k, v in env.e4t.state_dict().items())
     assert METHODS["e4t-15-untrained"] is not METHODS["e4t-15"]
+
+
+def test_eval_takes_another_e4t_file_and_records_it(tmp_path):
+    import shutil
+
+    from boothkit.backend.formats import FormatError
+    from boothkit.toyworld import store
+
+    other = tmp_path / "run.safetensors"
+    shutil.copy(store.verified("e4t.safetensors"), other)
+    common = ["--methods", "e4t-0", "--subjects", "1", "--contexts", "1", "--samples", "1", "--steps", "2"]
+    assert eval_main(common + ["--e4t", str(other), "--out", str(tmp_path / "a")]) == 0
+    settings = json.loads((tmp_path / "a" / "eval.json").read_text())["settings"]
+    assert settings["overrides"] == {"e4t": str(other)}
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises((FormatError, ValueError), match="bad.safetensors"):
+        eval_main(common + ["--e4t", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "b")])
