@@ -137,7 +137,8 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
 
 def to_markdown(result: dict) -> str:
     s = result["settings"]
-    lines = [f"Held-out toy-world identities{' (development set)' if s.get('dev') else ''}: {s['subjects']} subjects × {s['contexts']} prompts × "
+    which = " (development set)" if s.get("dev") else ""
+    lines = [f"Held-out toy-world identities{which}: {s['subjects']} subjects × {s['contexts']} prompts × "
              f"{s['samples_per_prompt']} samples, {s['references']} reference images each, seed {s['seed']}, "
              f"{s['sample_steps']} DDIM steps, {s['threads']} CPU threads"
              + "".join(f", {k} {v}" for k, v in s.get("overrides", {}).items()) + ".", "",
