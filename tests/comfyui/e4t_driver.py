@@ -9,7 +9,6 @@ OUT/results.json and OUT/tensors.safetensors. Tiny settings: a 64x64 photo, 2 st
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 import traceback
@@ -24,7 +23,8 @@ E4T_FILE = "e4t_random.safetensors"
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from make_models import CHECKPOINT, CLIP_VISION
-    from node_runner import error_of, node_runner, start, stock_lora_loader, token_table, unet_state
+    from node_runner import (error_of, node_runner, start, stock_lora_loader, token_table, unet_state, work_folders,
+                             write_results)
 
     a, pack, loaded, log = start(argv, "e4t")
     import comfy.model_management as mm
@@ -42,10 +42,7 @@ def main(argv=None) -> int:
     formats = importlib.import_module(pack + ".backend.formats")
     for name in ("checkpoints", "clip_vision"):
         folder_paths.add_model_folder_path(name, os.path.join(a.models, name))
-    for name in ("e4t", "embeddings", "loras"):  # never the checkout's models/
-        path = os.path.join(a.work, name)
-        os.makedirs(path, exist_ok=True)
-        folder_paths.folder_names_and_paths[name] = ([path], folder_paths.folder_names_and_paths[name][1])
+    work_folders(a.work, ("e4t", "embeddings", "loras"))
 
 
 
@@ -168,13 +165,7 @@ def main(argv=None) -> int:
     }
     results["t_total"] = log.elapsed()
 
-    from safetensors.torch import save_file
-
-    os.makedirs(a.out, exist_ok=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-              os.path.join(a.out, "tensors.safetensors"))
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    write_results(a.out, results, tensors)
     return 0
 
 

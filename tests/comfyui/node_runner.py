@@ -87,6 +87,35 @@ def start(argv, name: str):
     return a, os.path.abspath(a.pack).replace(".", "_x_"), loaded, log  # the module name load_custom_node gives
 
 
+def work_folders(work: str, names) -> dict:
+    """Point ComfyUI's model folders ``names`` at fresh folders under ``work`` (never the checkout's models/);
+    returns name -> path."""
+    import os
+
+    import folder_paths
+
+    paths = {}
+    for name in names:
+        paths[name] = os.path.join(work, name)
+        os.makedirs(paths[name], exist_ok=True)
+        folder_paths.folder_names_and_paths[name] = ([paths[name]], folder_paths.folder_names_and_paths[name][1])
+    return paths
+
+
+def write_results(out: str, results: dict, tensors: dict) -> None:
+    """What a driver hands back to its test: OUT/results.json and OUT/tensors.safetensors (float32)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+              os.path.join(out, "tensors.safetensors"))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
 def unet_state(model) -> dict:
     """The MODEL's UNet weights as sampling would see them (its patches applied), copied."""
     import comfy.model_management as mm

@@ -10,7 +10,6 @@ OUT/results.json and OUT/tensors.safetensors. Tiny settings: 64x64 images, 3 + 3
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ STEPS = 3  # per stage
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from make_models import CHECKPOINT
-    from node_runner import error_of, node_runner, start, stock_lora_loader, token_table, unet_state
+    from node_runner import (error_of, node_runner, start, stock_lora_loader, token_table, unet_state, work_folders,
+                             write_results)
 
     a, pack, loaded, log = start(argv, "quicktune")
     import comfy.model_management as mm
@@ -41,10 +41,7 @@ def main(argv=None) -> int:
     backend_embedding = importlib.import_module(pack + ".backend.embedding")
     backend_lora = importlib.import_module(pack + ".backend.lora")
     folder_paths.add_model_folder_path("checkpoints", os.path.join(a.models, "checkpoints"))
-    emb_dir, lora_dir = os.path.join(a.work, "embeddings"), os.path.join(a.work, "loras")
-    for name, path in (("embeddings", emb_dir), ("loras", lora_dir)):  # never the checkout's models/
-        os.makedirs(path, exist_ok=True)
-        folder_paths.folder_names_and_paths[name] = ([path], folder_paths.folder_names_and_paths[name][1])
+    emb_dir, lora_dir = work_folders(a.work, ("embeddings", "loras")).values()
     results["schemas"] = {k: {"inputs": v.INPUT_TYPES(), "outputs": list(v.RETURN_TYPES),
                               "output_node": bool(getattr(v, "OUTPUT_NODE", False))}
                           for k, v in nodes.NODE_CLASS_MAPPINGS.items()
@@ -224,13 +221,7 @@ def main(argv=None) -> int:
     log("SDXL-shaped model checked")
     results["t_total"] = log.elapsed()
 
-    from safetensors.torch import save_file
-
-    os.makedirs(a.out, exist_ok=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-              os.path.join(a.out, "tensors.safetensors"))
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    write_results(a.out, results, tensors)
     return 0
 
 
