@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class E4TTraining:
         self.train_set = self._split(dataset, s.cache_latents)
         self.val_set = self._split(validation, False) if validation is not None else None
         self._class_vectors: dict[str, list[torch.Tensor]] = {}
+        self._base_loss: float | None = None  # validation's base-model loss (fixed draws, frozen base)
         # attached for the whole run: the backward pass (and gradient checkpointing's recomputation) needs them
         self.hooks = self.e4t.offsets.attach(self.train_set["host"].modules)
 
@@ -120,11 +122,21 @@ class E4TTraining:
         e4t.load_state_dict(weights)
         return save_e4t(path, e4t)
 
+    @contextmanager
+    def _offsets_detached(self):
+        """The training hooks off while inside (the base model, or a tuned copy's own offsets), attached again after."""
+        for h in self.hooks:
+            h.remove()
+        try:
+            yield
+        finally:
+            self.hooks = self.e4t.offsets.attach(self.train_set["host"].modules)
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Denoising loss on held-out images with fixed noise (no regularisers), comparable across steps, and the base
         model's on the same draws (the class word, no offsets): pre-training has learnt something only where the
-        first is below the second."""
+        first is below the second. The base's value never changes, so it is computed once."""
         if self.val_set is None:
             return {}
         host = self.val_set["host"]
@@ -135,12 +147,10 @@ class E4TTraining:
                                          host.modules, torch.Generator().manual_seed(1234), regularise=False).item()
 
         out = {"denoising_loss": loss(self.e4t)}
-        for h in self.hooks:  # a fresh E4T predicts 0 and has Δ = 0: the base model with the class word
-            h.remove()
-        try:
-            out["denoising_loss_base"] = loss(E4T(self.e4t.config).to(self.device))
-        finally:
-            self.hooks = self.e4t.offsets.attach(self.train_set["host"].modules)
+        if self._base_loss is None:
+            with self._offsets_detached():  # a fresh E4T predicts 0 and has Δ = 0: the base model with the class word
+                self._base_loss = loss(E4T(self.e4t.config).to(self.device))
+        out["denoising_loss_base"] = self._base_loss
         return out
 
     @torch.no_grad()
@@ -154,12 +164,8 @@ class E4TTraining:
 
         ds, rows = self.val_set["dataset"], []
         uncond = encode_prompt(self.model, "")
-        for h in self.hooks:  # each sample applies its own tuned copy's offsets
-            h.remove()
-        try:
+        with self._offsets_detached():  # each sample applies its own tuned copy's offsets
             rows = self._sample_rows(ds, uncond)
-        finally:
-            self.hooks = self.e4t.offsets.attach(self.train_set["host"].modules)
         if not rows:
             return None
         path = save_png(torch.cat(rows, dim=-2), Path(out_dir) / f"step-{step:07d}.png")

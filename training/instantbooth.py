@@ -21,7 +21,7 @@ from ..backend.identifier import find_identifier_rows
 from ..hosts.diffusers_host import InstantBoothHooks, adapter_layout, encode_prompt, tokenize_chunks
 from ..hosts.loading import SDModel
 from .data import LatentTargets
-from .frozen import attention_kind, freeze_base
+from .frozen import freeze_base
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ class InstantBoothTraining:
     def __init__(self, model: SDModel, vision, dataset, settings: InstantBoothSettings, validation=None,
                  device: torch.device | str = "cpu"):
         s = self.s = settings
-        attention_kind(s.attention, device)  # a wrong name fails before anything loads
         if s.num_images < 1:
             raise ValueError("num_images must be at least 1")
         self.model, self.vision, self.dataset, self.validation = model, vision, dataset, validation
