@@ -141,10 +141,14 @@ def main(argv=None) -> int:
             batch = next(batches)
         plain_step(m_plain, batch, opt)
 
+    kernel = [None]  # the UNet's current attention kind: switched only when a variant needs another
+
     def active(method, step):
         """Each variant has its own adapters on the shared UNet: only the running one is attached, with its kernel."""
         def run():
-            use_attention(model.unet, method.attention)
+            if kernel[0] != method.attention:
+                use_attention(model.unet, method.attention)
+                kernel[0] = method.attention
             method.hooks.attach()
             try:
                 step()
