@@ -83,20 +83,14 @@ def per_prompt(encoder: qh.PromptEncoder):
     return encode
 
 
-class Progress:
-    """ComfyUI's progress bar and a text line with the loss; Cancel stops within one step."""
+class Progress(qh.Progress):
+    """Quick-tune's progress (bar, text line, Cancel within one step) with one stage."""
 
     def __init__(self, total: int):
-        import comfy.utils
+        super().__init__(total, stage1_steps=0)
 
-        self.bar = comfy.utils.ProgressBar(max(total, 1))
-
-    def __call__(self, done: int, total: int, loss: float) -> None:
-        import comfy.model_management
-
-        self.bar.update_absolute(done, total)
-        qh.send_text(f"E4T step {done}/{total}, loss {loss:.4f}")
-        comfy.model_management.throw_exception_if_processing_interrupted()
+    def text(self, done: int, total: int, loss: float) -> str:
+        return f"E4T step {done}/{total}, loss {loss:.4f}"
 
 
 @dataclass
