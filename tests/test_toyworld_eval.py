@@ -116,26 +116,22 @@ def test_quicktune_method_personalizes_without_touching_the_base():
     assert all(torch.equal(v, before[k]) for k, v in env.base.unet.state_dict().items()), "base model untouched"
 
 
-def test_untrained_e4t_ablation_starts_from_zero_and_leaves_the_shipped_file(tmp_path):
+def test_untrained_e4t_ablation_starts_from_zero_and_leaves_the_shipped_file(monkeypatch):
+    import boothkit.hosts.diffusers_e4t as host
     from boothkit.toyworld.methods import ToyEnv, e4t
 
     env = ToyEnv.load(sample_steps=2)
     before = {k: v.clone() for k, v in env.e4t.state_dict().items()}
     subject = make_subjects(1, 1, 0)[0]
     captured = {}
-    import boothkit.hosts.diffusers_e4t as host
-
     real = host.e4t_tune
 
     def spy(model, vision, start, *a, **kw):
         captured["start"] = start
         return real(model, vision, start, *a, **kw)
 
-    host.e4t_tune = spy
-    try:
-        e4t(0, pretrained=False)(env, subject, seed=0)
-    finally:
-        host.e4t_tune = real
+    monkeypatch.setattr(host, "e4t_tune", spy)
+    e4t(0, pretrained=False)(env, subject, seed=0)
     start = captured["start"]
     assert start is not env.e4t and start.config.rank == env.e4t.config.rank
     assert all(float(o.up.abs().sum()) == 0 for o in start.offsets.offsets), "Δ = 0"
