@@ -58,11 +58,12 @@ class TuneResult:
         return self.status == DONE
 
 
-def tune_loop(params: Iterable[torch.Tensor], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
+def tune_loop(params: Iterable[torch.Tensor | dict], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
               on_progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None, *,
               weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
               max_grad_norm: float | None = None, mixed_precision: str = "no") -> TuneResult:
-    """Optimise ``params`` (leaf tensors with requires_grad) with AdamW on ``loss_fn(step)`` for ``steps`` steps.
+    """Optimise ``params`` (leaf tensors with requires_grad, or param groups ``{"params": [...], "lr": x}`` with their
+    own rates) with AdamW on ``loss_fn(step)`` for ``steps`` steps.
 
     ``should_cancel()`` is asked before every step; a True stops before the next update (status CANCELLED).
     ``on_progress(done, steps, loss)`` is called after every step; an exception it raises (ComfyUI's interrupt)
@@ -72,6 +73,10 @@ def tune_loop(params: Iterable[torch.Tensor], loss_fn: Callable[[int], torch.Ten
     device sync, which also reads the loss. ``mixed_precision`` "bf16" runs ``loss_fn`` under bfloat16 autocast
     (parameters stay fp32)."""
     params = list(params)
+    plain = [p for p in params if not isinstance(p, dict)]
+    groups = [dict(g, params=list(g["params"])) for g in params if isinstance(g, dict)]
+    groups += [{"params": plain}] if plain else []
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("tune_loop needs at least one parameter to optimise")
     for p in params:
@@ -83,7 +88,7 @@ def tune_loop(params: Iterable[torch.Tensor], loss_fn: Callable[[int], torch.Ten
         raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {mixed_precision!r}")
     device = params[0].device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16" else nullcontext())
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
     clip = max_grad_norm if max_grad_norm else float("inf")
     result = TuneResult()
     start = time.perf_counter()

@@ -65,9 +65,8 @@ def class_vectors(model, word: str) -> list[torch.Tensor]:
 
 
 def new_config(model, vision, class_word: str, identifier: str = "sks", **overrides) -> E4TConfig:
-    """An E4T sized for ``model`` and ``vision``: offsets on every attention projection of the denoiser."""
-    names = e4t_backend.attention_targets([n for n, m in model.unet.named_modules()
-                                           if isinstance(m, torch.nn.Linear)])
+    """An E4T sized for ``model`` and ``vision``: offsets on every Linear of the denoiser's transformer blocks."""
+    names = e4t_backend.offset_targets(model.unet.named_modules())
     shapes = [list(model.unet.get_submodule(n).weight.shape) for n in names]
     return E4TConfig(family=model.family,
                      word_dims=[int(s.text_encoder.get_input_embeddings().weight.shape[1]) for s in text_slots(model)],

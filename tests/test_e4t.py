@@ -64,12 +64,19 @@ def toy_setup(tmp_path, model=None):
     return model, vision, E4T(config)
 
 
-def test_config_covers_every_attention_projection(tmp_path):
+def test_config_covers_every_linear_of_the_transformer_blocks(tmp_path):
     model, vision, e4t = toy_setup(tmp_path)
     c = e4t.config
-    attn = [n for n, m in model.unet.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
-    assert c.targets == attn and attention_targets(c.targets) == attn and len(attn) > 0
-    assert all(list(model.unet.get_submodule(n).weight.shape) == s for n, s in zip(c.targets, c.target_shapes))
+    modules = dict(model.unet.named_modules())
+    attn = [n for n in modules if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    ff = [n for n in modules if n.endswith((".ff.net.0.proj", ".ff.net.2"))]
+    assert attn and ff and attention_targets(c.targets) == attn  # every attention projection, in module order
+    assert set(ff) <= set(c.targets) and c.targets == [n for n in modules if n in set(c.targets)]
+    assert all(isinstance(modules[n], torch.nn.Linear) and ".attentions." in n for n in c.targets)
+    # the Linear layers outside the transformer blocks (time embedding, resnets' time projections) keep no offsets
+    outside = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and ".attentions." not in n]
+    assert outside and not set(outside) & set(c.targets)
+    assert all(list(modules[n].weight.shape) == s for n, s in zip(c.targets, c.target_shapes))
     assert c.unet_dims == list(model.unet.config.block_out_channels) + [model.unet.config.block_out_channels[-1]]
     assert c.word_dims == [32] and c.vision_layers == [1, 2]
 
@@ -132,6 +139,19 @@ def test_tune_leaves_the_model_untouched_and_files_round_trip(tmp_path):
         with_offsets = unet(x, t, encoder_hidden_states=cond).sample
     assert not torch.equal(with_offsets, model.unet(x, t, encoder_hidden_states=cond).sample)
     assert_untouched(model, snap)
+
+
+def test_tune_gives_the_encoder_its_own_rate(tmp_path):
+    """tune_encoder_lr: the encoder moves by about its own rate in a first Adam step, the offsets by the tune's."""
+    model, vision, e4t = toy_setup(tmp_path)
+    e4t.config.tune_encoder_lr = 1e-6
+    concept = de.e4t_tune(model, vision, e4t, images(1)[0], steps=1, lr=1e-2)
+    pre, post = e4t.state_dict(), concept.e4t.state_dict()
+    moved = {k: float((post[k] - pre[k]).abs().max()) for k in pre}
+    enc = [v for k, v in moved.items() if k.startswith("encoder.")]
+    off = [v for k, v in moved.items() if k.startswith("offsets.")]
+    assert max(enc) <= 1.5e-6 and max(enc) > 0, "the encoder moved at tune_encoder_lr"
+    assert 0.5e-2 < max(off) <= 1.5e-2, "the offsets moved at the tune's rate"
 
 
 def test_zero_steps_is_the_encoder_alone_and_cancel_stops(tmp_path):
@@ -212,7 +232,7 @@ checkpoint_every = 2
     assert all(k.startswith(("encoder.", "offsets.")) for k in tensors), "encoder and offsets only"
     assert json.loads(meta["training"])["config"]["train"]["steps"] == 2
     e4t = load_e4t(out / "e4t.safetensors", family="toy")
-    assert any(float(o.up.abs().sum()) > 0 for o in e4t.offsets.offsets), "the offsets were trained"
+    assert any(float(o.up.detach().abs().sum()) > 0 for o in e4t.offsets.offsets), "the offsets were trained"
     assert (out / "checkpoints" / "checkpoint-0000002.safetensors").exists()
     assert list((out / "samples").glob("*.png"))
 

@@ -126,6 +126,17 @@ def test_tune_loop_optimises_cancels_and_guards_nan():
         assert torch.isfinite(p).all()
 
 
+def test_tune_loop_param_groups_keep_their_own_rates():
+    """A first Adam step moves every parameter by about its group's rate; plain tensors take ``lr``."""
+    a, b, c = (torch.zeros(4, requires_grad=True) for _ in range(3))
+    r = qt.tune_loop(iter([{"params": [a], "lr": 1e-1}, {"params": [b], "lr": 1e-4}, c]),
+                     lambda step: ((a - 3) ** 2).sum() + ((b - 3) ** 2).sum() + ((c - 3) ** 2).sum(), 1, 1e-2)
+    assert r.ok
+    torch.testing.assert_close(a.detach(), torch.full((4,), 1e-1))
+    torch.testing.assert_close(b.detach(), torch.full((4,), 1e-4))
+    torch.testing.assert_close(c.detach(), torch.full((4,), 1e-2))
+
+
 def test_tune_loop_rejects_bad_arguments():
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match="learning rate"):

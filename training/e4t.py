@@ -37,6 +37,7 @@ class E4TSettings:
     reg_offsets: float = 0.0
     tune_steps: int = 15  # defaults written into the file for the tune at use time
     tune_lr: float = 1e-4
+    tune_encoder_lr: float | None = None  # None: tune_lr
     tune_batch: int = 4
     cache_latents: bool = True
     cache_vision: bool = True  # class tokens of each image, computed once (the backbone is frozen, no augmentation)
@@ -61,7 +62,8 @@ class E4TTraining:
         self.nouns = class_nouns_for(s.category, s.class_nouns)
         self.e4t = E4T(new_config(model, vision, self.nouns[0], s.identifier, scale=s.scale, rank=s.rank,
                                   hidden=s.hidden, reg_embedding=s.reg_embedding, reg_offsets=s.reg_offsets,
-                                  tune_steps=s.tune_steps, tune_lr=s.tune_lr, tune_batch=s.tune_batch)).to(self.device)
+                                  tune_steps=s.tune_steps, tune_lr=s.tune_lr,
+                                  tune_encoder_lr=s.tune_encoder_lr, tune_batch=s.tune_batch)).to(self.device)
         self.module = self.e4t
         self.train_set = self._split(dataset, s.cache_latents)
         self.val_set = self._split(validation, False) if validation is not None else None

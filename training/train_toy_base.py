@@ -18,10 +18,7 @@ and every exported file is recorded in ``--out``/MANIFEST.json with its sha256 a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import os
 import shlex
 import signal
 import sys

@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     # ---- a random E4T file for this checkpoint, sized from ComfyUI's own UNet -----------------------------------------
     with torch.inference_mode(False):
         to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-        targets = backend.attention_targets(sorted(k[: -len(".weight")] for k in to_ldm if k.endswith(".weight")))
-        modules = host.offset_modules(model, targets)
+        names = sorted(k[: -len(".weight")] for k in to_ldm if k.endswith(".weight"))
+        modules = host.offset_modules(model, [n for n in names if backend.TRANSFORMER_BLOCK.search(n)])
+        targets = backend.offset_targets(modules.items())
         with torch.inference_mode():
             mm.load_models_gpu([model])
         x = torch.zeros(1, 4, 8, 8)
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
                 param.add_(0.01 * torch.randn_like(param))
         formats.save_e4t(os.path.join(a.work, "e4t", E4T_FILE), e4t)
     results["num_targets"], results["unet_dims"] = len(targets), config.unet_dims
+    results["num_attention"] = len(backend.attention_targets(targets))
     log("E4T file written")
 
 

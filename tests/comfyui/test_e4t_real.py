@@ -1,5 +1,5 @@
 """Load E4T, E4T Tune and Save Concept in a real ComfyUI (e4t_driver.py in ComfyUI's python, nodes called as the
-executor calls them, under inference mode): the tune changes exactly the attention projections of the returned MODEL
+executor calls them, under inference mode): the tune changes exactly the offsets' target layers of the returned MODEL
 and the identifier's row of the returned CLIP, the saved weight-diff file loads in stock LoraLoader with no unloaded
 keys and gives the same weights, the embedding works as ``embedding:name``, and neither a finished nor a cancelled
 run changes the input MODEL and CLIP."""
@@ -39,7 +39,11 @@ def test_tune_applies_offsets_and_embedding_to_clones_only(e4t_run):
     assert r["embedding"] == {"keys": ["emb_params"], "shape": [1, 768], "identifier": "sks"}
     assert r["lora"] == {"num": r["num_targets"], "all_diff": True, "method": "e4t"}
     assert r["changed_are_targets"] and r["num_changed"] == r["num_targets"] > 0, \
-        "exactly the attention projections change"
+        "exactly the target layers change"
+    # every attention projection (8 per transformer block) and the 2 feed-forward layers of each block; SD1's
+    # proj_in/out are 1x1 convolutions and get none
+    blocks = r["num_attention"] // 8
+    assert blocks > 0 and r["num_attention"] == 8 * blocks and r["num_targets"] == 10 * blocks
     assert r["clip_rows"]["others_identical"] and r["clip_rows"]["identifier_is_embedding"]
     assert r["untouched_after_run"] == UNTOUCHED
 
