@@ -100,6 +100,17 @@ def test_demo_writes_the_grid(tmp_path, capsys):
     assert "method: instantbooth" in out_text, "the shipped InstantBooth is the demo's default"
 
 
+def test_demo_out_takes_a_folder_and_refuses_other_formats(tmp_path, capsys):
+    from boothkit.toyworld.demo import parse_args
+
+    assert parse_args(["--out", str(tmp_path / "grids")]).out == str(tmp_path / "grids" / "demo.png")
+    assert parse_args(["--out", str(tmp_path)]).out == str(tmp_path / "demo.png")
+    assert parse_args(["--out", str(tmp_path / "a.PNG")]).out == str(tmp_path / "a.PNG")
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path / "grid.jpg")])
+    assert "give a .png file or a folder" in capsys.readouterr().err
+
+
 def test_quicktune_method_personalizes_without_touching_the_base():
     from boothkit.backend.quicktune import StageConfig
     from boothkit.toyworld.methods import ToyEnv, quicktune

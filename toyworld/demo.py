@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,8 +24,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the 32x32 toy images in the grid")
-    p.add_argument("--out", default="out/demo.png")
-    return p.parse_args(argv)
+    p.add_argument("--out", default="out/demo.png", help="the PNG to write, or a folder (then FOLDER/demo.png)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix == "" or out.is_dir():
+        args.out = str(out / "demo.png")
+    elif out.suffix.lower() != ".png":  # checked before the minute of work, not after
+        p.error(f"--out {args.out}: the grid is written as PNG; give a .png file or a folder")
+    return args
 
 
 def main(argv=None) -> int:
