@@ -7,8 +7,8 @@ on the one image at use time, starting from their pre-trained state.
   outputs), mapped by small trained layers to one word embedding per text encoder. The identifier's input embedding
   is ``class-word embedding + scale · prediction``, with an L2 penalty on the prediction.
 * Weight offsets: every attention projection W of the denoiser — and every other Linear of its transformer blocks
-  (feed-forward, proj_in/out) — becomes ``W ∘ (1 + Δ)`` (elementwise), Δ = U·V of rank r. U starts at 0, so Δ = 0 and the untouched model is exact; applied by forward hooks, never by writing the
-  base weights.
+  (feed-forward, proj_in/out) — becomes ``W ∘ (1 + Δ)`` (elementwise), Δ = U·V of rank r. U starts at 0, so Δ = 0
+  and the untouched model is exact; applied by forward hooks, never by writing the base weights.
 
 Host-independent: a host resolves the offsets' modules, runs the frozen backbones and hands in callables —
 ``features(x_t, t, cond) -> [pooled [B, C_i]]`` (no gradient), ``encode(vectors, prompt_ids) -> cond`` (vectors: one
@@ -17,7 +17,7 @@ quick-tune loop (progress, cancel, NaN guard)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import UNET_PREFIX, LoRATensors, kohya_name
+from .lora import UNET_PREFIX, LoRATensors, find_targets, kohya_name
 from .quicktune import NoiseSchedule, TuneResult, tune_loop
 
 # every attention projection of a transformer block: self- and cross-attention q, k, v and out
 ATTENTION_PROJECTION = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-# a transformer block's modules, in diffusers naming ("down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2")
-TRANSFORMER_BLOCK = re.compile(r"(^|\.)attentions\.\d+\.")
 
 Features = Callable[[torch.Tensor, torch.Tensor, Any], Sequence[torch.Tensor]]
 Encode = Callable[[Sequence[torch.Tensor], torch.Tensor], Any]
@@ -222,12 +220,13 @@ def attention_targets(names: Sequence[str]) -> list[str]:
     return [n for n in names if ATTENTION_PROJECTION.search(n)]
 
 
-def offset_targets(named_modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
-    """The modules that get offsets: every Linear of the denoiser's transformer blocks (diffusers module paths) — the
-    attention projections the paper names, plus the feed-forward layers and the Linear proj_in/out, LoRA's own set.
-    On the toy world the wider set gives a 15-step tune from scratch about 1.5x the identity of the attention
-    projections alone (README, "E4T"). 1x1 convolutions (SD1's proj_in/out) are left out."""
-    return [n for n, m in named_modules if isinstance(m, nn.Linear) and TRANSFORMER_BLOCK.search(n)]
+def offset_targets(unet: nn.Module) -> list[str]:
+    """The modules of ``unet`` that get offsets (its own module paths): every Linear that LoRA adapts
+    (:func:`backend.lora.find_targets`), i.e. of the transformer blocks — the attention projections the paper names,
+    plus the feed-forward layers and the Linear proj_in/out. On the toy world the wider set gives a 15-step tune from
+    scratch about 1.5x the identity of the attention projections alone (README, "E4T"). 1x1 convolutions (SD1's
+    proj_in/out) are left out: the offsets' hook is a Linear's."""
+    return [p for p, (m, _) in find_targets(unet).items() if isinstance(m, nn.Linear)]
 
 
 @dataclass

@@ -66,7 +66,7 @@ def class_vectors(model, word: str) -> list[torch.Tensor]:
 
 def new_config(model, vision, class_word: str, identifier: str = "sks", **overrides) -> E4TConfig:
     """An E4T sized for ``model`` and ``vision``: offsets on every Linear of the denoiser's transformer blocks."""
-    names = e4t_backend.offset_targets(model.unet.named_modules())
+    names = e4t_backend.offset_targets(model.unet)
     shapes = [list(model.unet.get_submodule(n).weight.shape) for n in names]
     return E4TConfig(family=model.family,
                      word_dims=[int(s.text_encoder.get_input_embeddings().weight.shape[1]) for s in text_slots(model)],

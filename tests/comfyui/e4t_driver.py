@@ -56,9 +56,10 @@ def main(argv=None) -> int:
     # ---- a random E4T file for this checkpoint, sized from ComfyUI's own UNet -----------------------------------------
     with torch.inference_mode(False):
         to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-        names = sorted(k[: -len(".weight")] for k in to_ldm if k.endswith(".weight"))
-        modules = host.offset_modules(model, [n for n in names if backend.TRANSFORMER_BLOCK.search(n)])
-        targets = backend.offset_targets(modules.items())
+        # the targets on ComfyUI's own UNet (ldm paths), named as the file stores them (diffusers paths)
+        from_ldm = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in to_ldm.items() if k.endswith(".weight")}
+        targets = sorted(from_ldm[p] for p in backend.offset_targets(dm))
+        modules = host.offset_modules(model, targets)
         with torch.inference_mode():
             mm.load_models_gpu([model])
         x = torch.zeros(1, 4, 8, 8)
