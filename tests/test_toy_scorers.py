@@ -335,6 +335,36 @@ def test_shipped_scorers_tell_identities_apart():
 
 
 @pytest.mark.skipif(not _shipped(), reason="toy scorers not trained yet")
+def test_context_margin_scores_the_context_words_not_the_subject():
+    from boothkit.toyworld import domain
+
+    scorers = sc.load_scorers()
+    rng = random.Random(0)
+    idents = domain.identities("heldout")[:6]
+    ctxs = [domain.Context("snow", "night", "tree"), domain.Context("grass", "day", None)]
+    images = torch.stack([domain.render(i, ctxs[k % 2], rng.randrange(2**31)).image
+                          for k, i in enumerate(idents)]).float()
+
+    def score(contexts):
+        texts = [domain.context_prompt(i.class_name, c) for i, c in zip(idents, contexts)]
+        alts = [[domain.context_prompt(i.class_name, a) for a in domain.one_field_changes(c)]
+                for i, c in zip(idents, contexts)]
+        return scorers.context_margin(images, texts, alts)
+
+    true = score([ctxs[k % 2] for k in range(6)])
+    wrong = score([ctxs[(k + 1) % 2] for k in range(6)])
+    assert true.shape == (6,) and bool((true > 0.05).all()), true
+    assert float(true.mean()) > float(wrong.mean()) + 0.1
+    # the margin is CLIP-T minus the mean cosine with the alternatives
+    texts = [domain.context_prompt(idents[0].class_name, ctxs[0])]
+    alts = [domain.context_prompt(idents[0].class_name, a) for a in domain.one_field_changes(ctxs[0])]
+    expect = scorers.clip_t(images[:1], texts) - scorers.clip_t(images[:1].expand(len(alts), -1, -1, -1), alts).mean()
+    assert float(scorers.context_margin(images[:1], texts, [alts])[0]) == pytest.approx(float(expect), abs=1e-5)
+    with pytest.raises(ValueError, match="one per image"):
+        scorers.context_margin(images, texts, [alts])
+
+
+@pytest.mark.skipif(not _shipped(), reason="toy scorers not trained yet")
 def test_shipped_clip_uses_the_shipped_tokenizer_ids():
     from transformers import CLIPTokenizer
 

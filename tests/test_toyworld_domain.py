@@ -118,6 +118,14 @@ def test_caption_identifier_placement_and_context_prompt():
         d.caption("dog", ctx)
 
 
+def test_one_field_changes_differ_in_exactly_one_field():
+    ctx = d.Context("grass", "night", "ball")
+    changes = d.one_field_changes(ctx)
+    fields = [(c.background != ctx.background) + (c.light != ctx.light) + (c.obj != ctx.obj) for c in changes]
+    assert fields == [1] * len(changes)
+    assert len(set(changes)) == len(changes) == (len(d.BACKGROUNDS) - 1) + (len(d.LIGHTS) - 1) + len(d.OBJECTS)
+
+
 def test_every_vocab_word_is_one_token(tmp_path):
     tok = tk.build_tokenizer(tmp_path / "tok")
     for w in d.VOCAB:

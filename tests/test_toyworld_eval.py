@@ -41,12 +41,18 @@ def test_markdown_table_lists_every_method():
     result = {"settings": {"subjects": 2, "contexts": 1, "samples_per_prompt": 1, "references": 3, "seed": 0,
                            "sample_steps": 5, "threads": 2},
               "methods": {"base": {"identity": 0.1, "identity_std": 0.0, "clip_i": 0.5, "clip_t": 0.3,
-                                   "clip_t_vs_base": 1.0, "personalize_s": 0.0, "sample_s_per_image": 0.1},
+                                   "clip_t_vs_base": 1.0, "context": 0.12, "context_vs_base": 1.0,
+                                   "personalize_s": 0.0, "sample_s_per_image": 0.1},
                           "instantbooth": {"identity": 0.5, "identity_std": 0.1, "clip_i": 0.6, "clip_t": 0.29,
-                                           "clip_t_vs_base": 0.97, "personalize_s": 0.02,
-                                           "sample_s_per_image": 0.1}}}
+                                           "clip_t_vs_base": 0.97, "context": 0.108, "context_vs_base": 0.9,
+                                           "personalize_s": 0.02, "sample_s_per_image": 0.1},
+                          # a row from a table written before the context margin existed
+                          "quicktune": {"identity": 0.8, "identity_std": 0.1, "clip_i": 0.7, "clip_t": 0.3,
+                                        "clip_t_vs_base": 1.0, "personalize_s": 70.0, "sample_s_per_image": 0.1}}}
     md = to_markdown(result)
-    assert "| base | 0.100 ± 0.000 |" in md and "| instantbooth | 0.500 ± 0.100 |" in md and "0.970" in md
+    assert "| base | 0.100 ± 0.000 | 0.500 | 0.300 | 1.000 | 0.120 | 1.000 |" in md
+    assert "| instantbooth | 0.500 ± 0.100 | 0.600 | 0.290 | 0.970 | 0.108 | 0.900 |" in md
+    assert "| quicktune | 0.800 ± 0.100 | 0.700 | 0.300 | 1.000 | – | – |" in md
 
 
 def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
@@ -55,6 +61,7 @@ def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
     result = json.loads((tmp_path / "eval.json").read_text())
     row = result["methods"]["base"]
     assert -1 <= row["identity"] <= 1 and -1 <= row["clip_t"] <= 1 and row["clip_t_vs_base"] == 1.0
+    assert -2 <= row["context"] <= 2 and row["context_vs_base"] == 1.0
     assert (tmp_path / "eval.md").read_text().startswith("Held-out toy-world identities")
 
 
@@ -66,6 +73,8 @@ def test_update_adds_rows_to_the_table_of_the_same_settings(tmp_path):
     assert list(result["methods"]) == ["base", "e4t-0"], "rows in the methods' order, the old one kept"
     assert result["methods"]["e4t-0"]["clip_t_vs_base"] == pytest.approx(
         result["methods"]["e4t-0"]["clip_t"] / result["methods"]["base"]["clip_t"])
+    assert result["methods"]["e4t-0"]["context_vs_base"] == pytest.approx(
+        result["methods"]["e4t-0"]["context"] / result["methods"]["base"]["context"])
     with pytest.raises(ValueError, match="settings of the existing table"):
         eval_main(["--methods", "base", "--update", "--subjects", "2", "--contexts", "1", "--samples", "1",
                    "--steps", "2", "--out", str(tmp_path)])
@@ -165,3 +174,24 @@ def test_eval_takes_another_e4t_file_and_records_it(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises((FormatError, ValueError), match="bad.safetensors"):
         eval_main(common + ["--e4t", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "b")])
+
+
+def test_quicktune_1photo_tunes_on_the_one_photo_e4t_gets(monkeypatch):
+    import boothkit.hosts.diffusers_tune as host
+    from boothkit.toyworld.methods import METHODS, ToyEnv
+
+    env = ToyEnv.load(sample_steps=2)
+    subject = make_subjects(1, 3, 0)[0]
+    seen = {}
+
+    def spy(model, images, noun, masks=None, **kw):
+        seen["images"], seen["masks"] = images, masks
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(host, "quick_tune", spy)
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        METHODS["quicktune-1photo"](env, subject, 0)
+    assert torch.equal(seen["images"], subject.images[:1]) and torch.equal(seen["masks"], subject.masks[:1])
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        METHODS["quicktune"](env, subject, 0)
+    assert seen["images"].shape[0] == 3, "the default keeps every photo"

@@ -167,6 +167,14 @@ def random_context(rng) -> Context:
     return Context(bg, light, obj)
 
 
+def one_field_changes(context: Context) -> list[Context]:
+    """Every context that differs from ``context`` in exactly one field (background, light or object)."""
+    out = [Context(b, context.light, context.obj) for b in BACKGROUNDS if b != context.background]
+    out += [Context(context.background, li, context.obj) for li in LIGHTS if li != context.light]
+    out += [Context(context.background, context.light, o) for o in (None, *OBJECTS) if o != context.obj]
+    return out
+
+
 def _context_words(context: Context) -> str:
     if context.background not in BACKGROUNDS or context.light not in LIGHTS or \
             (context.obj is not None and context.obj not in OBJECTS):

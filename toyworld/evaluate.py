@@ -3,7 +3,10 @@
 identity  cosine in the toy identity network (the face-recognition analogue) between each generated image and the
           mean embedding of the subject's reference images
 CLIP-I    cosine of toy-CLIP image embeddings, generated vs references
-CLIP-T    cosine between a generated image and its prompt's context words (no identifier), in toy CLIP
+CLIP-T    cosine between a generated image and its prompt without the identifier ("a photo of a cat on sand at
+          night"), in toy CLIP
+context   CLIP-T's margin on the context words alone: that cosine minus the mean cosine with the same prompt with one
+          context word changed; the class noun is in both, so it scores the context, not the subject's clarity
 time      seconds to personalize one concept (encoding or tuning), and seconds per generated image
 
 Everything is seeded; the table is written as JSON and Markdown."""
@@ -73,6 +76,24 @@ def prompts_for(subject: Subject, contexts, identifier: str | None) -> tuple[lis
     return with_id, plain
 
 
+def context_alternatives(subject: Subject, contexts) -> list[list[str]]:
+    """For each context, the scored prompt with one context word changed (what ``context`` is measured against)."""
+    from . import domain
+
+    return [[domain.context_prompt(subject.class_name, c) for c in domain.one_field_changes(ctx)]
+            for ctx in contexts]
+
+
+def with_ratios(rows: dict) -> dict:
+    """Each row's CLIP-T and context margin as a fraction of the base model's (the quality bar's figures)."""
+    base = rows.get("base", {})
+    for r in rows.values():
+        for key in ("clip_t", "context"):
+            ok = base.get(key) and r.get(key) is not None
+            r[f"{key}_vs_base"] = r[key] / base[key] if ok else None
+    return rows
+
+
 def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
              seed: int, steps: int, overrides: dict | None = None, dev: bool = False) -> dict:
     """``overrides`` replace the shipped files' inference defaults: ``beta`` (InstantBooth's β), ``e4t_lr`` (E4T's
@@ -107,11 +128,12 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
 
     for name in methods:
         method = METHODS[name]
-        ids, clip_i, clip_t, prep, per_image = [], [], [], [], []
+        ids, clip_i, clip_t, context, prep, per_image = [], [], [], [], [], []
         for subj in tqdm(subjects, desc=f"eval {name}", dynamic_ncols=True):
             prompts, plain = prompts_for(subj, contexts, env.identifier)
             prompts = [p for p in prompts for _ in range(samples_per_prompt)]
             plain = [p for p in plain for _ in range(samples_per_prompt)]
+            alternatives = [a for a in context_alternatives(subj, contexts) for _ in range(samples_per_prompt)]
             t0 = time.perf_counter()
             generate = method(env, subj, seed)
             t1 = time.perf_counter()
@@ -122,17 +144,17 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
             ids.append(scorers.identity_similarity(images, subj.images).mean().item())
             clip_i.append(scorers.clip_i(images, subj.images).mean().item())
             clip_t.append(scorers.clip_t(images, plain).mean().item())
+            context.append(scorers.context_margin(images, plain, alternatives).mean().item())
         rows[name] = {"identity": float(np.mean(ids)), "identity_std": float(np.std(ids)),
                       "clip_i": float(np.mean(clip_i)), "clip_t": float(np.mean(clip_t)),
+                      "context": float(np.mean(context)),
                       "personalize_s": float(np.mean(prep)), "sample_s_per_image": float(np.mean(per_image))}
-    base_t = rows.get("base", {}).get("clip_t")
-    for r in rows.values():
-        r["clip_t_vs_base"] = r["clip_t"] / base_t if base_t else None
-    return {"methods": rows, "settings": {"subjects": n_subjects, "references": k_refs, "contexts": n_contexts,
-                                          "samples_per_prompt": samples_per_prompt, "seed": seed,
-                                          "sample_steps": steps, "threads": torch.get_num_threads(),
-                                          **({"dev": True} if dev else {}),
-                                          **({"overrides": overrides} if overrides else {})}}
+    return {"methods": with_ratios(rows),
+            "settings": {"subjects": n_subjects, "references": k_refs, "contexts": n_contexts,
+                         "samples_per_prompt": samples_per_prompt, "seed": seed,
+                         "sample_steps": steps, "threads": torch.get_num_threads(),
+                         **({"dev": True} if dev else {}),
+                         **({"overrides": overrides} if overrides else {})}}
 
 
 def to_markdown(result: dict) -> str:
@@ -142,12 +164,16 @@ def to_markdown(result: dict) -> str:
              f"{s['samples_per_prompt']} samples, {s['references']} reference images each, seed {s['seed']}, "
              f"{s['sample_steps']} DDIM steps, {s['threads']} CPU threads"
              + "".join(f", {k} {v}" for k, v in s.get("overrides", {}).items()) + ".", "",
-             "| method | identity ↑ | CLIP-I ↑ | CLIP-T ↑ | CLIP-T / base | personalize s/concept | s/image |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | identity ↑ | CLIP-I ↑ | CLIP-T ↑ | CLIP-T / base | context ↑ | context / base | "
+             "personalize s/concept | s/image |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(x):
+        return "–" if x is None else f"{x:.3f}"
     for name, r in result["methods"].items():
-        vs = f"{r['clip_t_vs_base']:.3f}" if r.get("clip_t_vs_base") else "–"
         lines.append(f"| {name} | {r['identity']:.3f} ± {r['identity_std']:.3f} | {r['clip_i']:.3f} | "
-                     f"{r['clip_t']:.3f} | {vs} | {r['personalize_s']:.2f} | {r['sample_s_per_image']:.3f} |")
+                     f"{r['clip_t']:.3f} | {fmt(r.get('clip_t_vs_base'))} | {fmt(r.get('context'))} | "
+                     f"{fmt(r.get('context_vs_base'))} | {r['personalize_s']:.2f} | {r['sample_s_per_image']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,10 +214,7 @@ def merge(old: dict, new: dict) -> dict:
     rows = {**old["methods"], **new["methods"]}
     order = DEFAULT_METHODS + [m for m in METHODS if m not in DEFAULT_METHODS]
     rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))}
-    base_t = rows.get("base", {}).get("clip_t")
-    for r in rows.values():
-        r["clip_t_vs_base"] = r["clip_t"] / base_t if base_t else None
-    return {"methods": rows, "settings": old["settings"]}
+    return {"methods": with_ratios(rows), "settings": old["settings"]}
 
 
 def main(argv=None) -> int:

@@ -85,16 +85,17 @@ def instantbooth(env: ToyEnv, subject, seed: int):
     return generate
 
 
-def quicktune(embedding: bool = True, denoiser: bool = True, **overrides):
+def quicktune(embedding: bool = True, denoiser: bool = True, photos: int | None = None, **overrides):
     """Two-stage quick-tune (seed 002) with the toy defaults (100 + 200 steps); the embedding stage alone is
-    textual inversion, the denoiser stage alone DreamBooth-style fine-tuning. ``overrides`` go to
-    QuickTuneConfig.toy."""
+    textual inversion, the denoiser stage alone DreamBooth-style fine-tuning. ``photos`` keeps only the subject's
+    first photos (1: what E4T gets). ``overrides`` go to QuickTuneConfig.toy."""
     def method(env: ToyEnv, subject, seed: int):
         from ..backend.quicktune import QuickTuneConfig
         from ..hosts.diffusers_tune import encode_prompt, quick_tune, tuned
 
-        result = quick_tune(env.base, subject.images, subject.noun, masks=subject.masks, identifier=env.identifier,
-                            stage1=embedding, stage2=denoiser, seed=seed, config=QuickTuneConfig.toy(**overrides))
+        result = quick_tune(env.base, subject.images[:photos], subject.noun, masks=subject.masks[:photos],
+                            identifier=env.identifier, stage1=embedding, stage2=denoiser, seed=seed,
+                            config=QuickTuneConfig.toy(**overrides))
 
         def generate(prompts, plain_prompts, seed):
             with torch.no_grad():
@@ -138,6 +139,7 @@ METHODS = {
     "quicktune": quicktune(),
     "quicktune-stage1": quicktune(denoiser=False),
     "quicktune-stage2": quicktune(embedding=False),
+    "quicktune-1photo": quicktune(photos=1),  # the one photo E4T tunes on: the like-for-like comparison
     # a shorter budget so that `boothkit demo` stays within a minute on 2 CPU cores
     "quicktune-demo": quicktune(stage1=StageConfig(steps=20, lr=5e-3, batch_size=4),
                                 stage2=StageConfig(steps=80, lr=1e-3, batch_size=4, weight_decay=1e-2,
@@ -147,5 +149,5 @@ METHODS = {
     "e4t-15": e4t(15),
     "e4t-15-untrained": e4t(15, pretrained=False),
 }
-DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune", "e4t-0", "e4t-5",
-                   "e4t-15", "e4t-15-untrained"]
+DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune", "quicktune-1photo",
+                   "e4t-0", "e4t-5", "e4t-15", "e4t-15-untrained"]

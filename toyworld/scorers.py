@@ -235,7 +235,8 @@ def _check_images(images: torch.Tensor, name: str) -> torch.Tensor:
 
 @dataclass
 class Scorers:
-    """Evaluation metrics on the toy world: identity similarity (face-distance analogue), CLIP-I and CLIP-T."""
+    """Evaluation metrics on the toy world: identity similarity (face-distance analogue), CLIP-I, CLIP-T and its
+    context margin."""
 
     clip: Any  # transformers CLIPModel
     identity_net: IdentityNet
@@ -293,6 +294,18 @@ class Scorers:
             raise ValueError(f"texts: expected 1 or {img.shape[0]} texts (one per image), got {len(texts)}.")
         txt = self.text_embeds(texts)
         return (img * txt).sum(-1).cpu()
+
+    def context_margin(self, generated: torch.Tensor, texts: list[str], alternatives: list[list[str]]) -> torch.Tensor:
+        """Alignment on the context words alone: each image's cosine with its prompt minus its mean cosine with
+        ``alternatives[i]``, the same prompt with one context word changed (same class noun), → [B]. The class noun
+        is in every text, so a clearer subject of the right class moves both terms alike and cancels out."""
+        img = self.image_embeds(_check_images(generated, "generated"))
+        if len(texts) != img.shape[0] or len(alternatives) != img.shape[0] or not all(alternatives):
+            raise ValueError(f"context_margin: expected {img.shape[0]} texts and {img.shape[0]} non-empty lists of "
+                             f"alternatives (one per image), got {len(texts)} and {len(alternatives)}.")
+        true = (img * self.text_embeds(texts)).sum(-1)
+        alt = torch.stack([self.text_embeds(a).mean(0) for a in alternatives])
+        return (true - (img * alt).sum(-1)).cpu()
 
 
 def load_scorers(device: str | torch.device = "cpu", weights_dir: str | Path = store.WEIGHTS_DIR) -> Scorers:
@@ -446,9 +459,7 @@ def validate(scorers: Scorers, *, split: str = "heldout", renders_per_identity: 
         sims = img_emb[k] @ scorers.text_embeds(prompts).cpu().T
         correct += int(sims.argmax()) == 0
         chance += 1 / len(prompts)
-        one = [domain.Context(b, ctx.light, ctx.obj) for b in domain.BACKGROUNDS if b != ctx.background]
-        one += [domain.Context(ctx.background, li, ctx.obj) for li in domain.LIGHTS if li != ctx.light]
-        one += [domain.Context(ctx.background, ctx.light, o) for o in (None, *domain.OBJECTS) if o != ctx.obj]
+        one = domain.one_field_changes(ctx)
         sims = img_emb[k] @ scorers.text_embeds([prompts[0]] + [domain.context_prompt(cls, c) for c in one]).cpu().T
         correct_one += int(sims.argmax()) == 0
         chance_one += 1 / (1 + len(one))
