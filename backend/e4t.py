@@ -31,6 +31,8 @@ from .quicktune import NoiseSchedule, TuneResult, tune_loop
 
 # every attention projection of a transformer block: self- and cross-attention q, k, v and out
 ATTENTION_PROJECTION = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+# the cross-attention keys and values: the only projections that read the prompt
+CROSS_ATTENTION_KV = re.compile(r"(^|\.)attn2\.(to_k|to_v)$")
 
 Features = Callable[[torch.Tensor, torch.Tensor, Any], Sequence[torch.Tensor]]
 Encode = Callable[[Sequence[torch.Tensor], torch.Tensor], Any]
@@ -58,7 +60,14 @@ class E4TConfig:
     # The encoder's own rate: its dense layers move by about the rate at every Adam step, and at the offsets' rate
     # its prediction ran away (|prediction| in the tens against 0.17 for a token embedding on the toy world)
     tune_encoder_lr: float | None = None
-    tune_batch: int = 4  # augmented noise/timestep draws of the one image per step
+    tune_batch: int = 4  # noise/timestep draws per step, taken from the tune's images in turn
+    # also tune on the mirrored image (the hosts add it; half of each step's draws): a subject seen from either
+    # side. Off by default: wrong for subjects that are not mirror-symmetric in kind (text, logos)
+    tune_flip: bool = False
+    # Whether the tune moves the cross-attention keys' and values' offsets (their pre-trained offsets apply either
+    # way). Tuned on one image under one prompt they re-map every word, the context words with it: on the toy world
+    # the E4T-15 images lost a quarter of the base's alignment on the context words with them, a tenth without
+    tune_cross_kv: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -299,23 +308,27 @@ def tune(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Pr
          modules: Mapping[str, nn.Module], steps: int | None = None, lr: float | None = None, seed: int = 0,
          on_progress=None, should_cancel=None, mixed_precision: str = "no") -> TuneResult:
     """Tune the encoder and the offsets on one concept for ``steps`` steps (the file's default, 15), starting from
-    the state ``e4t`` holds (tune a copy to keep the pre-trained one). Each step draws ``tune_batch`` noise levels of
-    the image."""
+    the state ``e4t`` holds (tune a copy to keep the pre-trained one). ``batch`` holds the concept's image (and, with
+    ``tune_flip``, its mirror image: the hosts add it); each step draws ``tune_batch`` noise levels, taking the
+    batch's entries in turn, shifted by one each step."""
     c = e4t.config
     steps = c.tune_steps if steps is None else steps
     g = torch.Generator().manual_seed(seed)
     k = max(c.tune_batch, 1)
-    rep = Batch(batch.x0[:1].repeat(k, 1, 1, 1), batch.class_tokens[:1].repeat(k, 1, 1),
-                [v.reshape(1, -1).repeat(k, 1) for v in batch.class_vectors], batch.prompt_ids[:1].repeat(k),
-                None if batch.masks is None else batch.masks[:1].repeat(k, 1, 1, 1))
+    vectors = [v.reshape(1, -1).repeat(k, 1) for v in batch.class_vectors]
 
     def loss_fn(step: int) -> torch.Tensor:
+        i = (torch.arange(k) + step) % batch.x0.shape[0]
+        rep = Batch(batch.x0[i], batch.class_tokens[i], vectors, batch.prompt_ids[i],
+                    None if batch.masks is None else batch.masks[i])
         return objective(e4t, rep, features, encode, predict, schedule, modules, g)
 
     rate = c.tune_lr if lr is None else lr
+    offsets = [o for name, o in zip(c.targets, e4t.offsets.offsets)
+               if c.tune_cross_kv or not CROSS_ATTENTION_KV.search(name)]
     groups = [{"params": [p for p in e4t.encoder.parameters() if p.requires_grad],
                "lr": rate if c.tune_encoder_lr is None else c.tune_encoder_lr},
-              {"params": [p for p in e4t.offsets.parameters() if p.requires_grad], "lr": rate}]
+              {"params": [p for o in offsets for p in o.parameters() if p.requires_grad], "lr": rate}]
     with e4t.offsets.applied(modules):
         return tune_loop(groups, loss_fn, steps, rate, on_progress, should_cancel,
                          mixed_precision=mixed_precision)

@@ -15,6 +15,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def with_mirrors(images: torch.Tensor, masks: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images followed by their mirror images (flipped left to right), and the masks alike."""
+    return (torch.cat([images, images.flip(-1)]),
+            None if masks is None else torch.cat([masks, masks.flip(-1)]))
+
+
 def _check(images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")

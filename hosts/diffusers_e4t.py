@@ -16,10 +16,9 @@ from ..backend import e4t as e4t_backend
 from ..backend.e4t import E4T, E4TConfig
 from ..backend.embedding import Embedding, save_embedding
 from ..backend.lora import BASE_MODEL_VERSIONS, LoRATensors
-from ..backend.preprocess import prepare_concept_images
 from ..backend.quicktune import TuneResult, frozen
 from ..backend.identifier import check_identifier, training_template
-from ..backend.preprocess import prepare_images
+from ..backend.preprocess import prepare_concept_images, prepare_images, with_mirrors
 from .diffusers_tune import (PromptEncoder, cache_images, default_resolution, make_predict, schedule_of, text_slots,
                              word_ids)
 
@@ -147,11 +146,13 @@ def e4t_tune(model, vision, e4t: E4T, image: torch.Tensor, mask: torch.Tensor | 
     if images.shape[0] != 1:
         log.info("E4T tunes on one image; using the first of %d", images.shape[0])
         images, masks = images[:1], None if masks is None else masks[:1]
+    if c.tune_flip:
+        images, masks = with_mirrors(images, masks)
     ts = cache_images(model, images, masks)
     prompt = training_template(model.family).format(identifier=c.identifier, class_noun=word)
     host = E4THost(model, tuned, [prompt])
     batch = e4t_backend.Batch(ts.mean, class_tokens(vision, images, masks, c.vision_layers),
-                              class_vectors(model, word), torch.zeros(1, dtype=torch.long), ts.masks)
+                              class_vectors(model, word), torch.zeros(len(images), dtype=torch.long), ts.masks)
     parts = [model.unet, vision, *[s.text_encoder for s in text_slots(model)]]
     result = None
     with frozen(*parts):

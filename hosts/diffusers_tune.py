@@ -33,7 +33,7 @@ from ..backend.embedding import Embedding, save_embedding
 from ..backend.formats import write_safetensors
 from ..backend.identifier import DEFAULT_IDENTIFIER, check_identifier, training_template
 from ..backend.lora import LoRA, save_lora
-from ..backend.preprocess import prepare_images
+from ..backend.preprocess import prepare_images, with_mirrors
 from ..backend.quicktune import resolve_mixed_precision
 
 log = logging.getLogger(__name__)
@@ -229,8 +229,7 @@ def cache_images(model, images: torch.Tensor, masks: torch.Tensor | None = None,
     device = device or model.unet.device
     pixels = images.to(device) * 2 - 1
     if flip:
-        pixels = torch.cat([pixels, pixels.flip(-1)])
-        masks = torch.cat([masks, masks.flip(-1)]) if masks is not None else None
+        pixels, masks = with_mirrors(pixels, masks)
     if model.vae is None:
         mean, std = pixels.float(), None
     else:

@@ -19,6 +19,7 @@ from ..backend.e4t import E4T
 from ..backend.embedding import Embedding, embedding_metadata
 from ..backend.lora import BASE_MODEL_VERSIONS, LoRATensors
 from ..backend.identifier import DEFAULT_TEMPLATE, check_identifier
+from ..backend.preprocess import with_mirrors
 from . import quicktune_host as qh
 from .instantbooth_host import model_name
 
@@ -131,6 +132,8 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         if count > 1:
             log.info("E4T tunes on one image; using the first of %d", count)
         pixels, pmasks, note = qh.prepare(image[:1], None if mask is None else mask[:1], resolution)
+        if c.tune_flip:
+            pixels, pmasks = with_mirrors(pixels, pmasks)
         data = qh.encode_images(vae, model, pixels, pmasks, device)
         tokens = class_tokens(clip_vision, pixels, pmasks, e4t).to(device)
         mm.load_models_gpu([model, clip.patcher])
@@ -143,7 +146,8 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         features = e4t_backend.denoiser_features(predict, encoder_blocks(dm))
         schedule = qh.noise_schedule(model, prediction_type)
         class_vectors = [s.layer.weight[i].detach().float().clone().to(device) for s, i in zip(slots, class_ids)]
-        batch = e4t_backend.Batch(data.mean, tokens, class_vectors, torch.zeros(1, dtype=torch.long), data.masks)
+        batch = e4t_backend.Batch(data.mean, tokens, class_vectors, torch.zeros(len(pixels), dtype=torch.long),
+                                  data.masks)
         mm.throw_exception_if_processing_interrupted()
         result = None
         with qh.frozen(dm, clip.cond_stage_model), qh.trainable(dm, clip.cond_stage_model):

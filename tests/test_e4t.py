@@ -154,6 +154,51 @@ def test_tune_gives_the_encoder_its_own_rate(tmp_path):
     assert 0.5e-2 < max(off) <= 1.5e-2, "the offsets moved at the tune's rate"
 
 
+def test_tune_flip_adds_the_mirror_image_and_each_step_draws_both(tmp_path, monkeypatch):
+    import boothkit.backend.e4t as backend
+
+    model, vision, e4t = toy_setup(tmp_path)
+    e4t.config.tune_flip, e4t.config.tune_batch = True, 3
+    img = images(1)[0]
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 2:14, 2:8] = 1  # left of centre: its mirror is not itself
+    drawn, real = [], backend.objective
+
+    def spy(e4t, batch, *a, **kw):
+        drawn.append((batch.x0.clone(), batch.masks.clone(), batch.class_tokens.clone()))
+        return real(e4t, batch, *a, **kw)
+
+    monkeypatch.setattr(backend, "objective", spy)
+    de.e4t_tune(model, vision, e4t, img, mask, "cat", steps=2, lr=1e-2)
+    (x0, m0, t0), (x1, m1, t1) = drawn
+    assert x0.shape[0] == 3 and not torch.equal(x0[0], x0[1])
+    torch.testing.assert_close(x0[1], x0[0].flip(-1))
+    torch.testing.assert_close(m0[1], m0[0].flip(-1))
+    assert torch.equal(x0[2], x0[0]) and torch.equal(t0[2], t0[0]) and not torch.equal(t0[0], t0[1])
+    assert torch.equal(x1[0], x0[1]) and torch.equal(x1[1], x0[0]), "the next step starts from the next image"
+    drawn.clear()
+    e4t.config.tune_flip = False
+    de.e4t_tune(model, vision, e4t, img, mask, "cat", steps=1, lr=1e-2)
+    assert all(torch.equal(x, drawn[0][0][0]) for x in drawn[0][0]), "without tune_flip: the one image only"
+
+
+def test_tune_cross_kv_off_keeps_the_cross_attention_keys_and_values(tmp_path):
+    model, vision, e4t = toy_setup(tmp_path)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a pre-trained state: Δ ≠ 0 everywhere
+        for o in e4t.offsets.offsets:
+            o.up.normal_(std=1e-2)
+    e4t.config.tune_cross_kv = False
+    concept = de.e4t_tune(model, vision, e4t, images(1)[0], steps=2, lr=1e-2)
+    kv = [i for i, n in enumerate(e4t.config.targets) if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert kv and len(kv) < len(e4t.config.targets)
+    for i, (pre, post) in enumerate(zip(e4t.offsets.offsets, concept.e4t.offsets.offsets)):
+        same = torch.equal(pre.up, post.up) and torch.equal(pre.down, post.down)
+        assert same == (i in kv), e4t.config.targets[i]
+    # the kept offsets still apply: the saved weight diff holds them
+    assert float(concept.e4t.offsets.deltas()[e4t.config.targets[kv[0]]].abs().sum()) > 0
+
+
 def test_zero_steps_is_the_encoder_alone_and_cancel_stops(tmp_path):
     model, vision, e4t = toy_setup(tmp_path)
     img = images(1)[0]

@@ -39,6 +39,8 @@ class E4TSettings:
     tune_lr: float = 1e-4
     tune_encoder_lr: float | None = None  # None: tune_lr
     tune_batch: int = 4
+    tune_flip: bool = False  # the tune also draws the mirror image of the concept's one image
+    tune_cross_kv: bool = True  # the tune moves the cross-attention keys' and values' offsets too
     cache_latents: bool = True
     cache_vision: bool = True  # class tokens of each image, computed once (the backbone is frozen, no augmentation)
     gradient_checkpointing: bool = False
@@ -63,7 +65,8 @@ class E4TTraining:
         self.e4t = E4T(new_config(model, vision, self.nouns[0], s.identifier, scale=s.scale, rank=s.rank,
                                   hidden=s.hidden, reg_embedding=s.reg_embedding, reg_offsets=s.reg_offsets,
                                   tune_steps=s.tune_steps, tune_lr=s.tune_lr,
-                                  tune_encoder_lr=s.tune_encoder_lr, tune_batch=s.tune_batch)).to(self.device)
+                                  tune_encoder_lr=s.tune_encoder_lr, tune_batch=s.tune_batch,
+                                  tune_flip=s.tune_flip, tune_cross_kv=s.tune_cross_kv)).to(self.device)
         self.module = self.e4t
         self.train_set = self._split(dataset, s.cache_latents)
         self.val_set = self._split(validation, False) if validation is not None else None
