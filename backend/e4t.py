@@ -65,8 +65,8 @@ class E4TConfig:
     # side. Off by default: wrong for subjects that are not mirror-symmetric in kind (text, logos)
     tune_flip: bool = False
     # Whether the tune moves the cross-attention keys' and values' offsets (their pre-trained offsets apply either
-    # way). Tuned on one image under one prompt they re-map every word, the context words with it: on the toy world
-    # the E4T-15 images lost a quarter of the base's alignment on the context words with them, a tenth without
+    # way): the only projections that read the prompt, so a tune on one image under one prompt can re-map the
+    # context words through them. On the toy world turning it off made no difference beyond the draws' spread
     tune_cross_kv: bool = True
     extra: dict = field(default_factory=dict)
 

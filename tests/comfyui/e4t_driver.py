@@ -148,6 +148,38 @@ def main(argv=None) -> int:
     (cond_plain,) = run("CLIPTextEncode", clip=clip, text=PROMPT)
     tensors.update(cond_e=cond_e[0][0], cond_emb=cond_emb[0][0], cond_plain=cond_plain[0][0])
 
+    # ---- a file with tune_flip on and tune_cross_kv off: the mirror image is drawn, the cross-attention keys' and
+    # values' offsets keep their pre-trained values ----------------------------------------------------------------------
+    with torch.inference_mode(False):
+        config.tune_flip, config.tune_cross_kv = True, False
+        formats.save_e4t(os.path.join(a.work, "e4t", "e4t_flip.safetensors"), e4t)
+        config.tune_flip, config.tune_cross_kv = False, True
+    (flip_e4t,) = run("BoothKitLoadE4T", e4t_name="e4t_flip.safetensors")
+    drawn, encoded, real_objective, real_encode = [], [], backend.objective, qh.encode_images
+
+    def spy(e, batch, *args_, **kw):
+        x = batch.x0
+        drawn.append([bool(not torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])), len(x) == 4])
+        return real_objective(e, batch, *args_, **kw)
+
+    def spy_encode(vae_, model_, pixels, *args_, **kw):
+        encoded.append(len(pixels) == 2 and bool(torch.equal(pixels[1], pixels[0].flip(-1))))
+        return real_encode(vae_, model_, pixels, *args_, **kw)
+
+    backend.objective, qh.encode_images = spy, spy_encode
+    try:
+        *_, flip_lora, flip_report = run("BoothKitE4TTune", **{**args, "e4t": flip_e4t})
+    finally:
+        backend.objective, qh.encode_images = real_objective, real_encode
+    with torch.inference_mode(False), torch.no_grad():
+        pre = backend.weight_diff_file(flip_e4t.offsets, {t: modules[t].weight for t in targets}, "sd1", IDENTIFIER,
+                                       "sd1").tensors
+    kv = [k for k in pre if k.endswith(("attn2_to_k.diff", "attn2_to_v.diff"))]
+    results["flip"] = {"report": flip_report, "draws": drawn, "encoded_mirror": encoded, "kv": len(kv),
+                       "kv_kept": all(torch.equal(flip_lora.tensors[k], pre[k]) for k in kv),
+                       "others_moved": all(not torch.equal(flip_lora.tensors[k], pre[k]) for k in pre if k not in kv)}
+    results["untouched_after_flip"] = untouched_report(before)
+
     # ---- Cancel after step 1 ------------------------------------------------------------------------------------------
     seen = []
 

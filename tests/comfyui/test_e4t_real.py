@@ -63,3 +63,15 @@ def test_cancel_stops_within_a_step_and_leaves_the_inputs(e4t_run):
     assert r["untouched_at_end"] == UNTOUCHED
     assert "'orange cat' is 2 tokens" in r["errors"]["class_multi_token"]
     assert "nope.safetensors" in r["errors"]["missing_file"]
+
+
+def test_tune_flip_and_cross_kv_settings_of_the_file(e4t_run):
+    """A file with tune_flip on draws the mirror image of the one image as the second entry of each step; with
+    tune_cross_kv off the cross-attention keys' and values' offsets keep their pre-trained values, the rest move."""
+    r, _ = e4t_run
+    f = r["flip"]
+    assert f["report"].startswith("E4T finished: 2/2 steps")
+    assert f["encoded_mirror"] == [True], "the VAE encodes the image and its mirror image"
+    assert f["draws"] == [[True, True]] * 2, "each step's draws alternate the two, the next step shifted by one"
+    assert f["kv"] > 0 and f["kv_kept"] and f["others_moved"]
+    assert r["untouched_after_flip"] == UNTOUCHED
