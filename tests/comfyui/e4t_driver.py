@@ -168,7 +168,9 @@ def main(argv=None) -> int:
 
     backend.objective, qh.encode_images = spy, spy_encode
     try:
-        *_, flip_lora, flip_report = run("BoothKitE4TTune", **{**args, "e4t": flip_e4t})
+        # the blob moved to the left: the main run's centred blob is its own mirror image
+        left = torch.roll(image, -16, dims=2)
+        *_, flip_lora, flip_report = run("BoothKitE4TTune", **{**args, "e4t": flip_e4t, "image": left})
     finally:
         backend.objective, qh.encode_images = real_objective, real_encode
     with torch.inference_mode(False), torch.no_grad():
