@@ -41,7 +41,8 @@ def test_markdown_table_lists_every_method():
     result = {"settings": {"subjects": 2, "contexts": 1, "samples_per_prompt": 1, "references": 3, "seed": 0,
                            "sample_steps": 5, "threads": 2},
               "methods": {"base": {"identity": 0.1, "identity_std": 0.0, "clip_i": 0.5, "clip_t": 0.3,
-                                   "clip_t_vs_base": 1.0, "context": 0.12, "context_vs_base": 1.0,
+                                   "clip_t_vs_base": 1.0, "context": 0.12, "context_std": 0.02,
+                                   "context_vs_base": 1.0,
                                    "personalize_s": 0.0, "sample_s_per_image": 0.1},
                           "instantbooth": {"identity": 0.5, "identity_std": 0.1, "clip_i": 0.6, "clip_t": 0.29,
                                            "clip_t_vs_base": 0.97, "context": 0.108, "context_vs_base": 0.9,
@@ -50,7 +51,7 @@ def test_markdown_table_lists_every_method():
                           "quicktune": {"identity": 0.8, "identity_std": 0.1, "clip_i": 0.7, "clip_t": 0.3,
                                         "clip_t_vs_base": 1.0, "personalize_s": 70.0, "sample_s_per_image": 0.1}}}
     md = to_markdown(result)
-    assert "| base | 0.100 ± 0.000 | 0.500 | 0.300 | 1.000 | 0.120 | 1.000 |" in md
+    assert "| base | 0.100 ± 0.000 | 0.500 | 0.300 | 1.000 | 0.120 ± 0.020 | 1.000 |" in md
     assert "| instantbooth | 0.500 ± 0.100 | 0.600 | 0.290 | 0.970 | 0.108 | 0.900 |" in md
     assert "| quicktune | 0.800 ± 0.100 | 0.700 | 0.300 | 1.000 | – | – |" in md
 
@@ -61,7 +62,7 @@ def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
     result = json.loads((tmp_path / "eval.json").read_text())
     row = result["methods"]["base"]
     assert -1 <= row["identity"] <= 1 and -1 <= row["clip_t"] <= 1 and row["clip_t_vs_base"] == 1.0
-    assert -2 <= row["context"] <= 2 and row["context_vs_base"] == 1.0
+    assert -2 <= row["context"] <= 2 and row["context_std"] >= 0 and row["context_vs_base"] == 1.0
     assert (tmp_path / "eval.md").read_text().startswith("Held-out toy-world identities")
 
 

@@ -9,7 +9,8 @@ context   CLIP-T's margin on the context words alone: that cosine minus the mean
           context word changed; the class noun is in both, so it scores the context, not the subject's clarity
 time      seconds to personalize one concept (encoding or tuning), and seconds per generated image
 
-Everything is seeded; the table is written as JSON and Markdown."""
+"± x" is the standard deviation over subjects of the per-subject means. Everything is seeded; the table is written
+as JSON and Markdown."""
 from __future__ import annotations
 
 import argparse
@@ -147,7 +148,7 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
             context.append(scorers.context_margin(images, plain, alternatives).mean().item())
         rows[name] = {"identity": float(np.mean(ids)), "identity_std": float(np.std(ids)),
                       "clip_i": float(np.mean(clip_i)), "clip_t": float(np.mean(clip_t)),
-                      "context": float(np.mean(context)),
+                      "context": float(np.mean(context)), "context_std": float(np.std(context)),
                       "personalize_s": float(np.mean(prep)), "sample_s_per_image": float(np.mean(per_image))}
     return {"methods": with_ratios(rows),
             "settings": {"subjects": n_subjects, "references": k_refs, "contexts": n_contexts,
@@ -168,11 +169,12 @@ def to_markdown(result: dict) -> str:
              "personalize s/concept | s/image |",
              "|---|---|---|---|---|---|---|---|---|"]
 
-    def fmt(x):
-        return "–" if x is None else f"{x:.3f}"
+    def fmt(x, std=None):
+        return "–" if x is None else f"{x:.3f}" + ("" if std is None else f" ± {std:.3f}")
     for name, r in result["methods"].items():
         lines.append(f"| {name} | {r['identity']:.3f} ± {r['identity_std']:.3f} | {r['clip_i']:.3f} | "
-                     f"{r['clip_t']:.3f} | {fmt(r.get('clip_t_vs_base'))} | {fmt(r.get('context'))} | "
+                     f"{r['clip_t']:.3f} | {fmt(r.get('clip_t_vs_base'))} | "
+                     f"{fmt(r.get('context'), r.get('context_std'))} | "
                      f"{fmt(r.get('context_vs_base'))} | {r['personalize_s']:.2f} | {r['sample_s_per_image']:.3f} |")
     return "\n".join(lines) + "\n"
 
