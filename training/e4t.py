@@ -35,6 +35,7 @@ class E4TSettings:
     hidden: int = 256
     reg_embedding: float = 0.01
     reg_offsets: float = 0.0
+    reg_background: float = 0.0  # holds the background (off the subject's mask) to the base model's; needs masked_loss
     tune_steps: int = 15  # defaults written into the file for the tune at use time
     tune_lr: float = 1e-4
     tune_encoder_lr: float | None = None  # None: tune_lr
@@ -57,6 +58,8 @@ class E4TTraining:
 
     def __init__(self, model, vision, dataset, settings: E4TSettings, validation=None, device="cpu"):
         s = self.s = settings
+        if s.reg_background and not s.masked_loss:
+            raise ValueError("reg_background holds the background off the subject's mask: it needs masked_loss = true")
         self.model, self.vision, self.dataset, self.validation = model, vision, dataset, validation
         self.device = torch.device(device)
         self.attention = freeze_base(model, vision, self.device, attention=s.attention,
@@ -64,7 +67,7 @@ class E4TTraining:
         self.nouns = class_nouns_for(s.category, s.class_nouns)
         self.e4t = E4T(new_config(model, vision, self.nouns[0], s.identifier, scale=s.scale, rank=s.rank,
                                   hidden=s.hidden, reg_embedding=s.reg_embedding, reg_offsets=s.reg_offsets,
-                                  tune_steps=s.tune_steps, tune_lr=s.tune_lr,
+                                  reg_background=s.reg_background, tune_steps=s.tune_steps, tune_lr=s.tune_lr,
                                   tune_encoder_lr=s.tune_encoder_lr, tune_batch=s.tune_batch,
                                   tune_flip=s.tune_flip, tune_cross_kv=s.tune_cross_kv)).to(self.device)
         self.module = self.e4t
