@@ -348,3 +348,67 @@ def test_validation_compares_with_the_base_model_on_the_same_draws(tmp_path):
     third = method.validate()
     assert third["denoising_loss_base"] == first["denoising_loss_base"]
     assert third == second, "hooks re-attached once, not stacked"
+
+
+def test_reg_background_holds_the_background_to_the_base_model(tmp_path):
+    """The term is the squared difference off the mask between the model with the offsets and the base model: 0 for
+    an untrained E4T, λ · that difference once the offsets move, gradients to the offsets only through it when the
+    mask is empty; the hooks are back on afterwards."""
+    from boothkit.backend import e4t as B
+
+    model, vision, e4t = toy_setup(tmp_path)
+    host = de.E4THost(model, e4t, ["a photo of sks cat"])
+    x0 = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, 4:12, 4:12] = 1
+    cv = [v[None].repeat(2, 1) for v in de.class_vectors(model, "cat")]
+    batch = B.Batch(x0, torch.randn(2, 2, 24), cv, torch.zeros(2, dtype=torch.long), mask)
+
+    def loss(reg, b=batch):
+        e4t.config.reg_background = reg
+        return B.objective(e4t, b, host.features, host.encode, host.predict, host.schedule, host.modules,
+                           torch.Generator().manual_seed(3))
+
+    with e4t.offsets.applied(host.modules):
+        assert torch.equal(loss(1.0), loss(0.0)), "an untrained E4T is the base model: nothing to hold"
+        with torch.no_grad():
+            for o in e4t.offsets.offsets:
+                o.up.normal_(std=0.3)
+        # the drift by hand, on the same draw as the objective's
+        g = torch.Generator().manual_seed(3)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, host.schedule.num_timesteps, (2,), generator=g)
+        x_t = host.schedule.add_noise(x0, noise, t)
+        cond = host.encode([v.unsqueeze(1) for v in cv], batch.prompt_ids)
+        with torch.no_grad():
+            tuned = host.predict(x_t, t, cond)
+            with e4t.offsets.bypassed():
+                base = host.predict(x_t, t, cond)
+        assert e4t.offsets.enabled and not torch.allclose(tuned, base)
+        off = 1 - mask
+        drift = ((tuned - base) ** 2 * off).sum() / (off.sum() * 3)
+        assert drift > 0
+        torch.testing.assert_close(loss(0.5) - loss(0.0), 0.5 * drift, rtol=1e-4, atol=1e-7)
+        # all of the image the subject's: no background, no term
+        full = B.Batch(x0, batch.class_tokens, cv, batch.prompt_ids, torch.ones_like(mask))
+        torch.testing.assert_close(loss(1.0, full), loss(0.0, full))
+        # an empty mask: the denoising term is 0, the prediction 0, so the gradient is the drift's alone
+        empty = B.Batch(x0, batch.class_tokens, cv, batch.prompt_ids, torch.zeros_like(mask))
+        total = loss(1.0, empty)
+        torch.testing.assert_close(total, ((tuned - base) ** 2).mean(), rtol=1e-4, atol=1e-7)
+        total.backward()
+    assert any(o.up.grad is not None and o.up.grad.abs().sum() > 0 for o in e4t.offsets.offsets)
+
+
+def test_reg_background_needs_the_masked_loss(tmp_path):
+    from boothkit.hosts.loading import load_sd
+    from boothkit.training.data import FolderDataset
+    from boothkit.training.e4t import E4TSettings, E4TTraining
+
+    sd = tiny_sd_folder(tmp_path / "sd", with_vae=False)
+    ds = FolderDataset(write_dataset(tmp_path / "data", n=2), 32)
+    with pytest.raises(ValueError, match="masked_loss"):
+        E4TTraining(load_sd(sd), tiny_clip_vision(), ds, E4TSettings(category="cat", hidden=16, reg_background=1.0))
+    method = E4TTraining(load_sd(sd), tiny_clip_vision(), ds,
+                         E4TSettings(category="cat", hidden=16, reg_background=1.0, masked_loss=True))
+    assert method.e4t.config.reg_background == 1.0  # written into the file with the rest of the config
