@@ -72,6 +72,9 @@ class E4TConfig:
     # way): the only projections that read the prompt, so a tune on one image under one prompt can re-map the
     # context words through them. On the toy world turning it off made no difference beyond the draws' spread
     tune_cross_kv: bool = True
+    # The tune's noise levels: t uniform in [0, tune_max_timestep · T). One image and 15 steps leave no draws to spare
+    # on the noisiest levels, where the image is mostly gone; the subject's detail is learnt at the lower ones
+    tune_max_timestep: float = 1.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -81,6 +84,8 @@ class E4TConfig:
             raise ValueError("word_dims, unet_dims and vision_layers must not be empty")
         if self.rank < 1:
             raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if not 0 < self.tune_max_timestep <= 1:
+            raise ValueError(f"tune_max_timestep is a fraction of the schedule in (0, 1], got {self.tune_max_timestep}")
 
 
 class DomainEncoder(nn.Module):
@@ -268,9 +273,10 @@ class Batch:
 
 def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Predict,
               schedule: NoiseSchedule, modules: Mapping[str, nn.Module], generator: torch.Generator | None = None,
-              regularise: bool = True) -> torch.Tensor:
+              regularise: bool = True, max_timestep: int | None = None) -> torch.Tensor:
     """Denoising loss with the predicted identifier and the offsets applied, plus the regularisers (unless
-    ``regularise`` is off, for validation) — the one loss of pre-training and of tuning. The caller keeps the offsets
+    ``regularise`` is off, for validation) — the one loss of pre-training and of tuning. Timesteps are drawn from
+    [0, ``max_timestep``) (default: the whole schedule). The caller keeps the offsets
     attached to ``modules`` (:meth:`WeightOffsets.attach`) through the forward and the backward pass."""
     c = e4t.config
     x0 = batch.x0
@@ -278,7 +284,8 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
     # drawn where the generator lives (the trainer's are on the CPU), so a run's noise is the same on any device
     where = generator.device if generator is not None else x0.device
     noise = torch.randn(x0.shape, generator=generator, device=where).to(x0)
-    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator, device=where).to(x0.device)
+    hi = schedule.num_timesteps if max_timestep is None else max_timestep
+    t = torch.randint(0, hi, (b,), generator=generator, device=where).to(x0.device)
     x_t = schedule.add_noise(x0, noise, t)
     class_vectors = [v.expand(b, -1) if v.ndim == 1 else v for v in batch.class_vectors]
     with torch.no_grad():  # the denoiser's features are an input of the encoder, not a path for gradients
@@ -333,19 +340,20 @@ def tune(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Pr
          on_progress=None, should_cancel=None, mixed_precision: str = "no") -> TuneResult:
     """Tune the encoder and the offsets on one concept for ``steps`` steps (the file's default, 15), starting from
     the state ``e4t`` holds (tune a copy to keep the pre-trained one). ``batch`` holds the concept's image (and, with
-    ``tune_flip``, its mirror image: the hosts add it); each step draws ``tune_batch`` noise levels, taking the
-    batch's entries in turn, shifted by one each step."""
+    ``tune_flip``, its mirror image: the hosts add it); each step draws ``tune_batch`` noise levels (timesteps below
+    ``tune_max_timestep`` of the schedule), taking the batch's entries in turn, shifted by one each step."""
     c = e4t.config
     steps = c.tune_steps if steps is None else steps
     g = torch.Generator().manual_seed(seed)
     k = max(c.tune_batch, 1)
     vectors = [v.reshape(1, -1).repeat(k, 1) for v in batch.class_vectors]
+    hi = max(1, round(c.tune_max_timestep * schedule.num_timesteps))
 
     def loss_fn(step: int) -> torch.Tensor:
         i = (torch.arange(k) + step) % batch.x0.shape[0]
         rep = Batch(batch.x0[i], batch.class_tokens[i], vectors, batch.prompt_ids[i],
                     None if batch.masks is None else batch.masks[i])
-        return objective(e4t, rep, features, encode, predict, schedule, modules, g)
+        return objective(e4t, rep, features, encode, predict, schedule, modules, g, max_timestep=hi)
 
     rate = c.tune_lr if lr is None else lr
     offsets = [o for name, o in zip(c.targets, e4t.offsets.offsets)

@@ -182,6 +182,34 @@ def test_tune_flip_adds_the_mirror_image_and_each_step_draws_both(tmp_path, monk
     assert all(torch.equal(x, drawn[0][0][0]) for x in drawn[0][0]), "without tune_flip: the one image only"
 
 
+def test_tune_max_timestep_keeps_the_draws_below_it(tmp_path, monkeypatch):
+    import boothkit.backend.e4t as backend
+
+    model, vision, e4t = toy_setup(tmp_path)
+    n = de.schedule_of(model).num_timesteps
+    seen, real = [], backend.objective
+
+    def spy(e4t, batch, features, encode, predict, *a, **kw):
+        def recording(x, t, cond):
+            seen.append(t.clone())
+            return predict(x, t, cond)
+        return real(e4t, batch, features, encode, recording, *a, **kw)
+
+    monkeypatch.setattr(backend, "objective", spy)
+    e4t.config.tune_batch = 8
+    e4t.config.tune_max_timestep = 0.1
+    de.e4t_tune(model, vision, e4t, images(1)[0], steps=3, lr=1e-2)
+    low = torch.cat(seen)
+    assert low.numel() == 24 and int(low.max()) < round(0.1 * n)
+    seen.clear()
+    e4t.config.tune_max_timestep = 1.0
+    de.e4t_tune(model, vision, e4t, images(1)[0], steps=3, lr=1e-2)
+    assert int(torch.cat(seen).max()) >= round(0.1 * n), "the whole schedule by default"
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="tune_max_timestep"):
+            E4TConfig(**{**e4t.config.__dict__, "tune_max_timestep": bad})
+
+
 def test_tune_cross_kv_off_keeps_the_cross_attention_keys_and_values(tmp_path):
     model, vision, e4t = toy_setup(tmp_path)
     torch.manual_seed(0)
