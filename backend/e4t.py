@@ -56,8 +56,8 @@ class E4TConfig:
     reg_embedding: float = 0.01  # λ · mean ||prediction||²
     reg_offsets: float = 0.0  # λ · mean Δ²
     # λ · the squared difference, off the subject's mask, between the model with the offsets and the base model with
-    # the class word (the same noised input). A loss on the mask alone leaves the background free, and the offsets
-    # pre-trained that way cost the toy base 15 % of its alignment on the context words before any tuning
+    # the class word (the same noised input), in pre-training. A loss on the mask alone leaves the background free,
+    # and the offsets pre-trained that way cost the toy base 15 % of its alignment on the context words before tuning
     reg_background: float = 0.0
     tune_steps: int = 15
     tune_lr: float = 1e-4  # the offsets' rate in the tune (and the encoder's, unless tune_encoder_lr is set)
@@ -273,10 +273,11 @@ class Batch:
 
 def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Predict,
               schedule: NoiseSchedule, modules: Mapping[str, nn.Module], generator: torch.Generator | None = None,
-              regularise: bool = True, max_timestep: int | None = None) -> torch.Tensor:
+              regularise: bool = True, max_timestep: int | None = None, background: bool = True) -> torch.Tensor:
     """Denoising loss with the predicted identifier and the offsets applied, plus the regularisers (unless
     ``regularise`` is off, for validation) — the one loss of pre-training and of tuning. Timesteps are drawn from
-    [0, ``max_timestep``) (default: the whole schedule). The caller keeps the offsets
+    [0, ``max_timestep``) (default: the whole schedule). ``background`` off leaves out ``reg_background`` (the tune
+    does: it costs a forward pass a step, and on the toy world a tune with it learnt less of the identity). The caller keeps the offsets
     attached to ``modules`` (:meth:`WeightOffsets.attach`) through the forward and the backward pass."""
     c = e4t.config
     x0 = batch.x0
@@ -305,7 +306,7 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
     loss = loss + c.reg_embedding * torch.stack([p.float().pow(2).sum(-1).mean() for p in prediction]).sum()
     if c.reg_offsets:
         loss = loss + c.reg_offsets * e4t.offsets.penalty()
-    if c.reg_background and batch.masks is not None:
+    if c.reg_background and background and batch.masks is not None:
         with torch.no_grad(), e4t.offsets.bypassed():
             base = predict(x_t, t, class_cond).float()
         off = 1 - batch.masks.to(err.dtype)
@@ -353,7 +354,7 @@ def tune(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Pr
         i = (torch.arange(k) + step) % batch.x0.shape[0]
         rep = Batch(batch.x0[i], batch.class_tokens[i], vectors, batch.prompt_ids[i],
                     None if batch.masks is None else batch.masks[i])
-        return objective(e4t, rep, features, encode, predict, schedule, modules, g, max_timestep=hi)
+        return objective(e4t, rep, features, encode, predict, schedule, modules, g, max_timestep=hi, background=False)
 
     rate = c.tune_lr if lr is None else lr
     offsets = [o for name, o in zip(c.targets, e4t.offsets.offsets)

@@ -190,6 +190,8 @@ def test_tune_max_timestep_keeps_the_draws_below_it(tmp_path, monkeypatch):
     seen, real = [], backend.objective
 
     def spy(e4t, batch, features, encode, predict, *a, **kw):
+        assert kw["background"] is False, "the tune leaves reg_background out"
+
         def recording(x, t, cond):
             seen.append(t.clone())
             return predict(x, t, cond)
@@ -392,10 +394,10 @@ def test_reg_background_holds_the_background_to_the_base_model(tmp_path):
     cv = [v[None].repeat(2, 1) for v in de.class_vectors(model, "cat")]
     batch = B.Batch(x0, torch.randn(2, 2, 24), cv, torch.zeros(2, dtype=torch.long), mask)
 
-    def loss(reg, b=batch):
+    def loss(reg, b=batch, **kw):
         e4t.config.reg_background = reg
         return B.objective(e4t, b, host.features, host.encode, host.predict, host.schedule, host.modules,
-                           torch.Generator().manual_seed(3))
+                           torch.Generator().manual_seed(3), **kw)
 
     with e4t.offsets.applied(host.modules):
         assert torch.equal(loss(1.0), loss(0.0)), "an untrained E4T is the base model: nothing to hold"
@@ -417,6 +419,7 @@ def test_reg_background_holds_the_background_to_the_base_model(tmp_path):
         drift = ((tuned - base) ** 2 * off).sum() / (off.sum() * 3)
         assert drift > 0
         torch.testing.assert_close(loss(0.5) - loss(0.0), 0.5 * drift, rtol=1e-4, atol=1e-7)
+        assert torch.equal(loss(1.0, background=False), loss(0.0)), "left out when asked (the tune)"
         # all of the image the subject's: no background, no term
         full = B.Batch(x0, batch.class_tokens, cv, batch.prompt_ids, torch.ones_like(mask))
         torch.testing.assert_close(loss(1.0, full), loss(0.0, full))
