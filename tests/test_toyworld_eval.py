@@ -196,3 +196,21 @@ def test_quicktune_1photo_tunes_on_the_one_photo_e4t_gets(monkeypatch):
     with pytest.raises(RuntimeError, match="stop after the call"):
         METHODS["quicktune"](env, subject, 0)
     assert seen["images"].shape[0] == 3, "the default keeps every photo"
+
+
+def test_shipped_e4t_file_carries_the_settings_of_its_config():
+    """The toy E4T file was trained, and its tune defaults written, by training/configs/e4t_toy.toml: every
+    [method] key of the file's recorded settings, and the config fields the tune reads, equal the toml's."""
+    import tomllib
+    from pathlib import Path
+
+    from boothkit.backend.formats import load_e4t
+    from boothkit.toyworld import store
+
+    toml = tomllib.loads((Path(__file__).parents[1] / "training/configs/e4t_toy.toml").read_text())["method"]
+    e4t = load_e4t(store.verified("e4t.safetensors"), family="toy")
+    assert {k: e4t.config.extra["settings"][k] for k in toml} == toml
+    shared = set(toml) & set(vars(e4t.config))
+    assert {"reg_background", "tune_lr", "tune_max_timestep"} <= shared
+    for key in shared:
+        assert getattr(e4t.config, key) == toml[key], key
