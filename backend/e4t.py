@@ -277,8 +277,9 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
     """Denoising loss with the predicted identifier and the offsets applied, plus the regularisers (unless
     ``regularise`` is off, for validation) — the one loss of pre-training and of tuning. Timesteps are drawn from
     [0, ``max_timestep``) (default: the whole schedule). ``background`` off leaves out ``reg_background`` (the tune
-    does: it costs a forward pass a step, and on the toy world a tune with it learnt less of the identity). The caller keeps the offsets
-    attached to ``modules`` (:meth:`WeightOffsets.attach`) through the forward and the backward pass."""
+    does: it costs a forward pass a step, and on the toy world a tune with it learnt less of the identity). The
+    caller keeps the offsets attached to ``modules`` (:meth:`WeightOffsets.attach`) through the forward and the
+    backward pass."""
     c = e4t.config
     x0 = batch.x0
     b = x0.shape[0]

@@ -351,8 +351,9 @@ class QuickTuneConfig:
         and a rank-8 LoRA on the attention layers at 1e-3 (a tiny model learns from fewer, larger updates). Stage 1
         at 1e-3, not the paper's 5e-3: on the development identities (8 contexts each) the embedding learnt at 5e-3
         cost the pair 32 % of the base's alignment on the context words (0.68 x, identity 0.789), at 1e-3 11 %
-        (0.89 x, identity 0.811; `boothkit eval --dev --methods quicktune --subjects 8 --contexts 8 --samples 1`). About a minute on two CPU threads (stage-1 and stage-2 steps measured at
-        0.18 s and 0.28 s on two threads of an otherwise idle server CPU)."""
+        (0.89 x, identity 0.811; `boothkit eval --dev --methods quicktune --subjects 8 --contexts 8 --samples 1`).
+        About a minute on two CPU threads (stage-1 and stage-2 steps measured at 0.18 s and 0.28 s on two threads of
+        an otherwise idle server CPU)."""
         base = dict(stage1=StageConfig(steps=100, lr=1e-3, batch_size=4),
                     stage2=StageConfig(steps=200, lr=1e-3, batch_size=4, weight_decay=1e-2, max_grad_norm=1.0),
                     rank=8, mixed_precision="no")
