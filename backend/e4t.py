@@ -273,13 +273,15 @@ class Batch:
 
 def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Predict,
               schedule: NoiseSchedule, modules: Mapping[str, nn.Module], generator: torch.Generator | None = None,
-              regularise: bool = True, max_timestep: int | None = None, background: bool = True) -> torch.Tensor:
+              regularise: bool = True, max_timestep: int | None = None, background: bool = True,
+              stats: dict | None = None) -> torch.Tensor:
     """Denoising loss with the predicted identifier and the offsets applied, plus the regularisers (unless
     ``regularise`` is off, for validation) — the one loss of pre-training and of tuning. Timesteps are drawn from
     [0, ``max_timestep``) (default: the whole schedule). ``background`` off leaves out ``reg_background`` (the tune
     does: it costs a forward pass a step, and on the toy world a tune with it learnt less of the identity). The
     caller keeps the offsets attached to ``modules`` (:meth:`WeightOffsets.attach`) through the forward and the
-    backward pass."""
+    backward pass. A ``stats`` dict receives ``identifier_shift``: the mean of |scale · prediction| / |class word|,
+    how far the encoder moves the identifier from the class word (near 0: the encoder has no say)."""
     c = e4t.config
     x0 = batch.x0
     b = x0.shape[0]
@@ -295,6 +297,9 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
         feats = features(x_t, t, class_cond)
     prediction = e4t.encoder(batch.class_tokens, [f.detach() for f in feats])
     cond = encode(e4t.vectors(class_vectors, prediction), batch.prompt_ids)
+    if stats is not None:
+        stats["identifier_shift"] = torch.stack([(c.scale * p.float()).norm(dim=-1) / v.float().norm(dim=-1)
+                                                 for p, v in zip(prediction, class_vectors)]).mean().item()
     out = predict(x_t, t, cond)
     err = (out.float() - schedule.target(x0, noise, t).float()) ** 2
     if batch.masks is not None:

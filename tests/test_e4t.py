@@ -368,6 +368,7 @@ def test_validation_compares_with_the_base_model_on_the_same_draws(tmp_path):
     method = E4TTraining(load_sd(sd), tiny_clip_vision(), ds, E4TSettings(category="cat", hidden=16), validation=ds)
     first = method.validate()
     assert first["denoising_loss"] == first["denoising_loss_base"] > 0
+    assert first["identifier_shift"] == 0  # an untrained encoder predicts 0: the identifier is the class word
     with torch.no_grad():
         for o in method.e4t.offsets.offsets:
             o.up.normal_(std=0.5)
@@ -378,6 +379,12 @@ def test_validation_compares_with_the_base_model_on_the_same_draws(tmp_path):
     third = method.validate()
     assert third["denoising_loss_base"] == first["denoising_loss_base"]
     assert third == second, "hooks re-attached once, not stacked"
+    with torch.no_grad():
+        method.e4t.encoder.mlp[-1].bias.fill_(1.0)
+    width = method.e4t.config.word_dims[0]
+    class_norm = method._vectors(method.val_set["words"][0])[0].norm().item()
+    shift = method.validate()["identifier_shift"]
+    assert shift == pytest.approx(method.e4t.config.scale * width ** 0.5 / class_norm, rel=1e-4)
 
 
 def test_reg_background_holds_the_background_to_the_base_model(tmp_path):

@@ -70,6 +70,25 @@ def test_two_steps_write_the_file_the_nodes_load(setup, tmp_path):
     assert list((out / "samples").glob("*.png")), "sample grid written"
 
 
+def test_validation_and_samples_once_per_step(setup, tmp_path, monkeypatch):
+    """The loop validates and samples at its intervals; the end of the run adds its own only where the loop's last
+    step did not (a run of 2 steps, validation every step, samples every 2: 2 validations and 1 grid, not 3 and 2),
+    and a resumed run that has nothing left to train still validates and samples once."""
+    from boothkit.training.instantbooth import InstantBoothTraining
+
+    calls = []
+    monkeypatch.setattr(InstantBoothTraining, "validate", lambda self: calls.append("validate") or {"x": 1.0})
+    monkeypatch.setattr(InstantBoothTraining, "sample", lambda self, out, step: calls.append(f"sample {step}"))
+    root, cfg = setup
+    args = ["instantbooth", "--config", str(cfg), "--output-dir", str(tmp_path / "run"),
+            "--set", "train.validate_every=1", "--set", "train.sample_every=2"]
+    assert train_main(args) == 0
+    assert calls == ["validate", "validate", "sample 2"]
+    calls.clear()
+    assert train_main(args + ["--resume"]) == 0
+    assert calls == ["validate", "sample 2"]
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(setup, tmp_path):
     root, cfg = setup
     full, part = tmp_path / "full", tmp_path / "part"

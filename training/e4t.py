@@ -146,17 +146,20 @@ class E4TTraining:
     def validate(self) -> dict[str, float]:
         """Denoising loss on held-out images with fixed noise (no regularisers), comparable across steps, and the base
         model's on the same draws (the class word, no offsets): pre-training has learnt something only where the
-        first is below the second. The base's value never changes, so it is computed once."""
+        first is below the second. The base's value never changes, so it is computed once. ``identifier_shift``:
+        |scale · prediction| / |class word| on the same draws; near 0, the encoder has no say in the identifier."""
         if self.val_set is None:
             return {}
         host = self.val_set["host"]
         batch = self.batch(self.val_set, list(range(min(len(self.val_set["dataset"]), 16))))
 
-        def loss(e4t):
+        def loss(e4t, stats=None):
             return e4t_backend.objective(e4t, batch, host.features, host.encode, host.predict, host.schedule,
-                                         host.modules, torch.Generator().manual_seed(1234), regularise=False).item()
+                                         host.modules, torch.Generator().manual_seed(1234), regularise=False,
+                                         stats=stats).item()
 
-        out = {"denoising_loss": loss(self.e4t)}
+        stats = {}
+        out = {"denoising_loss": loss(self.e4t, stats), **stats}
         if self._base_loss is None:
             with self._offsets_detached():  # a fresh E4T predicts 0 and has Δ = 0: the base model with the class word
                 self._base_loss = loss(E4T(self.e4t.config).to(self.device))

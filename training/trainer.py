@@ -216,10 +216,11 @@ class Trainer:
         if last_good is None or self.step % s.checkpoint_every:
             self.checkpoint()
         exported = None
-        if acc.is_main_process:
-            if s.validate_every:
+        if acc.is_main_process:  # the final validation and samples, unless the loop just did them at this step
+            if s.validate_every and (self.step == steps0 or self.step % s.validate_every):
                 self._validate()
-            self.method.sample(self.out / "samples", self.step)
+            if not s.sample_every or self.step == steps0 or self.step % s.sample_every:
+                self.method.sample(self.out / "samples", self.step)
             weights = self.ema if self.ema is not None else self.weights()
             exported = self.method.export(self.out / f"{self.method.name}.safetensors", weights, self.config)
             log.info("exported %s", exported)
