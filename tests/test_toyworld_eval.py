@@ -54,6 +54,14 @@ def test_markdown_table_lists_every_method():
     assert "| base | 0.100 ± 0.000 | 0.500 | 0.300 | 1.000 | 0.120 ± 0.020 | 1.000 |" in md
     assert "| instantbooth | 0.500 ± 0.100 | 0.600 | 0.290 | 0.970 | 0.108 | 0.900 |" in md
     assert "| quicktune | 0.800 ± 0.100 | 0.700 | 0.300 | 1.000 | – | – |" in md
+    assert "per class" not in md and "identity cat" not in md  # no row has the per-class means: no column
+
+    result["methods"]["instantbooth"]["identity_by_class"] = {"cat": 0.3, "robot": 0.7}
+    md = to_markdown(result)
+    assert "| method | identity ↑ | identity cat / robot | CLIP-I ↑ |" in md
+    assert "| instantbooth | 0.500 ± 0.100 | 0.300 / 0.700 | 0.600 | 0.290 |" in md
+    assert "| quicktune | 0.800 ± 0.100 | – / – | 0.700 |" in md
+    assert all(line.count("|") == 11 for line in md.splitlines() if line.startswith("|"))
 
 
 def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
@@ -63,6 +71,11 @@ def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
     row = result["methods"]["base"]
     assert -1 <= row["identity"] <= 1 and -1 <= row["clip_t"] <= 1 and row["clip_t_vs_base"] == 1.0
     assert -2 <= row["context"] <= 2 and row["context_std"] >= 0 and row["context_vs_base"] == 1.0
+    by_class = row["identity_by_class"]  # the first two held-out identities: one cat, one robot
+    assert sorted(by_class) == ["cat", "robot"]
+    assert sum(by_class.values()) / 2 == pytest.approx(row["identity"])
+    assert by_class["cat"] - by_class["robot"] == pytest.approx(2 * row["identity_std"], abs=1e-6) or \
+        by_class["robot"] - by_class["cat"] == pytest.approx(2 * row["identity_std"], abs=1e-6)
     assert (tmp_path / "eval.md").read_text().startswith("Held-out toy-world identities")
 
 

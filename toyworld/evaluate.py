@@ -129,7 +129,7 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
 
     for name in methods:
         method = METHODS[name]
-        ids, clip_i, clip_t, context, prep, per_image = [], [], [], [], [], []
+        ids, clip_i, clip_t, context, prep, per_image, classes = [], [], [], [], [], [], []
         for subj in tqdm(subjects, desc=f"eval {name}", dynamic_ncols=True):
             prompts, plain = prompts_for(subj, contexts, env.identifier)
             prompts = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -143,10 +143,14 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
             prep.append(t1 - t0)
             per_image.append((t2 - t1) / len(prompts))
             ids.append(scorers.identity_similarity(images, subj.images).mean().item())
+            classes.append(subj.class_name)
             clip_i.append(scorers.clip_i(images, subj.images).mean().item())
             clip_t.append(scorers.clip_t(images, plain).mean().item())
             context.append(scorers.context_margin(images, plain, alternatives).mean().item())
+        # per class: a method can learn one class's identities in its steps and not the other's
+        by_class = {c: float(np.mean([i for i, k in zip(ids, classes) if k == c])) for c in sorted(set(classes))}
         rows[name] = {"identity": float(np.mean(ids)), "identity_std": float(np.std(ids)),
+                      "identity_by_class": by_class,
                       "clip_i": float(np.mean(clip_i)), "clip_t": float(np.mean(clip_t)),
                       "context": float(np.mean(context)), "context_std": float(np.std(context)),
                       "personalize_s": float(np.mean(prep)), "sample_s_per_image": float(np.mean(per_image))}
@@ -160,19 +164,24 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
 
 def to_markdown(result: dict) -> str:
     s = result["settings"]
+    classes = sorted({c for r in result["methods"].values() for c in r.get("identity_by_class") or {}})
     which = " (development set)" if s.get("dev") else ""
     lines = [f"Held-out toy-world identities{which}: {s['subjects']} subjects × {s['contexts']} prompts × "
              f"{s['samples_per_prompt']} samples, {s['references']} reference images each, seed {s['seed']}, "
              f"{s['sample_steps']} DDIM steps, {s['threads']} CPU threads"
              + "".join(f", {k} {v}" for k, v in s.get("overrides", {}).items()) + ".", "",
-             "| method | identity ↑ | CLIP-I ↑ | CLIP-T ↑ | CLIP-T / base | context ↑ | context / base | "
-             "personalize s/concept | s/image |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | identity ↑ | " + (f"identity {' / '.join(classes)} | " if classes else "") +
+             "CLIP-I ↑ | CLIP-T ↑ | CLIP-T / base | context ↑ | context / base | personalize s/concept | s/image |",
+             "|---|---|" + ("---|" if classes else "") + "---|---|---|---|---|---|---|"]
 
     def fmt(x, std=None):
         return "–" if x is None else f"{x:.3f}" + ("" if std is None else f" ± {std:.3f}")
+
+    def per_class(r):  # rows from tables written before the per-class means existed have none
+        by = r.get("identity_by_class") or {}
+        return " / ".join(fmt(by.get(c)) for c in classes) + " | " if classes else ""
     for name, r in result["methods"].items():
-        lines.append(f"| {name} | {r['identity']:.3f} ± {r['identity_std']:.3f} | {r['clip_i']:.3f} | "
+        lines.append(f"| {name} | {r['identity']:.3f} ± {r['identity_std']:.3f} | {per_class(r)}{r['clip_i']:.3f} | "
                      f"{r['clip_t']:.3f} | {fmt(r.get('clip_t_vs_base'))} | "
                      f"{fmt(r.get('context'), r.get('context_std'))} | "
                      f"{fmt(r.get('context_vs_base'))} | {r['personalize_s']:.2f} | {r['sample_s_per_image']:.3f} |")
