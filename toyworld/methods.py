@@ -148,6 +148,9 @@ METHODS = {
     "e4t-5": e4t(5),
     "e4t-15": e4t(15),
     "e4t-15-untrained": e4t(15, pretrained=False),
+    # beyond the paper's 5-15 steps: how many steps the tune needs where 15 are not enough
+    "e4t-30": e4t(30),
+    "e4t-60": e4t(60),
 }
 DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune", "quicktune-1photo",
                    "e4t-0", "e4t-5", "e4t-15", "e4t-15-untrained"]
