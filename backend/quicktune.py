@@ -23,7 +23,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -506,7 +506,12 @@ def two_stage(init_vectors: Sequence[torch.Tensor], encode: Encode, predict: Pre
     if stage2_params is not None:
         cache = encode_all(encode, vectors, num_prompts, images.mean.device)
         prior_term = prior() if prior is not None else None
-        with stage2_params() as params:
+        with ExitStack() as stack:
+            # the LoRA's random init from the run's seed, not from whatever the process's global RNG holds (in
+            # ComfyUI: the samplers that ran before), so that one seed gives one result
+            with torch.random.fork_rng():
+                torch.manual_seed(seed + 2)
+                params = stack.enter_context(stage2_params())
             r2 = finetune_denoiser(params, predict, schedule, images, cache, config.stage2, prior_term,
                                    progress(s1), should_cancel, seed + 1, mixed_precision)
     return TwoStageResult(vectors, r1, r2)

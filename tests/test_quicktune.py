@@ -227,6 +227,22 @@ def test_two_stages_leave_the_model_untouched_and_files_round_trip(tmp_path):
     assert meta["identifier"] == "sks" and meta["ss_steps"] == "3" and meta["ss_num_train_images"] == "3"
 
 
+def test_one_seed_gives_one_result_whatever_ran_before(tmp_path):
+    """The LoRA's random init comes from the run's seed: the process's global RNG (which ComfyUI's samplers move)
+    changes nothing, and the global RNG is left as it was."""
+    model = make_model(tmp_path)
+    runs = []
+    for before in (0, 1):
+        torch.manual_seed(before)
+        state = torch.get_rng_state()
+        runs.append(dt.quick_tune(model, images(2, 32), "cat", config=tiny_config(1, 2), seed=3))
+        assert torch.equal(torch.get_rng_state(), state), "the global RNG untouched"
+    a, b = (dict(r.lora.named_parameters()) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = dict(dt.quick_tune(model, images(2, 32), "cat", config=tiny_config(1, 2), seed=4).lora.named_parameters())
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+
+
 def test_cancel_stops_within_a_step_and_leaves_the_model_untouched(tmp_path):
     model = make_model(tmp_path)
     snap = snapshot(model)
