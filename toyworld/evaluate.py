@@ -129,7 +129,7 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
 
     for name in methods:
         method = METHODS[name]
-        ids, clip_i, clip_t, context, prep, per_image, classes = [], [], [], [], [], [], []
+        ids, clip_i, clip_t, context, prep, per_image = [], [], [], [], [], []
         for subj in tqdm(subjects, desc=f"eval {name}", dynamic_ncols=True):
             prompts, plain = prompts_for(subj, contexts, env.identifier)
             prompts = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -143,11 +143,11 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
             prep.append(t1 - t0)
             per_image.append((t2 - t1) / len(prompts))
             ids.append(scorers.identity_similarity(images, subj.images).mean().item())
-            classes.append(subj.class_name)
             clip_i.append(scorers.clip_i(images, subj.images).mean().item())
             clip_t.append(scorers.clip_t(images, plain).mean().item())
             context.append(scorers.context_margin(images, plain, alternatives).mean().item())
         # per class: a method can learn one class's identities in its steps and not the other's
+        classes = [subj.class_name for subj in subjects]
         by_class = {c: float(np.mean([i for i, k in zip(ids, classes) if k == c])) for c in sorted(set(classes))}
         rows[name] = {"identity": float(np.mean(ids)), "identity_std": float(np.std(ids)),
                       "identity_by_class": by_class,
