@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from boothkit.toyworld import domain
 from boothkit.toyworld.evaluate import eval_contexts, main as eval_main, make_subjects, prompts_for, to_markdown
 
 
@@ -75,6 +76,10 @@ def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
     assert sorted(by_class) == ["cat", "robot"]
     assert sum(by_class.values()) / 2 == pytest.approx(row["identity"])
     assert abs(by_class["cat"] - by_class["robot"]) == pytest.approx(2 * row["identity_std"], abs=1e-6)
+    heldout = [i.id for i in domain.identities("heldout")]
+    assert result["settings"]["subject_ids"] == [heldout[0], heldout[domain.N_HELDOUT_PER_CLASS]]
+    per_subject = row["identity_per_subject"]  # one cat, one robot: the same values as the per-class means
+    assert per_subject == pytest.approx([by_class["cat"], by_class["robot"]], abs=1e-4)
     assert (tmp_path / "eval.md").read_text().startswith("Held-out toy-world identities")
 
 

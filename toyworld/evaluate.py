@@ -151,12 +151,15 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
         by_class = {c: float(np.mean([i for i, k in zip(ids, classes) if k == c])) for c in sorted(set(classes))}
         rows[name] = {"identity": float(np.mean(ids)), "identity_std": float(np.std(ids)),
                       "identity_by_class": by_class,
+                      # in the order of settings["subject_ids"]: which subjects a method fails on, and its spread
+                      "identity_per_subject": [round(i, 4) for i in ids],
                       "clip_i": float(np.mean(clip_i)), "clip_t": float(np.mean(clip_t)),
                       "context": float(np.mean(context)), "context_std": float(np.std(context)),
                       "personalize_s": float(np.mean(prep)), "sample_s_per_image": float(np.mean(per_image))}
     return {"methods": with_ratios(rows),
             "settings": {"subjects": n_subjects, "references": k_refs, "contexts": n_contexts,
                          "samples_per_prompt": samples_per_prompt, "seed": seed,
+                         "subject_ids": [subj.identity.id for subj in subjects],
                          "sample_steps": steps, "threads": torch.get_num_threads(),
                          **({"dev": True} if dev else {}),
                          **({"overrides": overrides} if overrides else {})}}
