@@ -49,7 +49,17 @@ def test_offsets_are_w_times_one_plus_delta_and_exact_at_zero():
     torch.testing.assert_close(y, F.linear(x, lin.weight * (1 + delta), lin.bias), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y, base)
     assert torch.equal(lin(x), base), "removed on exit"
-    assert len(lin._forward_hooks) == 0
+    assert "forward" not in vars(lin) and len(lin._forward_hooks) == 0
+    with off.applied({"lin": lin}):
+        with off.bypassed():
+            assert torch.equal(lin(x), base), "bypassed: the layer's own forward"
+        torch.testing.assert_close(lin(x), y, rtol=0, atol=0)
+    # a forward another tool put on the instance (accelerate's offload hooks do) is what remains afterwards
+    lin.forward = lambda t: torch.zeros(3, 5)
+    with off.applied({"lin": lin}):
+        torch.testing.assert_close(lin(x), y, rtol=0, atol=0)
+    assert torch.equal(lin(x), torch.zeros(3, 5))
+    del lin.forward
     with pytest.raises(ValueError, match="no module for offsets"):
         with off.applied({}):
             pass
