@@ -8,7 +8,8 @@ on the one image at use time, starting from their pre-trained state.
   is ``class-word embedding + scale · prediction``, with an L2 penalty on the prediction.
 * Weight offsets: every attention projection W of the denoiser — and every other Linear of its transformer blocks
   (feed-forward, proj_in/out) — becomes ``W ∘ (1 + Δ)`` (elementwise), Δ = U·V of rank r. U starts at 0, so Δ = 0
-  and the untouched model is exact; applied by forward hooks, never by writing the base weights.
+  and the untouched model is exact; applied by replacing each target layer's forward while attached (one matmul
+  with W ∘ (1 + Δ)), never by writing the base weights.
 
 Host-independent: a host resolves the offsets' modules, runs the frozen backbones and hands in callables —
 ``features(x_t, t, cond) -> [pooled [B, C_i]]`` (no gradient), ``encode(vectors, prompt_ids) -> cond`` (vectors: one
@@ -129,7 +130,7 @@ class WeightOffsets(nn.Module):
         super().__init__()
         self.names = list(c.targets)
         self.offsets = nn.ModuleList(Offset(o, i, c.rank) for o, i in c.target_shapes)
-        self.enabled = True  # the attached hooks add nothing while False (:meth:`bypassed`)
+        self.enabled = True  # while False the attached layers run their own forward (:meth:`bypassed`)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         return {n: o.delta() for n, o in zip(self.names, self.offsets)}
@@ -150,8 +151,8 @@ class WeightOffsets(nn.Module):
 
     @contextmanager
     def bypassed(self) -> Iterator[None]:
-        """The attached hooks pass the base model's outputs through while inside (the base model's prediction
-        without detaching and re-attaching them)."""
+        """The attached layers run their own forward while inside (the base model's prediction without detaching
+        and re-attaching the offsets)."""
         self.enabled = False
         try:
             yield

@@ -110,7 +110,7 @@ class E4TConcept:
 
     @contextmanager
     def applied(self, model):
-        """While inside, ``model.unet`` runs with the tuned offsets (hooks, removed on exit)."""
+        """While inside, ``model.unet`` runs with the tuned offsets (removed on exit)."""
         with torch.no_grad(), self.e4t.offsets.applied(offset_modules(model.unet, self.e4t.config.targets)):
             yield model.unet
 

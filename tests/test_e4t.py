@@ -142,7 +142,7 @@ def test_tune_leaves_the_model_untouched_and_files_round_trip(tmp_path):
     with pytest.raises(FileExistsError):
         concept.save(model, tmp_path / "out", "my cat")
 
-    # sampling with the concept: hooks only inside, the model itself unchanged after
+    # sampling with the concept: offsets only inside, the model itself unchanged after
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     cond = dt.encode_prompt(model, "a photo of sks cat", concept.embedding)
     with concept.applied(model) as unet:
@@ -368,7 +368,7 @@ def test_tune_cli_on_the_toy_world_with_the_shipped_file(tmp_path, capsys):
 
 def test_validation_compares_with_the_base_model_on_the_same_draws(tmp_path):
     """Untrained, E4T's validation loss is the base model's exactly; once the offsets move, only E4T's changes, and
-    the training hooks are back in place afterwards."""
+    the training offsets are back in place afterwards."""
     from boothkit.hosts.loading import load_sd
     from boothkit.training.data import FolderDataset
     from boothkit.training.e4t import E4TSettings, E4TTraining
@@ -385,10 +385,10 @@ def test_validation_compares_with_the_base_model_on_the_same_draws(tmp_path):
     second = method.validate()
     assert second["denoising_loss"] != first["denoising_loss"]
     assert second["denoising_loss_base"] == first["denoising_loss_base"]  # computed once, reused
-    method._base_loss = None  # recomputed with the offsets moved: the training hooks must be off for it
+    method._base_loss = None  # recomputed with the offsets moved: the training offsets must be off for it
     third = method.validate()
     assert third["denoising_loss_base"] == first["denoising_loss_base"]
-    assert third == second, "hooks re-attached once, not stacked"
+    assert third == second, "offsets re-attached once, not stacked"
     with torch.no_grad():
         method.e4t.encoder.mlp[-1].bias.fill_(1.0)
     # every prediction is then all ones: |scale · 1| / |class word| per validation image, averaged
@@ -401,7 +401,7 @@ def test_validation_compares_with_the_base_model_on_the_same_draws(tmp_path):
 def test_reg_background_holds_the_background_to_the_base_model(tmp_path):
     """The term is the squared difference off the mask between the model with the offsets and the base model: 0 for
     an untrained E4T, λ · that difference once the offsets move, gradients to the offsets only through it when the
-    mask is empty; the hooks are back on afterwards."""
+    mask is empty; the offsets are back on afterwards."""
     from boothkit.backend import e4t as B
 
     model, vision, e4t = toy_setup(tmp_path)

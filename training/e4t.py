@@ -78,7 +78,7 @@ class E4TTraining:
         self._class_vectors: dict[str, list[torch.Tensor]] = {}
         self._base_loss: float | None = None  # validation's base-model loss (fixed draws, frozen base)
         # attached for the whole run: the backward pass (and gradient checkpointing's recomputation) needs them
-        self.hooks = self.e4t.offsets.attach(self.train_set["host"].modules)
+        self.attached = self.e4t.offsets.attach(self.train_set["host"].modules)
 
     def _split(self, dataset, cache: bool) -> dict:
         """Per dataset: prompts with the identifier, the class word of each, its host and its targets."""
@@ -134,13 +134,14 @@ class E4TTraining:
 
     @contextmanager
     def _offsets_detached(self):
-        """The training hooks off while inside (the base model, or a tuned copy's own offsets), attached again after."""
-        for h in self.hooks:
+        """The training offsets detached while inside (the base model, or a tuned copy's own offsets), attached again
+        after."""
+        for h in self.attached:
             h.remove()
         try:
             yield
         finally:
-            self.hooks = self.e4t.offsets.attach(self.train_set["host"].modules)
+            self.attached = self.e4t.offsets.attach(self.train_set["host"].modules)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
