@@ -60,6 +60,15 @@ def test_offsets_are_w_times_one_plus_delta_and_exact_at_zero():
         torch.testing.assert_close(lin(x), y, rtol=0, atol=0)
     assert torch.equal(lin(x), torch.zeros(3, 5))
     del lin.forward
+    # removal is last-in, first-out: offsets under another set of offsets are not silently left applied
+    under, over = off.attach({"lin": lin})[0], WeightOffsets(c).attach({"lin": lin})[0]
+    with pytest.raises(RuntimeError, match="remove it first"):
+        under.remove()
+    over.remove()
+    torch.testing.assert_close(lin(x), y, rtol=0, atol=0)
+    under.remove()
+    under.remove()  # a second remove does nothing
+    assert "forward" not in vars(lin) and torch.equal(lin(x), base)
     with pytest.raises(ValueError, match="no module for offsets"):
         with off.applied({}):
             pass
