@@ -38,6 +38,7 @@ CROSS_ATTENTION_KV = re.compile(r"(^|\.)attn2\.(to_k|to_v)$")
 Features = Callable[[torch.Tensor, torch.Tensor, Any], Sequence[torch.Tensor]]
 Encode = Callable[[Sequence[torch.Tensor], torch.Tensor], Any]
 Predict = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+WeightOf = Callable[[nn.Module, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
 @dataclass
@@ -131,6 +132,10 @@ class WeightOffsets(nn.Module):
         self.names = list(c.targets)
         self.offsets = nn.ModuleList(Offset(o, i, c.rank) for o, i in c.target_shapes)
         self.enabled = True  # while False the attached layers run their own forward (:meth:`bypassed`)
+        # How an attached layer's forward reads its weight and bias for an input x: ``weight_of(module, x) -> (W, b)``.
+        # None: the module's own tensors, captured at attach. A host whose layers compute their weight per call (ComfyUI
+        # low-VRAM: moved to the device and given its patches, e.g. a LoRA loaded before, in the forward) passes its own
+        self.weight_of: WeightOf | None = None
 
     def deltas(self) -> dict[str, torch.Tensor]:
         return {n: o.delta() for n, o in zip(self.names, self.offsets)}
@@ -181,13 +186,17 @@ class OffsetForward:
     weight: a forward hook adding x·(W ∘ Δ)ᵀ to the module's output costs a second full-width one (E4T's Δ is
     elementwise, not low-rank); `boothkit bench e4t` timed the hook at 5.3 s against 5.0 s for a toy tune (README).
     At Δ = 0 the weight is W · 1, the base layer bit for bit; while the owner is :meth:`WeightOffsets.bypassed` the
-    module's own forward runs. Removal is last-in, first-out: a forward set on top of this one must go first."""
+    module's own forward runs. W is the module's weight captured at attach, or, where the host computes it per call
+    (the owner's ``weight_of``), that. Removal is last-in, first-out: a forward set on top of this one must go
+    first."""
 
     def __init__(self, owner: WeightOffsets, module: nn.Module, offset: Offset):
         self.owner, self.module, self.offset = owner, module, offset
-        # a host's frozen weight may be an inference tensor (ComfyUI), which autograd cannot save: a copy then
-        w = module.weight
-        self.weight = w.detach().clone() if w.is_inference() else w
+        self.weight = None
+        if owner.weight_of is None:
+            # a host's frozen weight may be an inference tensor (ComfyUI), which autograd cannot save: a copy then
+            w = module.weight
+            self.weight = w.detach().clone() if w.is_inference() else w
         self.own = module.__dict__.get("forward")  # a forward another tool set on the instance, restored after
         self.inner = module.forward
         self.removed = False
@@ -196,8 +205,10 @@ class OffsetForward:
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.owner.enabled:
             return self.inner(x, *args, **kwargs)
-        w = self.weight.to(device=x.device, dtype=x.dtype)
-        b = self.module.bias
+        if self.weight is None:
+            w, b = self.owner.weight_of(self.module, x)
+        else:
+            w, b = self.weight.to(device=x.device, dtype=x.dtype), self.module.bias
         return F.linear(x, w * (1 + self.offset.delta().to(x.dtype)), None if b is None else b.to(x))
 
     def remove(self) -> None:

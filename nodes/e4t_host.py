@@ -51,6 +51,25 @@ def offset_modules(model, targets) -> dict[str, torch.nn.Module]:
     return {n: dm.get_submodule(to_ldm[f"{n}.weight"][: -len(".weight")]) for n in targets if f"{n}.weight" in to_ldm}
 
 
+def layer_weight(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A ComfyUI layer's weight and bias for the input ``x`` as its own forward computes them (``cast_bias_weight``):
+    moved to x's device and dtype, with the layer's weight functions applied — in low-VRAM mode the patches of a LoRA
+    loaded before, which the stored weight does not hold, and in training the copies of inference tensors."""
+    import comfy.ops
+
+    if hasattr(module, "weight_function"):
+        return tuple(comfy.ops.cast_bias_weight(module, x)[:2])
+    return module.weight.to(x), None if module.bias is None else module.bias.to(x)
+
+
+def effective_weights(model, modules) -> dict[str, torch.Tensor]:
+    """Each module's weight as the model computes with it (patches applied, in its compute dtype): the W of the
+    weight diffs W ∘ Δ, the same W the tune saw."""
+    dtype = getattr(model.model, "manual_cast_dtype", None)
+    return {n: layer_weight(m, torch.empty(0, device=model.load_device, dtype=dtype or m.weight.dtype))[0]
+            for n, m in modules.items()}
+
+
 @torch.no_grad()
 def class_tokens(clip_vision, pixels: torch.Tensor, masks: torch.Tensor | None, e4t: E4T) -> torch.Tensor:
     """The class token of each of the E4T file's CLIP layers [B, L, D], the subject cropped by its mask as in
@@ -139,6 +158,7 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         mm.load_models_gpu([model, clip.patcher])
         dm = model.get_model_object("diffusion_model")
         tuned = copy.deepcopy(e4t).to(device).float().train()
+        tuned.offsets.weight_of = layer_weight  # the weights as ComfyUI's forward computes them (low-VRAM patches)
         modules = offset_modules(model, c.targets)
         encoder = qh.PromptEncoder(clip, slots, [prompt], identifier, identifier_ids, model, resolution)
         encode = per_prompt(encoder)
@@ -164,7 +184,7 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         embedding = Embedding({s.key: v.detach().cpu().reshape(1, -1) for s, v in zip(slots, vectors)}, family,
                               identifier, class_noun)
         embedding.metadata = embedding_metadata(embedding, training, prediction_type)
-        weights = {n: m.weight for n, m in modules.items()}
+        weights = effective_weights(model, modules)
         lora = e4t_backend.weight_diff_file(tuned.offsets, weights, family, identifier,
                                             BASE_MODEL_VERSIONS.get(family, family))
         model_out = qh.apply_lora(model, lora)

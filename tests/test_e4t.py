@@ -76,6 +76,32 @@ def test_offsets_are_w_times_one_plus_delta_and_exact_at_zero():
     torch.testing.assert_close(lin.weight + diffs["lin"], lin.weight * (1 + delta))
 
 
+def test_offsets_read_the_weight_the_host_computes_per_call():
+    """A host whose layers compute their weight in the forward (ComfyUI low-VRAM: a LoRA loaded before is applied per
+    call, not stored) hands ``weight_of``: the offsets then scale that weight, and nothing is captured at attach."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5)
+    patch = torch.randn(5, 6)
+    c = E4TConfig(family="toy", word_dims=[4], vision_dim=4, vision_layers=[1], unet_dims=[4], targets=["lin"],
+                  target_shapes=[[5, 6]], rank=2)
+    off = WeightOffsets(c)
+    calls = []
+
+    def weight_of(module, x):
+        calls.append(module)
+        return module.weight + patch, module.bias
+
+    off.weight_of = weight_of
+    x = torch.randn(3, 6)
+    with off.applied({"lin": lin}), torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight + patch, lin.bias), rtol=0, atol=0)
+        off.offsets[0].up.normal_()
+        delta = off.offsets[0].delta()
+        torch.testing.assert_close(lin(x), F.linear(x, (lin.weight + patch) * (1 + delta), lin.bias))
+    assert calls == [lin, lin]
+    assert "forward" not in vars(lin)
+
+
 def toy_setup(tmp_path, model=None):
     model = model or make_model(tmp_path)
     vision = tiny_clip_vision()

@@ -200,6 +200,35 @@ def main(argv=None) -> int:
         "class_multi_token": error_of(lambda: run("BoothKitE4TTune", **{**args, "class_noun": "orange cat"})),
         "missing_file": error_of(lambda: run("BoothKitLoadE4T", e4t_name="nope.safetensors")),
     }
+
+    # ---- a LoRA loaded before E4T Tune, the model loaded in low-VRAM mode -----------------------------------------------
+    # Partially loaded, ComfyUI leaves each layer's stored weight without the LoRA and applies it in the layer's
+    # forward (weight functions). The tune must see the same weights as with the model fully loaded: the same losses
+    # and the same weight diffs. On a CPU ComfyUI always loads fully, so the partial load is made here and
+    # load_models_gpu kept from undoing it.
+    lora_model = stock_lora_loader(run, model, clip, f"{NAME}_lora.safetensors")[0]
+    kw = dict(image=image, class_noun=CLASS_NOUN, steps=STEPS, resolution=64, seed=0)
+    with torch.inference_mode():
+        full = host.e4t_tune(lora_model, clip, clip_vision, vae, loaded, **kw)
+        mm.unload_all_models()
+        lora_model.patch_model(torch.device("cpu"), lowvram_model_memory=1)
+        patched = sum(bool(getattr(m, "weight_function", [])) for m in modules.values())
+        load = mm.load_models_gpu
+        mm.load_models_gpu = lambda models, *a_, **k_: load([m for m in models if m is not lora_model], *a_, **k_)
+        try:
+            low = host.e4t_tune(lora_model, clip, clip_vision, vae, loaded, **kw)
+        finally:
+            mm.load_models_gpu = load
+            lora_model.unpatch_model()
+            mm.unload_all_models()
+    results["lowvram"] = {
+        "targets_with_weight_functions": patched, "num_targets": len(modules),
+        "losses_full": full.result.losses, "losses_low": low.result.losses,
+        "diffs_max_abs": max(float((full.lora.tensors[k].float() - low.lora.tensors[k].float()).abs().max())
+                             for k in full.lora.tensors),
+        "diffs_scale": max(float(v.float().abs().max()) for v in full.lora.tensors.values()),
+        "weight_functions_left": sum(len(getattr(m, "weight_function", [])) for m in modules.values())}
+    log("low-VRAM tune done")
     results["t_total"] = log.elapsed()
 
     write_results(a.out, results, tensors)

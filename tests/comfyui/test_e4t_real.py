@@ -75,3 +75,16 @@ def test_tune_flip_and_cross_kv_settings_of_the_file(e4t_run):
     assert f["draws"] == [[True, True]] * 2, "each step's draws alternate the two, the next step shifted by one"
     assert f["kv"] > 0 and f["kv_kept"] and f["others_moved"]
     assert r["untouched_after_flip"] == UNTOUCHED
+
+
+def test_tune_in_low_vram_sees_the_weight_patches_applied_in_the_forward(e4t_run):
+    """With a LoRA loaded before E4T Tune and the model loaded partially (low-VRAM), ComfyUI applies the LoRA in each
+    layer's forward, not to the stored weight: the tune must read the weight as the forward computes it, and so give
+    the same losses and weight diffs as with the model fully loaded."""
+    r, _ = e4t_run
+    low = r["lowvram"]
+    assert low["targets_with_weight_functions"] == low["num_targets"] > 0, "every target carries the LoRA per forward"
+    assert len(low["losses_low"]) == len(low["losses_full"]) == 2
+    assert low["losses_low"] == pytest.approx(low["losses_full"], rel=1e-4)
+    assert low["diffs_max_abs"] <= 1e-4 * low["diffs_scale"] and low["diffs_scale"] > 0
+    assert low["weight_functions_left"] == 0
