@@ -10,6 +10,11 @@ on the one image at use time, starting from their pre-trained state.
   (feed-forward, proj_in/out) — becomes ``W ∘ (1 + Δ)`` (elementwise), Δ = U·V of rank r. U starts at 0, so Δ = 0
   and the untouched model is exact; applied by replacing each target layer's forward while attached (one matmul
   with W ∘ (1 + Δ)), never by writing the base weights.
+* The photo's scales (``modulation_rank`` > 0; not in the paper): the encoder also predicts, from the photo's class
+  tokens, a scale s of each target layer's output channels, y = (1 + s) ⊙ x·(W ∘ (1 + Δ))ᵀ + b, s = P·code(photo)
+  of rank ``modulation_rank``. The paper's word embedding carries the identity only where the base model's text path
+  can name one; these are weight offsets predicted from the image. Zero for an untrained encoder; a tuned concept's
+  are fixed to its photo and folded into Δ (:func:`fix_scales`), so its weight diffs stay W ∘ Δ.
 
 Host-independent: a host resolves the offsets' modules, runs the frozen backbones and hands in callables —
 ``features(x_t, t, cond) -> [pooled [B, C_i]]`` (no gradient), ``encode(vectors, prompt_ids) -> cond`` (vectors: one
@@ -77,6 +82,9 @@ class E4TConfig:
     # The tune's noise levels: t uniform in [0, tune_max_timestep · T). One image and 15 steps leave no draws to spare
     # on the noisiest levels, where the image is mostly gone; the subject's detail is learnt at the lower ones
     tune_max_timestep: float = 1.0
+    # rank of the photo's output-channel scales the encoder predicts (module docstring); 0: none, as in the paper.
+    # On the toy world, whose text path never names an identity, 8 lifted E4T-0 from the base's identity (README)
+    modulation_rank: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -86,6 +94,8 @@ class E4TConfig:
             raise ValueError("word_dims, unet_dims and vision_layers must not be empty")
         if self.rank < 1:
             raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.modulation_rank < 0:
+            raise ValueError(f"modulation_rank must be 0 (none) or more, got {self.modulation_rank}")
         if not 0 < self.tune_max_timestep <= 1:
             raise ValueError(f"tune_max_timestep is a fraction of the schedule in (0, 1], got {self.tune_max_timestep}")
 
@@ -104,6 +114,22 @@ class DomainEncoder(nn.Module):
                                  nn.Linear(c.hidden, sum(c.word_dims)))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+        self.outs = [o for o, _ in c.target_shapes]
+        k = self.k = c.modulation_rank
+        if k:
+            self.modulation = nn.Sequential(nn.LeakyReLU(), nn.Linear(c.hidden, c.hidden), nn.LeakyReLU(),
+                                            nn.Linear(c.hidden, k * len(self.outs)))
+            nn.init.zeros_(self.modulation[-1].weight)
+            nn.init.zeros_(self.modulation[-1].bias)
+            self.bases = nn.ParameterList(nn.Parameter(torch.randn(o, k) / k ** 0.5) for o in self.outs)
+
+    def scales(self, class_tokens: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per target layer, the scale s [B, out] of its output channels predicted from the photo (None without
+        modulation). Zero for an untrained encoder."""
+        if not self.k:
+            return None
+        code = self.modulation(self.vision(class_tokens.flatten(1).float())).unflatten(-1, (len(self.outs), self.k))
+        return [code[:, i] @ b.t() for i, b in enumerate(self.bases)]
 
     def forward(self, class_tokens: torch.Tensor, unet_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(unet_features) != len(self.unet):
@@ -136,9 +162,26 @@ class WeightOffsets(nn.Module):
         # None: the module's own tensors, captured at attach. A host whose layers compute their weight per call (ComfyUI
         # low-VRAM: moved to the device and given its patches, e.g. a LoRA loaded before, in the forward) passes its own
         self.weight_of: WeightOf | None = None
+        # The photo's output-channel scales s per target (``modulation_rank``): [B, out] while an objective runs
+        # (:meth:`scaled`), or a concept's fixed [out] after a tune (:func:`fix_scales`); None: no modulation
+        self.scales: list[torch.Tensor] | None = None
+
+    @contextmanager
+    def scaled(self, scales: list[torch.Tensor] | None) -> Iterator[None]:
+        """The attached layers' outputs scaled by ``scales`` (one [B, out] per target) while inside."""
+        old, self.scales = self.scales, scales
+        try:
+            yield
+        finally:
+            self.scales = old
 
     def deltas(self) -> dict[str, torch.Tensor]:
-        return {n: o.delta() for n, o in zip(self.names, self.offsets)}
+        """Δ per target; with a concept's fixed scales folded in, (1 + s)·1ᵀ ∘ (1 + Δ) - 1: the layer's whole
+        change is then W ∘ Δ, as without modulation."""
+        if self.scales is None:
+            return {n: o.delta() for n, o in zip(self.names, self.offsets)}
+        return {n: (1 + s.reshape(-1, 1)) * (1 + o.delta()) - 1
+                for n, o, s in zip(self.names, self.offsets, self.scales)}
 
     def penalty(self) -> torch.Tensor:
         return torch.stack([o.delta().pow(2).mean() for o in self.offsets]).mean()
@@ -152,7 +195,8 @@ class WeightOffsets(nn.Module):
         if missing:
             raise ValueError(f"the denoiser has no module for offsets {missing[:3]}"
                              f"{'...' if len(missing) > 3 else ''}: the E4T file is for another architecture")
-        return [OffsetForward(self, modules[name], offset) for name, offset in zip(self.names, self.offsets)]
+        return [OffsetForward(self, modules[name], offset, i)
+                for i, (name, offset) in enumerate(zip(self.names, self.offsets))]
 
     @contextmanager
     def bypassed(self) -> Iterator[None]:
@@ -190,8 +234,8 @@ class OffsetForward:
     (the owner's ``weight_of``), that. Removal is last-in, first-out: a forward set on top of this one must go
     first."""
 
-    def __init__(self, owner: WeightOffsets, module: nn.Module, offset: Offset):
-        self.owner, self.module, self.offset = owner, module, offset
+    def __init__(self, owner: WeightOffsets, module: nn.Module, offset: Offset, index: int):
+        self.owner, self.module, self.offset, self.index = owner, module, offset, index
         self.weight = None
         if owner.weight_of is None:
             # a host's frozen weight may be an inference tensor (ComfyUI), which autograd cannot save: a copy then
@@ -209,7 +253,15 @@ class OffsetForward:
             w, b = self.owner.weight_of(self.module, x)
         else:
             w, b = self.weight.to(device=x.device, dtype=x.dtype), self.module.bias
-        return F.linear(x, w * (1 + self.offset.delta().to(x.dtype)), None if b is None else b.to(x))
+        w = w * (1 + self.offset.delta().to(x.dtype))
+        b = None if b is None else b.to(x)
+        if self.owner.scales is None:
+            return F.linear(x, w, b)
+        s = self.owner.scales[self.index].to(x.dtype)
+        if s.ndim == 2:  # one row per batch item, broadcast over the tokens
+            s = s.reshape(s.shape[0], *[1] * (x.ndim - 2), s.shape[-1])
+        y = F.linear(x, w) * (1 + s)
+        return y if b is None else y + b
 
     def remove(self) -> None:
         if self.removed:
@@ -339,7 +391,9 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
     if stats is not None:
         stats["identifier_shift"] = torch.stack([(c.scale * p.float()).norm(dim=-1) / v.float().norm(dim=-1)
                                                  for p, v in zip(prediction, class_vectors)]).mean().item()
-    out = predict(x_t, t, cond)
+    scales = e4t.encoder.scales(batch.class_tokens)
+    with e4t.offsets.scaled(scales):
+        out = predict(x_t, t, cond)
     err = (out.float() - schedule.target(x0, noise, t).float()) ** 2
     if batch.masks is not None:
         m = batch.masks.to(err.dtype)
@@ -351,6 +405,8 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
     loss = loss + c.reg_embedding * torch.stack([p.float().pow(2).sum(-1).mean() for p in prediction]).sum()
     if c.reg_offsets:
         loss = loss + c.reg_offsets * e4t.offsets.penalty()
+        if scales is not None:
+            loss = loss + c.reg_offsets * torch.stack([s.pow(2).mean() for s in scales]).mean()
     if c.reg_background and background and batch.masks is not None:
         with torch.no_grad(), e4t.offsets.bypassed():
             base = predict(x_t, t, class_cond).float()
@@ -358,6 +414,14 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
         drift = ((out.float() - base) ** 2 * off).sum() / (off.sum() * err.shape[1]).clamp_min(1e-8)
         loss = loss + c.reg_background * drift
     return loss
+
+
+@torch.no_grad()
+def fix_scales(e4t: E4T, class_tokens: torch.Tensor) -> None:
+    """A tuned concept's output-channel scales, fixed to its photo's ([out] per target; without modulation, none):
+    the attached offsets apply them, and :meth:`WeightOffsets.deltas` folds them into the weight diffs."""
+    scales = e4t.encoder.scales(class_tokens[:1])
+    e4t.offsets.scales = None if scales is None else [s[0] for s in scales]
 
 
 @torch.no_grad()

@@ -162,6 +162,7 @@ def e4t_tune(model, vision, e4t: E4T, image: torch.Tensor, mask: torch.Tensor | 
         vectors = e4t_backend.concept_vectors(tuned, batch.x0, batch.class_tokens, batch.class_vectors,
                                               host.features, host.encode, host.schedule, host.modules,
                                               batch.prompt_ids, seed=seed)
+        e4t_backend.fix_scales(tuned, batch.class_tokens)
     keys = [s.key for s in text_slots(model)]
     embedding = Embedding({k: v[None].detach().cpu() for k, v in zip(keys, vectors)}, model.family, c.identifier,
                           init_word=word, metadata={"method": "e4t"})

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -7,7 +8,7 @@ from test_quicktune import assert_untouched, images, make_model, make_sdxl, snap
 from test_train_instantbooth import write_dataset
 from tiny_models import tiny_clip_vision, tiny_sd_folder
 
-from boothkit.backend.e4t import E4T, E4TConfig, DomainEncoder, WeightOffsets, attention_targets
+from boothkit.backend.e4t import E4T, E4TConfig, DomainEncoder, WeightOffsets, attention_targets, fix_scales
 from boothkit.backend.embedding import load_embedding
 from boothkit.backend.formats import FormatError, load_e4t, read_safetensors, save_e4t, write_safetensors
 from boothkit.hosts import diffusers_e4t as de
@@ -102,10 +103,43 @@ def test_offsets_read_the_weight_the_host_computes_per_call():
     assert "forward" not in vars(lin)
 
 
-def toy_setup(tmp_path, model=None):
+def test_modulation_starts_at_zero_and_a_concept_folds_into_the_weight_diffs():
+    """The encoder's output-channel scales s are 0 untrained (the base layer bit for bit), scale each item's outputs
+    while an objective runs, and once fixed to a concept's photo are part of W ∘ Δ: the weight-diff file is exact."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5)
+    c = E4TConfig(family="toy", word_dims=[4], vision_dim=4, vision_layers=[1], unet_dims=[4], targets=["lin"],
+                  target_shapes=[[5, 6]], rank=2, hidden=8, modulation_rank=3)
+    e4t = E4T(c)
+    tokens = torch.randn(2, 1, 4)
+    x = torch.randn(2, 7, 6)
+    scales = e4t.encoder.scales(tokens)
+    assert [list(s.shape) for s in scales] == [[2, 5]] and not any(s.any() for s in scales)
+    with e4t.offsets.applied({"lin": lin}), e4t.offsets.scaled(scales):
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias)), "s = 0 and Δ = 0: the untouched layer"
+    with torch.no_grad():
+        for p in e4t.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    scales = e4t.encoder.scales(tokens)
+    assert not torch.allclose(scales[0][0], scales[0][1]), "a scale per photo"
+    delta = e4t.offsets.offsets[0].delta()
+    with torch.no_grad(), e4t.offsets.applied({"lin": lin}), e4t.offsets.scaled(scales):
+        y = lin(x)
+    expected = (1 + scales[0][:, None]) * F.linear(x, lin.weight * (1 + delta)) + lin.bias
+    torch.testing.assert_close(y, expected)
+    fix_scales(e4t, tokens[1:])
+    with torch.no_grad(), e4t.offsets.applied({"lin": lin}):
+        y1 = lin(x)
+        diff = e4t.offsets.weight_diffs({"lin": lin.weight})["lin"]
+    torch.testing.assert_close(y1[1], expected[1])
+    torch.testing.assert_close(y1, F.linear(x, lin.weight + diff, lin.bias))
+    assert E4T(E4TConfig(**{**vars(c), "modulation_rank": 0})).encoder.scales(tokens) is None
+
+
+def toy_setup(tmp_path, model=None, **overrides):
     model = model or make_model(tmp_path)
     vision = tiny_clip_vision()
-    config = de.new_config(model, vision, "cat", "sks", hidden=16)
+    config = de.new_config(model, vision, "cat", "sks", hidden=16, **overrides)
     return model, vision, E4T(config)
 
 
@@ -144,8 +178,9 @@ def test_untrained_e4t_is_exactly_the_class_word_prompt(tmp_path):
     assert torch.equal(out, model.unet(x, t, encoder_hidden_states=plain).sample)
 
 
-def test_tune_leaves_the_model_untouched_and_files_round_trip(tmp_path):
-    model, vision, e4t = toy_setup(tmp_path)
+@pytest.mark.parametrize("modulation_rank", [0, 2])
+def test_tune_leaves_the_model_untouched_and_files_round_trip(tmp_path, modulation_rank):
+    model, vision, e4t = toy_setup(tmp_path, modulation_rank=modulation_rank)
     snap = snapshot(model)
     vision_state = {k: v.clone() for k, v in vision.state_dict().items()}
     pre = {k: v.clone() for k, v in e4t.state_dict().items()}
@@ -184,6 +219,16 @@ def test_tune_leaves_the_model_untouched_and_files_round_trip(tmp_path):
         with_offsets = unet(x, t, encoder_hidden_states=cond).sample
     assert not torch.equal(with_offsets, model.unet(x, t, encoder_hidden_states=cond).sample)
     assert_untouched(model, snap)
+    # the diff file added to a copy of the denoiser samples as the concept does (the photo's scales are in the diffs)
+    unet = copy.deepcopy(model.unet)
+    with torch.no_grad():
+        for n in e4t.config.targets:
+            unet.get_submodule(n).weight += tensors[f"lora_unet_{n.replace('.', '_')}.diff"]
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=cond).sample, with_offsets, rtol=1e-4, atol=1e-5)
+    scales = concept.e4t.offsets.scales
+    assert (scales is None) == (modulation_rank == 0)
+    assert modulation_rank == 0 or all(list(s.shape) == [w] for s, (w, _) in zip(scales, e4t.config.target_shapes))
+    assert modulation_rank == 0 or any(float(s.abs().sum()) > 0 for s in scales), "the tune moved the scales"
 
 
 def test_tune_gives_the_encoder_its_own_rate(tmp_path):
@@ -338,6 +383,7 @@ validation = "{val}"
 category = "cat"
 lr = 1e-2
 hidden = 16
+modulation_rank = 2
 sample_steps = 2
 validation_images = 1
 [train]
@@ -350,9 +396,13 @@ checkpoint_every = 2
     tensors, meta = read_safetensors(out / "e4t.safetensors")
     assert meta["format"] == "boothkit.e4t" and meta["family"] == "toy" and meta["class_word"] == "cat"
     assert all(k.startswith(("encoder.", "offsets.")) for k in tensors), "encoder and offsets only"
+    assert any(k.startswith("encoder.modulation.") for k in tensors) and any(k.startswith("encoder.bases.")
+                                                                             for k in tensors)
     assert json.loads(meta["training"])["config"]["train"]["steps"] == 2
     e4t = load_e4t(out / "e4t.safetensors", family="toy")
     assert any(float(o.up.detach().abs().sum()) > 0 for o in e4t.offsets.offsets), "the offsets were trained"
+    assert e4t.config.modulation_rank == 2
+    assert float(e4t.encoder.modulation[-1].weight.abs().sum()) > 0, "the photo's scales were trained"
     assert (out / "checkpoints" / "checkpoint-0000002.safetensors").exists()
     assert list((out / "samples").glob("*.png"))
 

@@ -43,6 +43,7 @@ class E4TSettings:
     tune_flip: bool = False  # the tune also draws the mirror image of the concept's one image
     tune_cross_kv: bool = True  # the tune moves the cross-attention keys' and values' offsets too
     tune_max_timestep: float = 1.0  # the tune draws t below this fraction of the schedule
+    modulation_rank: int = 0
     cache_latents: bool = True
     cache_vision: bool = True  # class tokens of each image, computed once (the backbone is frozen, no augmentation)
     gradient_checkpointing: bool = False
@@ -71,7 +72,8 @@ class E4TTraining:
                                   reg_background=s.reg_background, tune_steps=s.tune_steps, tune_lr=s.tune_lr,
                                   tune_encoder_lr=s.tune_encoder_lr, tune_batch=s.tune_batch,
                                   tune_flip=s.tune_flip, tune_cross_kv=s.tune_cross_kv,
-                                  tune_max_timestep=s.tune_max_timestep)).to(self.device)
+                                  tune_max_timestep=s.tune_max_timestep,
+                                  modulation_rank=s.modulation_rank)).to(self.device)
         self.module = self.e4t
         self.train_set = self._split(dataset, s.cache_latents)
         self.val_set = self._split(validation, False) if validation is not None else None

@@ -8,6 +8,7 @@ torch.inference_mode()), then stock LoraLoader and CLIPTextEncode on what was sa
 OUT/results.json and OUT/tensors.safetensors. Tiny settings: a 64x64 photo, 2 steps."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
                                                                                  for k in (1, 2, 3, 4)}),
             unet_dims=[int(f.shape[-1]) for f in feats], targets=targets,
             target_shapes=[list(modules[t].weight.shape) for t in targets], class_word=CLASS_NOUN, hidden=32,
-            tune_lr=1e-2)
+            tune_lr=1e-2, modulation_rank=2)
         torch.manual_seed(0)
         e4t = backend.E4T(config)
         with torch.no_grad():  # a "pre-trained" state: a prediction and offsets that are not zero
@@ -150,10 +151,11 @@ def main(argv=None) -> int:
 
     # ---- a file with tune_flip on and tune_cross_kv off: the mirror image is drawn, the cross-attention keys' and
     # values' offsets keep their pre-trained values ----------------------------------------------------------------------
+    # (without the photo's output-channel scales, which are in every layer's diff, the kept ones included)
     with torch.inference_mode(False):
-        config.tune_flip, config.tune_cross_kv = True, False
-        formats.save_e4t(os.path.join(a.work, "e4t", "e4t_flip.safetensors"), e4t)
-        config.tune_flip, config.tune_cross_kv = False, True
+        flip = backend.E4T(dataclasses.replace(config, tune_flip=True, tune_cross_kv=False, modulation_rank=0))
+        flip.load_state_dict({k: v for k, v in e4t.state_dict().items() if k in flip.state_dict()})
+        formats.save_e4t(os.path.join(a.work, "e4t", "e4t_flip.safetensors"), flip)
     (flip_e4t,) = run("BoothKitLoadE4T", e4t_name="e4t_flip.safetensors")
     drawn, encoded, real_objective, real_encode = [], [], backend.objective, qh.encode_images
 
