@@ -162,8 +162,8 @@ class WeightOffsets(nn.Module):
         # None: the module's own tensors, captured at attach. A host whose layers compute their weight per call (ComfyUI
         # low-VRAM: moved to the device and given its patches, e.g. a LoRA loaded before, in the forward) passes its own
         self.weight_of: WeightOf | None = None
-        # The photo's output-channel scales s per target (``modulation_rank``): [B, out] while an objective runs
-        # (:meth:`scaled`), or a concept's fixed [out] after a tune (:func:`fix_scales`); None: no modulation
+        # The photo's output-channel scales s per target (``modulation_rank``): [B, out] from an objective until the
+        # next (through its backward pass), or a concept's fixed [out] after a tune (:func:`fix_scales`); None: none
         self.scales: list[torch.Tensor] | None = None
 
     @contextmanager
@@ -385,15 +385,17 @@ def objective(e4t: E4T, batch: Batch, features: Features, encode: Encode, predic
     class_vectors = [v.expand(b, -1) if v.ndim == 1 else v for v in batch.class_vectors]
     with torch.no_grad():  # the denoiser's features are an input of the encoder, not a path for gradients
         class_cond = encode([v.unsqueeze(1) for v in class_vectors], batch.prompt_ids)
-        feats = features(x_t, t, class_cond)
+        with e4t.offsets.scaled(None):  # the photo's scales are not in the encoder's input
+            feats = features(x_t, t, class_cond)
     prediction = e4t.encoder(batch.class_tokens, [f.detach() for f in feats])
     cond = encode(e4t.vectors(class_vectors, prediction), batch.prompt_ids)
     if stats is not None:
         stats["identifier_shift"] = torch.stack([(c.scale * p.float()).norm(dim=-1) / v.float().norm(dim=-1)
                                                  for p, v in zip(prediction, class_vectors)]).mean().item()
-    scales = e4t.encoder.scales(batch.class_tokens)
-    with e4t.offsets.scaled(scales):
-        out = predict(x_t, t, cond)
+    # set, not scoped: gradient checkpointing re-runs the forward in the backward pass, after this returns; the next
+    # objective replaces them, and the tune clears them at its end
+    scales = e4t.offsets.scales = e4t.encoder.scales(batch.class_tokens)
+    out = predict(x_t, t, cond)
     err = (out.float() - schedule.target(x0, noise, t).float()) ** 2
     if batch.masks is not None:
         m = batch.masks.to(err.dtype)
@@ -440,7 +442,8 @@ def concept_vectors(e4t: E4T, x0: torch.Tensor, class_tokens: torch.Tensor, clas
     cv = [v.reshape(1, -1).expand(timesteps, -1) for v in class_vectors]
     ids = prompt_ids[:1].expand(timesteps)
     with e4t.offsets.applied(modules):
-        feats = features(x_t, t, encode([v.unsqueeze(1) for v in cv], ids))
+        with e4t.offsets.scaled(None):
+            feats = features(x_t, t, encode([v.unsqueeze(1) for v in cv], ids))
     prediction = e4t.encoder(class_tokens[:1].expand(timesteps, *class_tokens.shape[1:]), feats)
     return [v.mean(0)[0] for v in e4t.vectors(cv, prediction)]
 
@@ -472,5 +475,8 @@ def tune(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Pr
                "lr": rate if c.tune_encoder_lr is None else c.tune_encoder_lr},
               {"params": [p for o in offsets for p in o.parameters() if p.requires_grad], "lr": rate}]
     with e4t.offsets.applied(modules):
-        return tune_loop(groups, loss_fn, steps, rate, on_progress, should_cancel,
-                         mixed_precision=mixed_precision)
+        try:
+            return tune_loop(groups, loss_fn, steps, rate, on_progress, should_cancel,
+                             mixed_precision=mixed_precision)
+        finally:
+            e4t.offsets.scales = None  # the last step's; a concept's are fixed after (fix_scales)

@@ -414,15 +414,20 @@ checkpoint_every = 2
     assert (tmp_path / "c" / "kitty.safetensors").exists() and (tmp_path / "c" / "kitty_lora.safetensors").exists()
 
 
-def test_gradient_checkpointing_gives_the_same_tune(tmp_path):
-    """The offsets stay attached through the backward pass, which checkpointing's recomputation needs."""
-    model, vision, e4t = toy_setup(tmp_path)
+@pytest.mark.parametrize("modulation_rank", [0, 2])
+def test_gradient_checkpointing_gives_the_same_tune(tmp_path, modulation_rank):
+    """The offsets and the photo's scales stay applied through the backward pass, which checkpointing's
+    recomputation needs."""
+    model, vision, e4t = toy_setup(tmp_path, modulation_rank=modulation_rank)
+    if modulation_rank:
+        with torch.no_grad():  # scales that are not zero from the first step
+            e4t.encoder.modulation[-1].weight.normal_(std=0.5)
     img = images(1)[0]
-    plain = de.e4t_tune(model, vision, e4t, img, steps=2, lr=1e-2)
+    plain = de.e4t_tune(model, vision, e4t, img, steps=3, lr=1e-2)
     model.unet.enable_gradient_checkpointing()
     model.unet.train()
     try:
-        ckpt = de.e4t_tune(model, vision, e4t, img, steps=2, lr=1e-2)
+        ckpt = de.e4t_tune(model, vision, e4t, img, steps=3, lr=1e-2)
     finally:
         model.unet.disable_gradient_checkpointing()
         model.unet.eval()
