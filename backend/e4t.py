@@ -61,7 +61,7 @@ class E4TConfig:
     rank: int = 1  # rank of Δ
     hidden: int = 256
     reg_embedding: float = 0.01  # λ · mean ||prediction||²
-    reg_offsets: float = 0.0  # λ · mean Δ²
+    reg_offsets: float = 0.0  # λ · mean Δ² (+ λ · mean s² of the photo's scales)
     # λ · the squared difference, off the subject's mask, between the model with the offsets and the base model with
     # the class word (the same noised input), in pre-training. A loss on the mask alone leaves the background free,
     # and the offsets pre-trained that way cost the toy base 15 % of its alignment on the context words before tuning
