@@ -54,12 +54,14 @@ def offset_modules(model, targets) -> dict[str, torch.nn.Module]:
 def layer_weight(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A ComfyUI layer's weight and bias for the input ``x`` as its own forward computes them (``cast_bias_weight``):
     moved to x's device and dtype, with the layer's weight functions applied — in low-VRAM mode the patches of a LoRA
-    loaded before, which the stored weight does not hold, and in training the copies of inference tensors."""
+    loaded before, which the stored weight does not hold, and in training the copies of inference tensors. A layer
+    that is not one of ComfyUI's cast layers hands its own weight, copied if it is an inference tensor (autograd
+    saves it for the offsets' gradient)."""
+    if not hasattr(module, "weight_function"):
+        return qh._fresh(module.weight).to(x), None if module.bias is None else module.bias.to(x)
     import comfy.ops
 
-    if hasattr(module, "weight_function"):
-        return tuple(comfy.ops.cast_bias_weight(module, x)[:2])
-    return module.weight.to(x), None if module.bias is None else module.bias.to(x)
+    return tuple(comfy.ops.cast_bias_weight(module, x)[:2])
 
 
 def effective_weights(model, modules) -> dict[str, torch.Tensor]:

@@ -103,6 +103,27 @@ def test_offsets_read_the_weight_the_host_computes_per_call():
     assert "forward" not in vars(lin)
 
 
+def test_comfyui_layer_weight_of_a_plain_layer_is_trainable(tmp_path):
+    """A layer that is not one of ComfyUI's cast layers hands its own weight to the offsets, copied when it is an
+    inference tensor (as ComfyUI loads them), so that the tune's backward pass can save it."""
+    from comfy_stubs import stubbed_comfy
+
+    with stubbed_comfy(tmp_path):
+        from boothkit.nodes.e4t_host import layer_weight
+    with torch.inference_mode():
+        lin = torch.nn.Linear(6, 5)
+    c = E4TConfig(family="toy", word_dims=[4], vision_dim=4, vision_layers=[1], unet_dims=[4], targets=["lin"],
+                  target_shapes=[[5, 6]], rank=2)
+    off = WeightOffsets(c)
+    off.weight_of = layer_weight
+    x = torch.randn(3, 6)
+    with off.applied({"lin": lin}):
+        y = lin(x)
+        torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=0, atol=0)
+        y.sum().backward()
+    assert off.offsets[0].up.grad is not None
+
+
 def test_modulation_starts_at_zero_and_a_concept_folds_into_the_weight_diffs():
     """The encoder's output-channel scales s are 0 untrained (the base layer bit for bit), scale each item's outputs
     while an objective runs, and once fixed to a concept's photo are part of W ∘ Δ: the weight-diff file is exact."""
