@@ -508,8 +508,10 @@ def two_stage(init_vectors: Sequence[torch.Tensor], encode: Encode, predict: Pre
         prior_term = prior() if prior is not None else None
         with ExitStack() as stack:
             # the LoRA's random init from the run's seed, not from whatever the process's global RNG holds (in
-            # ComfyUI: the samplers that ran before), so that one seed gives one result
-            with torch.random.fork_rng():
+            # ComfyUI: the samplers that ran before), so that one seed gives one result. Only the tune's own GPU is
+            # forked: by default fork_rng forks (and warns about) every visible one
+            device = images.mean.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed + 2)
                 params = stack.enter_context(stage2_params())
             r2 = finetune_denoiser(params, predict, schedule, images, cache, config.stage2, prior_term,
