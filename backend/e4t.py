@@ -166,6 +166,13 @@ class WeightOffsets(nn.Module):
         # next (through its backward pass), or a concept's fixed [out] after a tune (:func:`fix_scales`); None: none
         self.scales: list[torch.Tensor] | None = None
 
+    def __getstate__(self) -> dict:
+        # an objective's scales are tensors of its graph, which deepcopy and pickle refuse: a copy takes them detached
+        state = super().__getstate__()
+        if state.get("scales") is not None:
+            state = {**state, "scales": [s.detach() for s in state["scales"]]}
+        return state
+
     @contextmanager
     def scaled(self, scales: list[torch.Tensor] | None) -> Iterator[None]:
         """The attached layers' outputs scaled by ``scales`` (one [B, out] per target) while inside."""

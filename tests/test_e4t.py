@@ -157,6 +157,22 @@ def test_modulation_starts_at_zero_and_a_concept_folds_into_the_weight_diffs():
     assert E4T(E4TConfig(**{**vars(c), "modulation_rank": 0})).encoder.scales(tokens) is None
 
 
+def test_an_e4t_copies_with_an_objectives_scales_set():
+    """An objective leaves its scales (tensors of its graph) set until the next one: a copy taken then holds them
+    detached, with the same values, and the original keeps its own."""
+    c = E4TConfig(family="toy", word_dims=[4], vision_dim=4, vision_layers=[1], unet_dims=[4], targets=["lin"],
+                  target_shapes=[[5, 6]], rank=2, hidden=8, modulation_rank=3)
+    e4t = E4T(c)
+    with torch.no_grad():
+        e4t.encoder.modulation[-1].weight.normal_()
+    e4t.offsets.scales = e4t.encoder.scales(torch.randn(2, 1, 4))
+    assert e4t.offsets.scales[0].grad_fn is not None
+    twin = copy.deepcopy(e4t)
+    assert twin.offsets.scales[0].grad_fn is None and e4t.offsets.scales[0].grad_fn is not None
+    torch.testing.assert_close(twin.offsets.scales[0], e4t.offsets.scales[0].detach())
+    assert twin.offsets.scales[0].data_ptr() != e4t.offsets.scales[0].data_ptr()
+
+
 def toy_setup(tmp_path, model=None, **overrides):
     model = model or make_model(tmp_path)
     vision = tiny_clip_vision()
