@@ -455,6 +455,15 @@ def concept_vectors(e4t: E4T, x0: torch.Tensor, class_tokens: torch.Tensor, clas
     return [v.mean(0)[0] for v in e4t.vectors(cv, prediction)]
 
 
+def fix_concept(e4t: E4T, batch: Batch, features: Features, encode: Encode, schedule: NoiseSchedule,
+                modules: Mapping[str, nn.Module], seed: int = 0) -> list[torch.Tensor]:
+    """A (tuned) concept's fixed form, what every host does after the tune: its photo's scales set on the offsets
+    (:func:`fix_scales`) and the identifier's embedding returned (:func:`concept_vectors`)."""
+    fix_scales(e4t, batch.class_tokens)
+    return concept_vectors(e4t, batch.x0, batch.class_tokens, batch.class_vectors, features, encode, schedule,
+                           modules, batch.prompt_ids, seed=seed)
+
+
 def tune(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Predict, schedule: NoiseSchedule,
          modules: Mapping[str, nn.Module], steps: int | None = None, lr: float | None = None, seed: int = 0,
          on_progress=None, should_cancel=None, mixed_precision: str = "no") -> TuneResult:
@@ -486,4 +495,4 @@ def tune(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Pr
             return tune_loop(groups, loss_fn, steps, rate, on_progress, should_cancel,
                              mixed_precision=mixed_precision)
         finally:
-            e4t.offsets.scales = None  # the last step's; a concept's are fixed after (fix_scales)
+            e4t.offsets.scales = None  # the last step's; a concept's are fixed after (fix_concept)

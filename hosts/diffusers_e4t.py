@@ -159,10 +159,8 @@ def e4t_tune(model, vision, e4t: E4T, image: torch.Tensor, mask: torch.Tensor | 
         if (steps if steps is not None else c.tune_steps) > 0:
             result = e4t_backend.tune(tuned, batch, host.features, host.encode, host.predict, host.schedule,
                                       host.modules, steps, lr, seed, on_progress, should_cancel, mixed_precision)
-        vectors = e4t_backend.concept_vectors(tuned, batch.x0, batch.class_tokens, batch.class_vectors,
-                                              host.features, host.encode, host.schedule, host.modules,
-                                              batch.prompt_ids, seed=seed)
-        e4t_backend.fix_scales(tuned, batch.class_tokens)
+        vectors = e4t_backend.fix_concept(tuned, batch, host.features, host.encode, host.schedule, host.modules,
+                                          seed)
     keys = [s.key for s in text_slots(model)]
     embedding = Embedding({k: v[None].detach().cpu() for k, v in zip(keys, vectors)}, model.family, c.identifier,
                           init_word=word, metadata={"method": "e4t"})

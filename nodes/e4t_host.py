@@ -176,9 +176,7 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
             if steps > 0:
                 result = e4t_backend.tune(tuned, batch, features, encode, predict, schedule, modules, steps,
                                           lr if lr > 0 else None, seed, Progress(steps))
-            vectors = e4t_backend.concept_vectors(tuned, batch.x0, batch.class_tokens, batch.class_vectors, features,
-                                                  encode, schedule, modules, batch.prompt_ids, seed=seed)
-            e4t_backend.fix_scales(tuned, batch.class_tokens)
+            vectors = e4t_backend.fix_concept(tuned, batch, features, encode, schedule, modules, seed)
         # as the CLIP will hold them (its token table may be fp16), so the clone and the saved embedding agree
         vectors = [v.to(s.layer.weight.dtype).float() for s, v in zip(slots, vectors)]
         training = {"method": "e4t", "host": "comfyui", "base_model": model_name(model), "class_noun": class_noun,
