@@ -58,7 +58,7 @@ def layer_weight(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     that is not one of ComfyUI's cast layers hands its own weight, copied if it is an inference tensor (autograd
     saves it for the offsets' gradient)."""
     if not hasattr(module, "weight_function"):
-        return qh._fresh(module.weight).to(x), None if module.bias is None else module.bias.to(x)
+        return qh.trainable_copy(module.weight).to(x), None if module.bias is None else module.bias.to(x)
     import comfy.ops
 
     return tuple(comfy.ops.cast_bias_weight(module, x)[:2])

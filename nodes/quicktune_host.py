@@ -219,7 +219,9 @@ class PromptEncoder:
 # training on ComfyUI's weights without changing them
 
 
-def _fresh(weight: torch.Tensor) -> torch.Tensor:
+def trainable_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A weight autograd can save: a normal copy of an inference tensor (ComfyUI loads weights under inference mode),
+    the weight itself otherwise."""
     return weight.clone() if weight.is_inference() else weight
 
 
@@ -237,7 +239,7 @@ def trainable(*roots: torch.nn.Module) -> Iterator[None]:
                                     ("bias_function", getattr(m, "bias", None))):
                     if isinstance(param, torch.Tensor) and param.is_inference():
                         saved.append((m, attr, m.__dict__.get(attr)))
-                        setattr(m, attr, list(getattr(m, attr)) + [_fresh])  # a new list: never the class default
+                        setattr(m, attr, list(getattr(m, attr)) + [trainable_copy])  # a new list: never the class default
         yield
     finally:
         for m, attr, old in reversed(saved):
