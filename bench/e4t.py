@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--e4t-steps", type=int, default=15)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="E4T with gradient checkpointing")
+    p.add_argument("--resolution", type=int,
+                   help="sd15: the photo's size in pixels (default: 512 on a GPU, 256 on a CPU); toy: its own 32")
     p.add_argument("--only-e4t", action="store_true",
                    help="measure E4T alone (memory of an SD1.5-shaped tune on a CPU, where the 400 quick-tune steps "
                         "would take hours); no ratio then")
@@ -58,17 +60,20 @@ def child(args) -> dict:
     import torch
 
     from ..backend.e4t import E4T
+    from ..hosts.diffusers_tune import default_resolution
     from .tune import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(args.model, device, None)
+    model = load_model(args.model, device, args.resolution if args.model == "sd15" else None)
     from ..toyworld import domain
 
     ident = domain.identities("heldout")[0]
     refs = domain.identity_renders(ident, 4, 0)
-    size = 256 if args.model == "sd15" and device.type == "cpu" else (512 if args.model == "sd15" else None)
+    size = None
+    if args.model == "sd15":
+        size = args.resolution or (256 if device.type == "cpu" else 512)
     images = [torch.nn.functional.interpolate(s.image[None], size=size, mode="bilinear")[0] if size else s.image
               for s in refs]
     masks = [torch.nn.functional.interpolate(s.mask[None], size=size)[0] if size else s.mask for s in refs]
@@ -111,7 +116,7 @@ def child(args) -> dict:
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "steps": steps, "rss_peak_mb": _rss_mb("VmHWM"), "rss_base_mb": base_rss,
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
-            "device": str(device)}
+            "device": str(device), "size": default_resolution(model)}
 
 
 def run_child(args, which: str) -> dict:
@@ -119,6 +124,8 @@ def run_child(args, which: str) -> dict:
            "--device", args.device, "--e4t-steps", str(args.e4t_steps), "--threads", str(args.threads)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    if args.resolution:
+        cmd += ["--resolution", str(args.resolution)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"bench child {which} failed:\n{out.stderr[-2000:]}")
@@ -145,7 +152,8 @@ def main(argv=None) -> int:
         return statistics.median(x["rss_peak_mb"] - x["rss_base_mb"] for x in runs[which]) if which in runs else None
 
     device = runs["e4t"][0]["device"]
-    print(f"E4T tune vs two-stage quick-tune, model {args.model}, device {device}, median of {args.rounds}")
+    size = runs["e4t"][0]["size"]
+    print(f"E4T tune vs two-stage quick-tune, model {args.model}, {size} px, device {device}, median of {args.rounds}")
     print(f"{'method':<22}{'steps':>7}{'time s':>10}{'RSS peak MB':>14}{'RSS growth MB':>15}{'CUDA peak MB':>14}")
     for which, label in (("e4t", f"E4T ({args.e4t_steps} steps)"), ("quicktune", "quick-tune (default)")):
         if which not in runs:
@@ -160,6 +168,7 @@ def main(argv=None) -> int:
                                                                                                   "rss_peak_mb")),
               "e4t_rss_growth_mb": rnd(growth("e4t")), "quicktune_rss_growth_mb": rnd(growth("quicktune")),
               "e4t_cuda_peak_mb": rnd(med("e4t", "cuda_peak_mb")),
-              "quicktune_cuda_peak_mb": rnd(med("quicktune", "cuda_peak_mb")), "model": args.model, "device": device}
+              "quicktune_cuda_peak_mb": rnd(med("quicktune", "cuda_peak_mb")), "model": args.model, "device": device,
+              "size": size}
     print(json.dumps(result))
     return 0
