@@ -588,3 +588,29 @@ def test_reg_background_needs_the_masked_loss(tmp_path):
     method = E4TTraining(load_sd(sd), tiny_clip_vision(), ds,
                          E4TSettings(category="cat", hidden=16, reg_background=1.0, masked_loss=True))
     assert method.e4t.config.reg_background == 1.0  # written into the file with the rest of the config
+
+
+def test_the_sd15_recipe_runs_on_tiny_models(tmp_path):
+    """training/configs/e4t_sd15.toml is a runnable recipe: every key is a setting, and two steps run on tiny
+    models with only its paths and sizes overridden; its method settings reach the file."""
+    from pathlib import Path
+
+    from boothkit.training.cli import main as train_main
+
+    sd = tiny_sd_folder(tmp_path / "sd", with_vae=True)
+    tiny_clip_vision().save_pretrained(tmp_path / "vision")
+    data, val = write_dataset(tmp_path / "data"), write_dataset(tmp_path / "val", n=2)
+    recipe = Path(__file__).parents[1] / "training" / "configs" / "e4t_sd15.toml"
+    out = tmp_path / "run"
+    sets = [f"model.base={sd}", f"model.clip_vision={tmp_path / 'vision'}", f"data.train={data}",
+            f"data.validation={val}", "train.batch_size=2", "train.grad_accum=1", "train.checkpoint_every=2",
+            "method.sample_steps=2", "method.validation_images=1"]
+    argv = ["e4t", "--config", str(recipe), "--output-dir", str(out), "--steps", "2"]
+    assert train_main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    e4t = load_e4t(out / "e4t.safetensors", family="toy")
+    c = e4t.config
+    assert (c.rank, c.scale, c.reg_embedding, c.reg_offsets, c.modulation_rank, c.tune_steps) == (1, 0.1, 0.01, 0.01,
+                                                                                                  0, 15)
+    assert c.class_word == "cat"
+    settings = json.loads(read_safetensors(out / "e4t.safetensors")[1]["training"])["config"]["method"]
+    assert settings["lr"] == 1.6e-5 and settings["gradient_checkpointing"] is True
