@@ -239,7 +239,8 @@ def trainable(*roots: torch.nn.Module) -> Iterator[None]:
                                     ("bias_function", getattr(m, "bias", None))):
                     if isinstance(param, torch.Tensor) and param.is_inference():
                         saved.append((m, attr, m.__dict__.get(attr)))
-                        setattr(m, attr, list(getattr(m, attr)) + [trainable_copy])  # a new list: never the class default
+                        # a new list: never the class default
+                        setattr(m, attr, list(getattr(m, attr)) + [trainable_copy])
         yield
     finally:
         for m, attr, old in reversed(saved):
