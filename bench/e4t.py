@@ -71,12 +71,11 @@ def child(args) -> dict:
 
     ident = domain.identities("heldout")[0]
     refs = domain.identity_renders(ident, 4, 0)
-    size = None
-    if args.model == "sd15":
-        size = args.resolution or (256 if device.type == "cpu" else 512)
-    images = [torch.nn.functional.interpolate(s.image[None], size=size, mode="bilinear")[0] if size else s.image
+    size = default_resolution(model)  # load_model's choice: --resolution, or its default for the device
+    resize = args.model == "sd15"  # the toy renders are at the toy model's size already
+    images = [torch.nn.functional.interpolate(s.image[None], size=size, mode="bilinear")[0] if resize else s.image
               for s in refs]
-    masks = [torch.nn.functional.interpolate(s.mask[None], size=size)[0] if size else s.mask for s in refs]
+    masks = [torch.nn.functional.interpolate(s.mask[None], size=size)[0] if resize else s.mask for s in refs]
     noun = domain.CLASS_NOUNS[ident.class_name][0] if args.model == "toy" else "cat"
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -116,7 +115,7 @@ def child(args) -> dict:
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "steps": steps, "rss_peak_mb": _rss_mb("VmHWM"), "rss_base_mb": base_rss,
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
-            "device": str(device), "size": default_resolution(model)}
+            "device": str(device), "size": size}
 
 
 def run_child(args, which: str) -> dict:
