@@ -27,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--e4t-steps", type=int, default=15)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="E4T with gradient checkpointing")
+    p.add_argument("--e4t-mixed-precision", choices=("no", "bf16"), default="no",
+                   help="E4T's tune under bf16 autocast (default: fp32, as the node and `boothkit tune` run it; "
+                        "quick-tune keeps its own default, bf16 on a GPU)")
     p.add_argument("--resolution", type=int,
                    help="sd15: the photo's size in pixels (default: 512 on a GPU, 256 on a CPU); toy: its own 32")
     p.add_argument("--only-e4t", action="store_true",
@@ -81,6 +84,7 @@ def child(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_rss = _rss_mb("VmRSS")
+    base_cuda = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
     if args.child == "e4t":
         from ..hosts.diffusers_e4t import e4t_tune, new_config
 
@@ -96,11 +100,13 @@ def child(args) -> dict:
                 pass
         e4t = e4t or E4T(new_config(model, vision, noun, "sks"))
         base_rss = _rss_mb("VmRSS")
+        base_cuda = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
         if args.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             model.unet.train()
         t0 = time.perf_counter()
-        concept = e4t_tune(model, vision, e4t, images[0], masks[0], noun, steps=args.e4t_steps)
+        concept = e4t_tune(model, vision, e4t, images[0], masks[0], noun, steps=args.e4t_steps,
+                           mixed_precision=args.e4t_mixed_precision)
         steps = concept.result.steps
     else:
         from ..backend.quicktune import QuickTuneConfig
@@ -115,6 +121,7 @@ def child(args) -> dict:
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "steps": steps, "rss_peak_mb": _rss_mb("VmHWM"), "rss_base_mb": base_rss,
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            "cuda_base_mb": base_cuda,
             "device": str(device), "size": size}
 
 
@@ -123,6 +130,7 @@ def run_child(args, which: str) -> dict:
            "--device", args.device, "--e4t-steps", str(args.e4t_steps), "--threads", str(args.threads)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    cmd += ["--e4t-mixed-precision", args.e4t_mixed_precision]
     if args.resolution:
         cmd += ["--resolution", str(args.resolution)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -147,27 +155,31 @@ def main(argv=None) -> int:
         vals = [x[key] for x in runs.get(which, []) if x[key] is not None]
         return statistics.median(vals) if vals else None
 
-    def growth(which):
-        return statistics.median(x["rss_peak_mb"] - x["rss_base_mb"] for x in runs[which]) if which in runs else None
+    def growth(which, peak="rss_peak_mb", base="rss_base_mb"):
+        vals = [x[peak] - x[base] for x in runs.get(which, []) if x[peak] is not None]
+        return statistics.median(vals) if vals else None
 
     device = runs["e4t"][0]["device"]
     size = runs["e4t"][0]["size"]
-    print(f"E4T tune vs two-stage quick-tune, model {args.model}, {size} px, device {device}, median of {args.rounds}")
-    print(f"{'method':<22}{'steps':>7}{'time s':>10}{'RSS peak MB':>14}{'RSS growth MB':>15}{'CUDA peak MB':>14}")
+    print(f"E4T tune vs two-stage quick-tune, model {args.model}, {size} px, device {device}, median of {args.rounds}; "
+          f"E4T mixed precision {args.e4t_mixed_precision}; growth = peak above the loaded models")
+    print(f"{'method':<22}{'steps':>7}{'time s':>10}{'RSS peak MB':>14}{'RSS growth MB':>15}{'CUDA peak MB':>14}"
+          f"{'CUDA growth MB':>16}")
+    fmt = lambda v, w: f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
     for which, label in (("e4t", f"E4T ({args.e4t_steps} steps)"), ("quicktune", "quick-tune (default)")):
         if which not in runs:
             continue
-        cuda = med(which, "cuda_peak_mb")
         print(f"{label:<22}{runs[which][0]['steps']:>7}{med(which, 'seconds'):>10.2f}"
-              f"{med(which, 'rss_peak_mb'):>14.0f}{growth(which):>15.0f}{(f'{cuda:.0f}' if cuda else '-'):>14}")
+              f"{fmt(med(which, 'rss_peak_mb'), 14)}{fmt(growth(which), 15)}{fmt(med(which, 'cuda_peak_mb'), 14)}"
+              f"{fmt(growth(which, 'cuda_peak_mb', 'cuda_base_mb'), 16)}")
     e, q = med("e4t", "seconds"), med("quicktune", "seconds")
     rnd = lambda v, n=1: None if v is None else round(v, n)  # noqa: E731
-    result = {"ratio": rnd(e / q, 4) if q else None, "e4t_s": rnd(e, 3), "quicktune_s": rnd(q, 3),
-              "e4t_rss_peak_mb": rnd(med("e4t", "rss_peak_mb")), "quicktune_rss_peak_mb": rnd(med("quicktune",
-                                                                                                  "rss_peak_mb")),
-              "e4t_rss_growth_mb": rnd(growth("e4t")), "quicktune_rss_growth_mb": rnd(growth("quicktune")),
-              "e4t_cuda_peak_mb": rnd(med("e4t", "cuda_peak_mb")),
-              "quicktune_cuda_peak_mb": rnd(med("quicktune", "cuda_peak_mb")), "model": args.model, "device": device,
-              "size": size}
+    result = {"ratio": rnd(e / q, 4) if q else None, "e4t_s": rnd(e, 3), "quicktune_s": rnd(q, 3)}
+    for which in ("e4t", "quicktune"):
+        result.update({f"{which}_rss_peak_mb": rnd(med(which, "rss_peak_mb")),
+                       f"{which}_rss_growth_mb": rnd(growth(which)),
+                       f"{which}_cuda_peak_mb": rnd(med(which, "cuda_peak_mb")),
+                       f"{which}_cuda_growth_mb": rnd(growth(which, "cuda_peak_mb", "cuda_base_mb"))})
+    result.update(model=args.model, device=device, size=size, e4t_mixed_precision=args.e4t_mixed_precision)
     print(json.dumps(result))
     return 0

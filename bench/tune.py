@@ -44,8 +44,11 @@ def parse_args(argv=None):
                                                  "model's own otherwise)")
     p.add_argument("--batch-size", type=int, default=1, help="batch of both stages (the scripts' default: 1)")
     p.add_argument("--images", type=int, default=4, help="number of training images")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per loop")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per loop")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per loop")
+    p.add_argument("--block", type=int, default=3,
+                   help="steps per timed block: ours runs a block as one call of the stage function, as a real run "
+                        "does (its per-call setup, the optimizer and generators, is paid once per block, not per step)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed blocks per loop")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (both stage-2 loops)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
                    help="for every loop alike; auto = bf16 on cuda, none on cpu")
@@ -188,18 +191,20 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def interleaved(ref_step, ours_step, warmup: int, steps: int, device) -> tuple[list[float], list[float]]:
-    """Wall time of single steps, reference and ours alternating, so a machine whose load changes during the run
-    (a shared CPU) slows both alike. Each call does one full step, including the host sync that reads the loss."""
+def interleaved(ref_block, ours_block, warmup: int, steps: int, block: int, device) -> tuple[list[float], list[float]]:
+    """Wall time per step of blocks of ``block`` steps, reference and ours alternating, so a machine whose load
+    changes during the run (a shared CPU) slows both alike. ``fn(i, n)`` runs steps i..i+n-1, each with the host
+    sync that reads the loss; ``warmup`` blocks are not timed."""
     ref, ours = [], []
-    for i in range(warmup + steps):
-        for fn, out in ((ref_step, ref), (ours_step, ours)):
+    blocks = -(-steps // block)
+    for b in range(warmup + blocks):
+        for fn, out in ((ref_block, ref), (ours_block, ours)):
             sync(device)
             t0 = time.perf_counter()
-            fn(i)
+            fn(b * block, block)
             sync(device)
-            if i >= warmup:
-                out.append(time.perf_counter() - t0)
+            if b >= warmup:
+                out.append((time.perf_counter() - t0) / block)
     return ref, ours
 
 
@@ -247,22 +252,22 @@ def run(args) -> dict:
         return pixels[idx.to(device)]
 
     def reference(loop):
-        def step(i):
-            with autocast():
-                loss = loop.step(batch_of(i), model.scheduler, gen)
-            float(loss.detach())
-        return step
+        def steps(i, n):
+            for j in range(i, i + n):
+                with autocast():
+                    loss = loop.step(batch_of(j), model.scheduler, gen)
+                float(loss.detach())
+        return steps
 
-    # stage 1: ours is one call of the backend's stage-1 function per step (vectors start over each call)
+    # stage 1: ours is one call of the backend's stage-1 function per block (vectors start over each call)
     ref1 = ReferenceTextualInversion(model, prompt_ids, spliced.rows[0], fill[0][0], lr=5e-3)
-    stage1 = qt.StageConfig(1, 5e-3, args.batch_size)
 
-    def ours1(i):
-        qt.learn_embedding(init, encoder, predict, schedule, data, 1, stage1, seed=args.seed + i,
-                           mixed_precision=mixed)
+    def ours1(i, n):
+        qt.learn_embedding(init, encoder, predict, schedule, data, 1, qt.StageConfig(n, 5e-3, args.batch_size),
+                           seed=args.seed + i, mixed_precision=mixed)
 
     with qt.frozen(model.unet, model.text_encoder):
-        t_ref1, t_ours1 = interleaved(reference(ref1), ours1, warmup, args.steps, device)
+        t_ref1, t_ours1 = interleaved(reference(ref1), ours1, warmup, args.steps, args.block, device)
     del ref1
 
     # stage 2: the prompt encoding is computed once (timed apart); the same LoRA layout in both loops
@@ -275,19 +280,19 @@ def run(args) -> dict:
     lora_ref = LoRA.for_model(model.unet, rank=args.rank)
     lora = LoRA.for_model(model.unet, rank=args.rank)
     ref2 = ReferenceDreamBoothLoRA(model, lora_ref, prompt_ids, lr=1e-4)
-    stage2 = qt.StageConfig(1, 1e-4, args.batch_size, 1e-2, 1.0)
 
-    def ref2_step(i):
+    def ref2_steps(i, n):
         with lora_ref.attach(model.unet):
-            reference(ref2)(i)
+            reference(ref2)(i, n)
 
-    def ours2(i):
+    def ours2(i, n):
         with lora.attach(model.unet):
-            qt.finetune_denoiser(list(lora.parameters()), predict, schedule, data, cache, stage2, seed=args.seed + i,
+            qt.finetune_denoiser(list(lora.parameters()), predict, schedule, data, cache,
+                                 qt.StageConfig(n, 1e-4, args.batch_size, 1e-2, 1.0), seed=args.seed + i,
                                  mixed_precision=mixed)
 
     with qt.frozen(model.unet, model.text_encoder):
-        t_ref2, t_ours2 = interleaved(ref2_step, ours2, warmup, args.steps, device)
+        t_ref2, t_ours2 = interleaved(ref2_steps, ours2, warmup, args.steps, args.block, device)
 
     med = {k: statistics.median(v) for k, v in (("ref1", t_ref1), ("ours1", t_ours1), ("ref2", t_ref2),
                                                ("ours2", t_ours2))}
@@ -295,6 +300,7 @@ def run(args) -> dict:
     return {
         "model": getattr(model, "name", args.model), "device": str(device), "resolution": res,
         "batch_size": args.batch_size, "mixed_precision": mixed, "lora_rank": args.rank, "timed_steps": args.steps,
+        "block": args.block,
         "stage1_ref_s": med["ref1"], "stage1_ours_s": med["ours1"], "stage2_ref_s": med["ref2"],
         "stage2_ours_s": med["ours2"], "cache_latents_s": rows["cache_latents"],
         "cache_prompts_s": rows["cache_prompts"],
@@ -305,7 +311,8 @@ def run(args) -> dict:
 
 def table(r: dict) -> str:
     lines = [f"quick-tune step time: {r['model']} on {r['device']}, {r['resolution']}px, batch {r['batch_size']}, "
-             f"mixed precision {r['mixed_precision']}, LoRA rank {r['lora_rank']}, median of {r['timed_steps']} steps",
+             f"mixed precision {r['mixed_precision']}, LoRA rank {r['lora_rank']}, median of {r['timed_steps']} steps "
+             f"in blocks of {r['block']}",
              "",
              f"{'stage':<28}{'reference (s/step)':>20}{'ours (s/step)':>16}{'speedup':>10}",
              f"{'1: textual inversion':<28}{r['stage1_ref_s']:>20.4f}{r['stage1_ours_s']:>16.4f}"
