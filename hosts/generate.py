@@ -29,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance (default 5.0; the toy world's own 3.0 with --model toy)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default="out/generate.png")
     return p.parse_args(argv)
 
@@ -48,10 +49,13 @@ def main(argv=None) -> int:
     from .loading import load_clip_vision, load_sd
     from .sampling import sample
 
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_sd(args.model, config=args.config)
+    for part in model.parts():
+        part.to(device)
     ib_path = args.instantbooth or default_instantbooth()
-    ib = load_instantbooth(ib_path, family=model.family, ctx_dim=model.ctx_dim).eval()
-    vision = load_clip_vision(args.clip_vision)
+    ib = load_instantbooth(ib_path, family=model.family, ctx_dim=model.ctx_dim).eval().to(device)
+    vision = load_clip_vision(args.clip_vision).to(device)
     images, masks = read_images_and_masks(args.images[0] if len(args.images) == 1 else args.images)
     concept = ib.encode(*encode_images(vision, images, masks, ib))
     prompt = insert_identifier(args.prompt, concept.identifier, ib.config.subject_nouns())
