@@ -400,14 +400,19 @@ def test_file_round_trip_and_errors(tmp_path):
         de.class_vectors(model, "photo cat")
 
 
+def tiny_training_world(tmp_path):
+    """What a pre-training run reads, tiny: a diffusers folder with a VAE, a CLIP vision folder (``tmp_path /
+    'vision'``), a training set and a two-image validation set."""
+    sd = tiny_sd_folder(tmp_path / "sd", with_vae=True)
+    tiny_clip_vision().save_pretrained(tmp_path / "vision")
+    return sd, write_dataset(tmp_path / "data"), write_dataset(tmp_path / "val", n=2)
+
+
 def test_train_two_steps_writes_the_file_tune_loads(tmp_path):
     from boothkit.training.cli import main as train_main
     from boothkit.training.tune_cli import main as tune_main
 
-    sd = tiny_sd_folder(tmp_path / "sd", with_vae=True)
-    tiny_clip_vision().save_pretrained(tmp_path / "vision")
-    data = write_dataset(tmp_path / "data")
-    val = write_dataset(tmp_path / "val", n=2)
+    sd, data, val = tiny_training_world(tmp_path)
     cfg = tmp_path / "e4t.toml"
     cfg.write_text(f"""
 [model]
@@ -597,9 +602,7 @@ def test_the_sd15_recipe_runs_on_tiny_models(tmp_path):
 
     from boothkit.training.cli import main as train_main
 
-    sd = tiny_sd_folder(tmp_path / "sd", with_vae=True)
-    tiny_clip_vision().save_pretrained(tmp_path / "vision")
-    data, val = write_dataset(tmp_path / "data"), write_dataset(tmp_path / "val", n=2)
+    sd, data, val = tiny_training_world(tmp_path)
     recipe = Path(__file__).parents[1] / "training" / "configs" / "e4t_sd15.toml"
     out = tmp_path / "run"
     sets = [f"model.base={sd}", f"model.clip_vision={tmp_path / 'vision'}", f"data.train={data}",
