@@ -311,8 +311,8 @@ def run(args) -> dict:
 
 def table(r: dict) -> str:
     lines = [f"quick-tune step time: {r['model']} on {r['device']}, {r['resolution']}px, batch {r['batch_size']}, "
-             f"mixed precision {r['mixed_precision']}, LoRA rank {r['lora_rank']}, median of {r['timed_steps']} steps "
-             f"in blocks of {r['block']}",
+             f"mixed precision {r['mixed_precision']}, LoRA rank {r['lora_rank']}, per-step time "
+             f"of blocks of {r['block']} steps, median of {-(-r['timed_steps'] // r['block'])} blocks",
              "",
              f"{'stage':<28}{'reference (s/step)':>20}{'ours (s/step)':>16}{'speedup':>10}",
              f"{'1: textual inversion':<28}{r['stage1_ref_s']:>20.4f}{r['stage1_ours_s']:>16.4f}"
