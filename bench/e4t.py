@@ -4,10 +4,10 @@ the same concept, in the same run.
 Each measurement runs in its own process (the two methods never share an allocator, so peak memory is each one's
 own), rounds interleaved; times are the tune alone (model loading excluded), medians over rounds. Memory: peak RSS
 of the process and its growth over the loaded models (CPU), and on a GPU the CUDA peak and its growth. Models:
-``toy`` (default: the toy world's base, CLIP backbone and E4T file — an untrained E4T of the same shape if none ships; the weights do not
-change the speed) or ``sd15`` (the SD1.5 architecture with random weights and a ViT-L/14-shaped CLIP vision
-backbone, for GPU memory figures). Last line: one JSON object with ``ratio`` (E4T time / quick-tune time; target
-<= 0.1) and the memory figures."""
+``toy`` (default: the toy world's base, CLIP backbone and E4T file — an untrained E4T of the same shape if none
+ships; the weights do not change the speed) or ``sd15`` (the SD1.5 architecture with random weights and a
+ViT-L/14-shaped CLIP vision backbone, for GPU memory figures). Last line: one JSON object with ``ratio`` (E4T time /
+quick-tune time; target <= 0.1) and the memory figures."""
 from __future__ import annotations
 
 import argparse
