@@ -46,13 +46,11 @@ def main(argv=None) -> int:
     from ..backend.identifier import insert_identifier
     from ..backend.imageio import read_images_and_masks, save_png
     from .diffusers_host import InstantBoothHooks, condition_with_concept, encode_images, encode_prompt
-    from .loading import load_clip_vision, load_sd
+    from .loading import default_device, load_clip_vision, load_sd
     from .sampling import sample
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_sd(args.model, config=args.config)
-    for part in model.parts():
-        part.to(device)
+    device = default_device(args.device)
+    model = load_sd(args.model, config=args.config).to(device)
     ib_path = args.instantbooth or default_instantbooth()
     ib = load_instantbooth(ib_path, family=model.family, ctx_dim=model.ctx_dim).eval().to(device)
     vision = load_clip_vision(args.clip_vision).to(device)

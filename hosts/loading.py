@@ -27,6 +27,16 @@ class SDModel:
     def parts(self):
         return [m for m in (self.unet, self.text_encoder, self.text_encoder_2, self.vae) if m is not None]
 
+    def to(self, device) -> SDModel:
+        for part in self.parts():
+            part.to(device)
+        return self
+
+
+def default_device(name: str | None = None) -> torch.device:
+    """The device the commands run on: ``name`` ("cpu", "cuda", "cuda:1" ...), or CUDA when there is one."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
 
 def family_of(unet) -> str:
     """SD family from the UNet's own config (text width and SDXL's added conditioning), never from a file name."""

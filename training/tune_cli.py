@@ -16,8 +16,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
 
@@ -144,7 +142,7 @@ def main(argv=None) -> int:
     from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
     from ..backend.identifier import check_identifier
     from ..hosts.diffusers_tune import quick_tune
-    from ..hosts.loading import load_sd
+    from ..hosts.loading import default_device, load_sd
 
     check_identifier(args.identifier, args.class_noun)
     name = safe_name(args.name or args.identifier)
@@ -156,11 +154,8 @@ def main(argv=None) -> int:
     images, masks = read_images(args.images)
     class_images = read_images(args.class_images)[0] if args.class_images else None
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_sd(args.model, config=args.config)
-    for part in (model.unet, model.text_encoder, getattr(model, "text_encoder_2", None), model.vae):
-        if part is not None:
-            part.to(device)
+    device = default_device(args.device)
+    model = load_sd(args.model, config=args.config).to(device)
     config = build_config(args, model.family)
 
     total = (config.stage1.steps if args.stages != "denoiser" else 0) + \
@@ -198,7 +193,7 @@ def main_e4t(args) -> int:
     from ..backend.imageio import mask_path, read_image
     from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
     from ..hosts.diffusers_e4t import e4t_tune
-    from ..hosts.loading import load_clip_vision, load_sd
+    from ..hosts.loading import default_device, load_clip_vision, load_sd
 
     name = safe_name(args.name or args.identifier)
     try:
@@ -214,10 +209,8 @@ def main_e4t(args) -> int:
     else:
         raise ValueError("--method e4t needs --e4t FILE: an E4T file pre-trained for this model's family "
                          "(`boothkit train e4t`)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_sd(args.model, config=args.config)
-    for part in model.parts():
-        part.to(device)
+    device = default_device(args.device)
+    model = load_sd(args.model, config=args.config).to(device)
     vision = load_clip_vision(args.clip_vision).to(device)
     e4t = load_e4t(e4t_path, family=model.family)
     if args.gradient_checkpointing:  # diffusers checkpoints only in training mode; the UNet has no dropout/BN
