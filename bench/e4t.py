@@ -83,8 +83,11 @@ def child(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base_rss = _rss_mb("VmRSS")
-    base_cuda = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
+
+    def in_use():  # (RSS, CUDA memory allocated) in MB: the base that growth is measured from
+        return _rss_mb("VmRSS"), torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
+
+    base_rss, base_cuda = in_use()
     if args.child == "e4t":
         from ..hosts.diffusers_e4t import e4t_tune, new_config
 
@@ -99,8 +102,7 @@ def child(args) -> dict:
             except store.WeightsError:
                 pass
         e4t = e4t or E4T(new_config(model, vision, noun, "sks"))
-        base_rss = _rss_mb("VmRSS")
-        base_cuda = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
+        base_rss, base_cuda = in_use()
         if args.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             model.unet.train()

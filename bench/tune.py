@@ -191,12 +191,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def interleaved(ref_block, ours_block, warmup: int, steps: int, block: int, device) -> tuple[list[float], list[float]]:
-    """Wall time per step of blocks of ``block`` steps, reference and ours alternating, so a machine whose load
-    changes during the run (a shared CPU) slows both alike. ``fn(i, n)`` runs steps i..i+n-1, each with the host
-    sync that reads the loss; ``warmup`` blocks are not timed."""
+def interleaved(ref_block, ours_block, warmup: int, blocks: int, block: int, device) -> tuple[list[float], list[float]]:
+    """Wall time per step of ``blocks`` blocks of ``block`` steps, reference and ours alternating, so a machine whose
+    load changes during the run (a shared CPU) slows both alike. ``fn(i, n)`` runs steps i..i+n-1, each with the
+    host sync that reads the loss; ``warmup`` more blocks come first, untimed."""
     ref, ours = [], []
-    blocks = -(-steps // block)
     for b in range(warmup + blocks):
         for fn, out in ((ref_block, ref), (ours_block, ours)):
             sync(device)
@@ -225,6 +224,7 @@ def run(args) -> dict:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
 
     warmup = args.warmup
+    blocks = -(-args.steps // args.block)  # at least --steps timed steps
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pixels = torch.rand(args.images, 3, res, res, generator=torch.Generator().manual_seed(args.seed)).to(device)
     prompt = "a photo of sks cat"
@@ -267,7 +267,7 @@ def run(args) -> dict:
                            seed=args.seed + i, mixed_precision=mixed)
 
     with qt.frozen(model.unet, model.text_encoder):
-        t_ref1, t_ours1 = interleaved(reference(ref1), ours1, warmup, args.steps, args.block, device)
+        t_ref1, t_ours1 = interleaved(reference(ref1), ours1, warmup, blocks, args.block, device)
     del ref1
 
     # stage 2: the prompt encoding is computed once (timed apart); the same LoRA layout in both loops
@@ -292,15 +292,15 @@ def run(args) -> dict:
                                  mixed_precision=mixed)
 
     with qt.frozen(model.unet, model.text_encoder):
-        t_ref2, t_ours2 = interleaved(ref2_steps, ours2, warmup, args.steps, args.block, device)
+        t_ref2, t_ours2 = interleaved(ref2_steps, ours2, warmup, blocks, args.block, device)
 
     med = {k: statistics.median(v) for k, v in (("ref1", t_ref1), ("ours1", t_ours1), ("ref2", t_ref2),
                                                ("ours2", t_ours2))}
     s1, s2 = DEFAULT_STEPS
     return {
         "model": getattr(model, "name", args.model), "device": str(device), "resolution": res,
-        "batch_size": args.batch_size, "mixed_precision": mixed, "lora_rank": args.rank, "timed_steps": args.steps,
-        "block": args.block,
+        "batch_size": args.batch_size, "mixed_precision": mixed, "lora_rank": args.rank,
+        "timed_steps": blocks * args.block, "block": args.block, "blocks": blocks,
         "stage1_ref_s": med["ref1"], "stage1_ours_s": med["ours1"], "stage2_ref_s": med["ref2"],
         "stage2_ours_s": med["ours2"], "cache_latents_s": rows["cache_latents"],
         "cache_prompts_s": rows["cache_prompts"],
@@ -312,7 +312,7 @@ def run(args) -> dict:
 def table(r: dict) -> str:
     lines = [f"quick-tune step time: {r['model']} on {r['device']}, {r['resolution']}px, batch {r['batch_size']}, "
              f"mixed precision {r['mixed_precision']}, LoRA rank {r['lora_rank']}, per-step time "
-             f"of blocks of {r['block']} steps, median of {-(-r['timed_steps'] // r['block'])} blocks",
+             f"of blocks of {r['block']} steps, median of {r['blocks']} blocks",
              "",
              f"{'stage':<28}{'reference (s/step)':>20}{'ours (s/step)':>16}{'speedup':>10}",
              f"{'1: textual inversion':<28}{r['stage1_ref_s']:>20.4f}{r['stage1_ours_s']:>16.4f}"
