@@ -64,11 +64,12 @@ def child(args) -> dict:
 
     from ..backend.e4t import E4T
     from ..hosts.diffusers_tune import default_resolution
+    from ..hosts.loading import default_device
     from .tune import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(None if args.device == "auto" else args.device)
     model = load_model(args.model, device, args.resolution if args.model == "sd15" else None)
     from ..toyworld import domain
 

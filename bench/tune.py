@@ -211,10 +211,11 @@ def run(args) -> dict:
     from ..backend import quicktune as qt
     from ..backend.lora import LoRA
     from ..hosts import diffusers_tune as dt
+    from ..hosts.loading import default_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(None if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
     model = load_model(args.model, device, args.resolution)
     res = dt.default_resolution(model)
