@@ -126,10 +126,12 @@ class E4TOutput:
 
 
 def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, identifier: str = "sks",
-             mask=None, steps: int = 15, lr: float = 0.0, resolution: int = 512, seed: int = 0) -> E4TOutput:
+             mask=None, steps: int = 15, lr: float = 0.0, resolution: int = 512, seed: int = 0,
+             gradient_checkpointing: bool = False) -> E4TOutput:
     """Tune a copy of ``e4t`` on one image for ``steps`` steps (0: the encoder's prediction alone; ``lr`` 0: the
     file's rate) and return clones of MODEL and CLIP with the tuned offsets and embedding applied; the inputs are
-    never changed. Raises on bad input; ComfyUI's Cancel raises within one step."""
+    never changed. Raises on bad input; ComfyUI's Cancel raises within one step. ``gradient_checkpointing`` trades
+    time for memory (``quicktune_host.checkpointed``); the result is the same."""
     import comfy.model_management as mm
 
     c = e4t.config
@@ -172,7 +174,8 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
                                   data.masks)
         mm.throw_exception_if_processing_interrupted()
         result = None
-        with qh.frozen(dm, clip.cond_stage_model), qh.trainable(dm, clip.cond_stage_model):
+        with qh.frozen(dm, clip.cond_stage_model), qh.trainable(dm, clip.cond_stage_model), \
+                qh.checkpointed(dm, gradient_checkpointing):
             if steps > 0:
                 result = e4t_backend.tune(tuned, batch, features, encode, predict, schedule, modules, steps,
                                           lr if lr > 0 else None, seed, Progress(steps))
@@ -181,7 +184,8 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         vectors = [v.to(s.layer.weight.dtype).float() for s, v in zip(slots, vectors)]
         training = {"method": "e4t", "host": "comfyui", "base_model": model_name(model), "class_noun": class_noun,
                     "steps": steps, "steps_done": result.steps if result else 0, "seed": seed,
-                    "lr": lr if lr > 0 else c.tune_lr, "resolution": resolution}
+                    "lr": lr if lr > 0 else c.tune_lr, "resolution": resolution,
+                    "gradient_checkpointing": gradient_checkpointing}
         embedding = Embedding({s.key: v.detach().cpu().reshape(1, -1) for s, v in zip(slots, vectors)}, family,
                               identifier, class_noun)
         embedding.metadata = embedding_metadata(embedding, training, prediction_type)

@@ -62,6 +62,9 @@ class QuickTuneConcept(io.ComfyNode):
                                      "512 for SD1.x, 768 for SD2.x-768, 1024 for SDXL."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the LoRA's start, batches, noise and timesteps."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Less memory, more time, the same result: recompute the denoiser's "
+                                         "activations in the backward pass."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional: 1 on the subject, one per image (or one for all); the loss counts "
                                       "only the subject. LoadImage's alpha mask is 1 on the transparent part: invert "
@@ -79,11 +82,12 @@ class QuickTuneConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, identifier, class_noun, init_word, embedding_steps, embedding_lr,
-                denoiser_steps, denoiser_lr, lora_rank, resolution, seed, mask=None) -> io.NodeOutput:
+                denoiser_steps, denoiser_lr, lora_rank, resolution, seed, gradient_checkpointing=False,
+                mask=None) -> io.NodeOutput:
         out = _host().quick_tune(model, clip, vae, images, class_noun, identifier=identifier, init_word=init_word,
                                  masks=mask, embedding_steps=embedding_steps, embedding_lr=embedding_lr,
                                  denoiser_steps=denoiser_steps, denoiser_lr=denoiser_lr, rank=lora_rank,
-                                 resolution=resolution, seed=seed)
+                                 resolution=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing)
         return io.NodeOutput(out.model, out.clip, out.embedding, out.lora, out.report)
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..backend import quicktune as qt
 from ..backend.embedding import Embedding, embedding_metadata, keys_for, save_embedding
@@ -264,6 +265,47 @@ def frozen(*modules: torch.nn.Module) -> Iterator[None]:
             stack.close()
 
 
+def _checkpointed_forward(forward):
+    def run(args, kwargs):
+        return forward(*args, **kwargs)
+
+    def checkpointed(*args, **kwargs):
+        # dict arguments (transformer_options) as they are now: the UNet updates them between blocks, and the
+        # recomputation in the backward pass must see what this forward saw
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(run, args, kwargs, use_reentrant=False)
+    return checkpointed
+
+
+@contextmanager
+def checkpointed(dm: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Gradient checkpointing of ComfyUI's UNet while inside (``enabled``): each layer of its input, middle and output
+    blocks (ResBlock, SpatialTransformer, ...) keeps only its inputs for the backward pass and recomputes the rest
+    there, as diffusers checkpoints each resnet and transformer. Same result, less memory, more time (TrainLoraNode
+    does the same on the model's top-level layers). Set on the instances; their own forwards are put back on exit.
+    Forwards set on the layers' sub-modules (E4T's offsets, the LoRA's hooks) run inside and are recomputed too, so
+    they must stay in place through the backward pass, as they do."""
+    if not enabled:
+        yield
+        return
+    layers = [layer for block in [*dm.input_blocks, dm.middle_block, *dm.output_blocks] for layer in block]
+    saved = []
+    try:
+        for layer in layers:
+            saved.append((layer, layer.__dict__.get("forward")))
+            layer.forward = _checkpointed_forward(layer.forward)
+        yield
+    finally:
+        for layer, own in reversed(saved):
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # images
 
@@ -463,7 +505,8 @@ def training_record(model, config: qt.QuickTuneConfig, out: qt.TwoStageResult, r
         "stages": [s for s, on in (("embedding", run_stage1), ("denoiser", run_stage2)) if on],
         "class_noun": class_noun, "prompts": [DEFAULT_TEMPLATE], "init_word": init_word if run_stage1 else "",
         "num_images": num_images, "num_class_images": 0, "resolution": resolution, "seed": seed,
-        "mixed_precision": mixed_precision, "gradient_checkpointing": False, "mode": "lora", "rank": config.rank,
+        "mixed_precision": mixed_precision, "gradient_checkpointing": config.gradient_checkpointing, "mode": "lora",
+        "rank": config.rank,
         "alpha": config.rank if config.alpha is None else config.alpha, "conv_rank": 0, "flip": False,
         "masked_loss": masked,
         "stage1_steps": config.stage1.steps if run_stage1 else 0, "stage1_lr": config.stage1.lr,
@@ -483,13 +526,15 @@ def _stage_line(name: str, r: qt.TuneResult | None, steps: int) -> str:
 
 def quick_tune(model, clip, vae, images, class_noun: str, identifier: str = DEFAULT_IDENTIFIER, init_word: str = "",
                masks=None, embedding_steps: int = 100, embedding_lr: float = 5e-3, denoiser_steps: int = 300,
-               denoiser_lr: float = 1e-4, rank: int = 4, resolution: int = 512, seed: int = 0) -> QuickTuneOutput:
+               denoiser_lr: float = 1e-4, rank: int = 4, resolution: int = 512, seed: int = 0,
+               gradient_checkpointing: bool = False) -> QuickTuneOutput:
     """Two-stage quick-tune of one subject on ComfyUI's MODEL/CLIP/VAE; the inputs are never changed.
 
     Stage 1 (``embedding_steps`` > 0) learns the identifier's input vector(s) from ``init_word`` (default: the class
     noun); stage 2 (``denoiser_steps`` > 0) trains a rank-``rank`` LoRA with the text encoder frozen. The training
     prompt is "a photo of {identifier} {class_noun}". Raises on bad input; a NaN loss stops training and returns the
-    last good state with a message; ComfyUI's Cancel raises within one step."""
+    last good state with a message; ComfyUI's Cancel raises within one step. ``gradient_checkpointing`` trades time
+    for memory (:func:`checkpointed`); the result is the same."""
     import comfy.model_management as mm
 
     started = time.time()
@@ -506,7 +551,7 @@ def quick_tune(model, clip, vae, images, class_noun: str, identifier: str = DEFA
     default = qt.QuickTuneConfig.sd()
     config = qt.QuickTuneConfig.sd(stage1=replace(default.stage1, steps=max(embedding_steps, 0), lr=embedding_lr),
                                    stage2=replace(default.stage2, steps=max(denoiser_steps, 0), lr=denoiser_lr),
-                                   rank=rank)
+                                   rank=rank, gradient_checkpointing=gradient_checkpointing)
     run_stage1, run_stage2 = embedding_steps > 0, denoiser_steps > 0
     slots = text_slots(clip, family, model)
     identifier_ids = token_ids(clip, slots, identifier, "identifier")
@@ -539,7 +584,8 @@ def quick_tune(model, clip, vae, images, class_noun: str, identifier: str = DEFA
                 yield list(lora.parameters())
 
         mm.throw_exception_if_processing_interrupted()
-        with frozen(dm, clip.cond_stage_model), trainable(dm, clip.cond_stage_model):
+        with frozen(dm, clip.cond_stage_model), trainable(dm, clip.cond_stage_model), \
+                checkpointed(dm, gradient_checkpointing):
             out = qt.two_stage(init_vectors, encoder, make_predict(model), noise_schedule(model, prediction_type),
                                data, encoder.num_prompts, config, stage2_params if run_stage2 else None,
                                run_stage1=run_stage1, on_progress=progress, seed=seed, mixed_precision=mixed)

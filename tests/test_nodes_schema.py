@@ -91,6 +91,8 @@ def test_e4t_nodes_follow_the_paper_and_take_one_image(pack):
     assert [i.io_type for i in s["BoothKitE4TTune"].inputs[:6]] == ["BOOTHKIT_E4T", "MODEL", "CLIP", "CLIP_VISION",
                                                                      "VAE", "IMAGE"]
     assert tune["mask"].optional
+    checkpointing = tune["gradient_checkpointing"]
+    assert checkpointing.io_type == "BOOLEAN" and checkpointing.kwargs["default"] is False
     assert [o.io_type for o in s["BoothKitE4TTune"].outputs] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING",
                                                                  "BOOTHKIT_LORA", "STRING"]
     nodes, _, _ = pack

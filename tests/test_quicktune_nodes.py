@@ -69,7 +69,7 @@ def test_quick_tune_inputs_outputs_and_types(pack):
         ("identifier", "STRING", False), ("class_noun", "STRING", False), ("init_word", "STRING", False),
         ("embedding_steps", "INT", False), ("embedding_lr", "FLOAT", False), ("denoiser_steps", "INT", False),
         ("denoiser_lr", "FLOAT", False), ("lora_rank", "INT", False), ("resolution", "INT", False),
-        ("seed", "INT", False), ("mask", "MASK", True)]
+        ("seed", "INT", False), ("gradient_checkpointing", "BOOLEAN", False), ("mask", "MASK", True)]
     assert [o.io_type for o in s.outputs] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING", "BOOTHKIT_LORA", "STRING"]
     assert not s.is_output_node
 
@@ -85,6 +85,7 @@ def test_quick_tune_defaults_are_the_backends(pack):
     assert i["init_word"]["default"] == "", "empty: the class noun"
     assert i["embedding_steps"]["min"] == 0 and i["denoiser_steps"]["min"] == 0, "0 skips a stage"
     assert i["resolution"]["default"] == 512 and i["resolution"]["step"] == 64
+    assert i["gradient_checkpointing"]["default"] is sd.gradient_checkpointing is False
 
 
 def test_save_concept_schema_and_name_validation(pack):

@@ -24,8 +24,8 @@ E4T_FILE = "e4t_random.safetensors"
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from make_models import CHECKPOINT, CLIP_VISION
-    from node_runner import (error_of, node_runner, start, stock_lora_loader, token_table, unet_state, work_folders,
-                             write_results)
+    from node_runner import (error_of, instance_forwards, node_runner, saved_for_backward, start, stock_lora_loader,
+                             token_table, unet_state, work_folders, write_results)
 
     a, pack, loaded, log = start(argv, "e4t")
     import comfy.model_management as mm
@@ -203,13 +203,32 @@ def main(argv=None) -> int:
         "missing_file": error_of(lambda: run("BoothKitLoadE4T", e4t_name="nope.safetensors")),
     }
 
+    # ---- gradient checkpointing: the same tune, less held for the backward pass, the layers' forwards put back -------
+    kw = dict(image=image, class_noun=CLASS_NOUN, steps=STEPS, resolution=64, seed=0)
+    forwards_before = instance_forwards(dm)
+    runs = {}
+    for on in (False, True):
+        with torch.inference_mode(), saved_for_backward() as saved:
+            out = host.e4t_tune(model, clip, clip_vision, vae, loaded, **kw, gradient_checkpointing=on)
+        runs[on] = (out, saved[0])
+    (plain, plain_saved), (ckpt, ckpt_saved) = runs[False], runs[True]
+    results["checkpointing"] = {
+        "losses": plain.result.losses, "losses_checkpointed": ckpt.result.losses,
+        "diffs_max_abs": max(float((plain.lora.tensors[k].float() - ckpt.lora.tensors[k].float()).abs().max())
+                             for k in plain.lora.tensors),
+        "diffs_scale": max(float(v.float().abs().max()) for v in plain.lora.tensors.values()),
+        "saved_bytes": plain_saved, "saved_bytes_checkpointed": ckpt_saved,
+        "recorded": ckpt.embedding.metadata.get("training", ""),
+        "forwards_before": forwards_before, "forwards_after": instance_forwards(dm)}
+    results["untouched_after_checkpointing"] = untouched_report(before)
+    log("checkpointed tune done")
+
     # ---- a LoRA loaded before E4T Tune, the model loaded in low-VRAM mode -----------------------------------------------
     # Partially loaded, ComfyUI leaves each layer's stored weight without the LoRA and applies it in the layer's
     # forward (weight functions). The tune must see the same weights as with the model fully loaded: the same losses
     # and the same weight diffs. On a CPU ComfyUI always loads fully, so the partial load is made here and
     # load_models_gpu kept from undoing it.
     lora_model = stock_lora_loader(run, model, clip, f"{NAME}_lora.safetensors")[0]
-    kw = dict(image=image, class_noun=CLASS_NOUN, steps=STEPS, resolution=64, seed=0)
     with torch.inference_mode():
         full = host.e4t_tune(lora_model, clip, clip_vision, vae, loaded, **kw)
         mm.unload_all_models()

@@ -3,6 +3,7 @@ message a node error shows in the UI, and collect the warnings ComfyUI logs (e.g
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 
 class Records(logging.Handler):
@@ -41,6 +42,28 @@ def stock_lora_loader(run, model, clip, lora_name: str):
     finally:
         logging.getLogger().removeHandler(records)
     return lora_model, lora_clip, records.messages
+
+
+@contextmanager
+def saved_for_backward():
+    """Counts, while inside, the bytes autograd saves for backward passes: ``with saved_for_backward() as n: ...``,
+    then ``n[0]``. Inside a gradient-checkpointed layer checkpointing's own hooks take over, so what such a layer
+    would have saved is not counted: the count is what checkpointing leaves held between forward and backward."""
+    import torch
+
+    count = [0]
+
+    def pack(t):
+        count[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield count
+
+
+def instance_forwards(root) -> int:
+    """How many modules under ``root`` have a forward set on the instance (a patch not taken off)."""
+    return sum("forward" in m.__dict__ for m in root.modules())
 
 
 def error_of(fn):

@@ -24,8 +24,8 @@ STEPS = 3  # per stage
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from make_models import CHECKPOINT
-    from node_runner import (error_of, node_runner, start, stock_lora_loader, token_table, unet_state, work_folders,
-                             write_results)
+    from node_runner import (error_of, instance_forwards, node_runner, saved_for_backward, start, stock_lora_loader,
+                             token_table, unet_state, work_folders, write_results)
 
     a, pack, loaded, log = start(argv, "quicktune")
     import comfy.model_management as mm
@@ -205,6 +205,29 @@ def main(argv=None) -> int:
                       "lora_changed": any(bool(v.abs().sum() > 0) for k, v in nan_lora.tensors.items()
                                           if k.endswith("lora_up.weight"))}
     log("nan checked")
+
+    # ---- gradient checkpointing: the same two stages, less held for the backward pass, the forwards put back ---------
+    forwards_before, runs = instance_forwards(dm), {}
+    kw = {k: v for k, v in args.items() if k not in ("model", "clip", "vae", "images", "class_noun", "lora_rank")}
+    for on in (False, True):
+        with torch.inference_mode(), saved_for_backward() as saved:
+            out = host.quick_tune(model, clip, vae, images, CLASS_NOUN, rank=4, **kw, gradient_checkpointing=on)
+        runs[on] = (out, saved[0])
+    (plain, plain_saved), (ckpt, ckpt_saved) = runs[False], runs[True]
+    results["checkpointing"] = {
+        "losses": [plain.stage1.losses, plain.stage2.losses],
+        "losses_checkpointed": [ckpt.stage1.losses, ckpt.stage2.losses],
+        "vector_max_abs": float((plain.embedding.vectors["emb_params"] - ckpt.embedding.vectors["emb_params"])
+                                .abs().max()),
+        "lora_max_abs": max(float((plain.lora.tensors[k].float() - ckpt.lora.tensors[k].float()).abs().max())
+                            for k in plain.lora.tensors),
+        "lora_scale": max(float(v.float().abs().max()) for v in plain.lora.tensors.values()),
+        "saved_bytes": plain_saved, "saved_bytes_checkpointed": ckpt_saved,
+        "recorded": [plain.lora.metadata.get("ss_gradient_checkpointing"),
+                     ckpt.lora.metadata.get("ss_gradient_checkpointing")],
+        "forwards_before": forwards_before, "forwards_after": instance_forwards(dm)}
+    results["untouched_after_checkpointing"] = untouched_report(before)
+    log("checkpointed quick-tune done")
 
     # ---- bad input gives clear messages -----------------------------------------------------------------------------
     bad = {"zero_images": {"images": images[:0]}, "identifier_multi_token": {"identifier": "qzxvbkw"},

@@ -88,3 +88,16 @@ def test_tune_in_low_vram_sees_the_weight_patches_applied_in_the_forward(e4t_run
     assert low["losses_low"] == pytest.approx(low["losses_full"], rel=1e-4)
     assert low["diffs_max_abs"] <= 1e-4 * low["diffs_scale"] and low["diffs_scale"] > 0
     assert low["weight_functions_left"] == 0
+
+
+def test_gradient_checkpointing_gives_the_same_tune_with_less_held_for_backward(e4t_run):
+    """The E4T Tune node's gradient_checkpointing: the same losses and weight diffs, far fewer bytes held between the
+    forward and the backward pass, recorded in the metadata, and every layer's own forward back afterwards."""
+    r, _ = e4t_run
+    c = r["checkpointing"]
+    assert len(c["losses"]) == 2 and c["losses_checkpointed"] == pytest.approx(c["losses"], rel=1e-5)
+    assert c["diffs_max_abs"] <= 1e-5 * c["diffs_scale"] and c["diffs_scale"] > 0
+    assert 0 < c["saved_bytes_checkpointed"] < 0.2 * c["saved_bytes"]
+    assert '"gradient_checkpointing": true' in c["recorded"]
+    assert c["forwards_after"] == c["forwards_before"]
+    assert r["untouched_after_checkpointing"] == UNTOUCHED

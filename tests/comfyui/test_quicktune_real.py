@@ -162,3 +162,19 @@ def test_sdxl_learns_both_text_encoders_and_feeds_the_pooled_output(qt_run):
     assert s["lora_loader_warnings"] == [] and s["lora_loader_patched_keys"] == s["lora_layers"] == s["changed_keys"]
     assert s["lora_loader_equals_quick_tune"]
     assert s["unet_state_identical"] and s["token_tables_identical"], "the input SDXL MODEL and CLIP are unchanged"
+
+
+def test_gradient_checkpointing_gives_the_same_run_with_less_held_for_backward(qt_run):
+    """The node's gradient_checkpointing: both stages give the same losses, embedding and LoRA, far fewer bytes are held
+    between the forward and the backward pass, the LoRA's kohya metadata says so, and every layer's own forward is
+    back afterwards."""
+    r, _, _ = qt_run
+    c = r["checkpointing"]
+    assert [len(x) for x in c["losses"]] == [STEPS, STEPS]
+    for plain, ckpt in zip(c["losses"], c["losses_checkpointed"]):
+        assert ckpt == pytest.approx(plain, rel=1e-5)
+    assert c["vector_max_abs"] <= 1e-6 and c["lora_max_abs"] <= 1e-5 * c["lora_scale"] and c["lora_scale"] > 0
+    assert 0 < c["saved_bytes_checkpointed"] < 0.2 * c["saved_bytes"]
+    assert c["recorded"] == ["False", "True"]
+    assert c["forwards_after"] == c["forwards_before"]
+    assert r["untouched_after_checkpointing"] == UNTOUCHED
