@@ -8,6 +8,7 @@ import sys
 BENCHES = {
     "overhead": "InstantBooth adapters vs the plain SD1.5-shaped UNet, one denoising step (backend/diffusers host)",
     "comfy-overhead": "the same inside a real ComfyUI (needs COMFYUI_PATH)",
+    "comfy-memory": "E4T Tune / Quick-Tune memory in a real ComfyUI, without and with gradient checkpointing",
     "train": "InstantBooth trainer throughput vs a plain training loop",
     "tune": "quick-tune step time vs reference loops in the style of diffusers' example scripts",
     "e4t": "E4T tuning vs two-stage quick-tune, wall time and peak memory",

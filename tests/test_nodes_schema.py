@@ -92,7 +92,7 @@ def test_e4t_nodes_follow_the_paper_and_take_one_image(pack):
                                                                      "VAE", "IMAGE"]
     assert tune["mask"].optional
     checkpointing = tune["gradient_checkpointing"]
-    assert checkpointing.io_type == "BOOLEAN" and checkpointing.kwargs["default"] is False
+    assert checkpointing.io_type == "BOOLEAN" and checkpointing.kwargs["default"] is True
     assert [o.io_type for o in s["BoothKitE4TTune"].outputs] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING",
                                                                  "BOOTHKIT_LORA", "STRING"]
     nodes, _, _ = pack

@@ -85,7 +85,8 @@ def test_quick_tune_defaults_are_the_backends(pack):
     assert i["init_word"]["default"] == "", "empty: the class noun"
     assert i["embedding_steps"]["min"] == 0 and i["denoiser_steps"]["min"] == 0, "0 skips a stage"
     assert i["resolution"]["default"] == 512 and i["resolution"]["step"] == 64
-    assert i["gradient_checkpointing"]["default"] is sd.gradient_checkpointing is False
+    # the one default that is not the backend's: on, as in ComfyUI's Train LoRA node (the CLI's flag is off)
+    assert i["gradient_checkpointing"]["default"] is True and sd.gradient_checkpointing is False
 
 
 def test_save_concept_schema_and_name_validation(pack):

@@ -23,7 +23,7 @@ E4T_FILE = "e4t_random.safetensors"
 
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
-    from make_models import CHECKPOINT, CLIP_VISION
+    from make_models import CHECKPOINT, CLIP_VISION, random_e4t
     from node_runner import (error_of, instance_forwards, node_runner, saved_for_backward, start, stock_lora_loader,
                              token_table, unet_state, work_folders, write_results)
 
@@ -56,32 +56,14 @@ def main(argv=None) -> int:
 
     # ---- a random E4T file for this checkpoint, sized from ComfyUI's own UNet -----------------------------------------
     with torch.inference_mode(False):
-        to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-        # the targets on ComfyUI's own UNet (ldm paths), named as the file stores them (diffusers paths)
-        from_ldm = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in to_ldm.items() if k.endswith(".weight")}
-        targets = sorted(from_ldm[p] for p in backend.offset_targets(dm))
-        modules = host.offset_modules(model, targets)
-        with torch.inference_mode():
-            mm.load_models_gpu([model])
-        x = torch.zeros(1, 4, 8, 8)
-        with torch.no_grad():
-            feats = backend.denoiser_features(qh.make_predict(model), host.encoder_blocks(dm))(
-                x, torch.tensor([10]), {"context": torch.zeros(1, 77, 768)})
-        hidden = clip_vision.model.vision_model.encoder.layers
-        width = int(clip_vision.model.vision_model.embeddings.position_embedding.weight.shape[1])
-        n = len(hidden)
-        config = backend.E4TConfig(
-            family="sd1", word_dims=[768], vision_dim=width, vision_layers=sorted({max(1, round(n * k / 4))
-                                                                                 for k in (1, 2, 3, 4)}),
-            unet_dims=[int(f.shape[-1]) for f in feats], targets=targets,
-            target_shapes=[list(modules[t].weight.shape) for t in targets], class_word=CLASS_NOUN, hidden=32,
-            tune_lr=1e-2, modulation_rank=2)
-        torch.manual_seed(0)
-        e4t = backend.E4T(config)
+        e4t, modules = random_e4t(model, clip_vision, host, backend, class_word=CLASS_NOUN, hidden=32, tune_lr=1e-2,
+                                  modulation_rank=2)
+        config, targets = e4t.config, e4t.config.targets
         with torch.no_grad():  # a "pre-trained" state: a prediction and offsets that are not zero
             for param in e4t.parameters():
                 param.add_(0.01 * torch.randn_like(param))
         formats.save_e4t(os.path.join(a.work, "e4t", E4T_FILE), e4t)
+        to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
     results["num_targets"], results["unet_dims"] = len(targets), config.unet_dims
     results["num_attention"] = len(backend.attention_targets(targets))
     log("E4T file written")
@@ -227,7 +209,8 @@ def main(argv=None) -> int:
     # Partially loaded, ComfyUI leaves each layer's stored weight without the LoRA and applies it in the layer's
     # forward (weight functions). The tune must see the same weights as with the model fully loaded: the same losses
     # and the same weight diffs. On a CPU ComfyUI always loads fully, so the partial load is made here and
-    # load_models_gpu kept from undoing it.
+    # load_models_gpu kept from undoing it. The partial run is also gradient-checkpointed, as the node runs by default
+    # on a small card: its recomputation must read the weights through the weight functions again.
     lora_model = stock_lora_loader(run, model, clip, f"{NAME}_lora.safetensors")[0]
     with torch.inference_mode():
         full = host.e4t_tune(lora_model, clip, clip_vision, vae, loaded, **kw)
@@ -237,7 +220,7 @@ def main(argv=None) -> int:
         load = mm.load_models_gpu
         mm.load_models_gpu = lambda models, *a_, **k_: load([m for m in models if m is not lora_model], *a_, **k_)
         try:
-            low = host.e4t_tune(lora_model, clip, clip_vision, vae, loaded, **kw)
+            low = host.e4t_tune(lora_model, clip, clip_vision, vae, loaded, **kw, gradient_checkpointing=True)
         finally:
             mm.load_models_gpu = load
             lora_model.unpatch_model()

@@ -176,5 +176,5 @@ def test_gradient_checkpointing_gives_the_same_run_with_less_held_for_backward(q
     assert c["vector_max_abs"] <= 1e-6 and c["lora_max_abs"] <= 1e-5 * c["lora_scale"] and c["lora_scale"] > 0
     assert 0 < c["saved_bytes_checkpointed"] < 0.2 * c["saved_bytes"]
     assert c["recorded"] == ["False", "True"]
-    assert c["forwards_after"] == c["forwards_before"]
+    assert c["forwards_after"] == c["forwards_before"] == 0, "no forward left set on a layer, cancelled runs included"
     assert r["untouched_after_checkpointing"] == UNTOUCHED
