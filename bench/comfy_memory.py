@@ -13,7 +13,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -95,10 +94,10 @@ def rss_gb() -> float:
 
 def worker(a) -> int:
     """Runs inside ComfyUI's python (this file executed as a script): one node run, its peaks as a JSON line."""
-    import asyncio
     import importlib
 
-    sys.path.insert(0, str(MODELS_SCRIPT.parent))
+    sys.path[:0] = [str(MODELS_SCRIPT.parent), str(Path(__file__).resolve().parent)]
+    from comfy_overhead import load_pack
     from make_models import CHECKPOINTS, CLIP_VISION, random_e4t, setup_comfy
 
     import torch
@@ -110,11 +109,7 @@ def worker(a) -> int:
     import folder_paths
     import nodes
 
-    custom = Path(tempfile.mkdtemp(prefix="boothkit_bench_")) / "boothkit"
-    custom.symlink_to(PACK_ROOT, target_is_directory=True)
-    if not asyncio.run(nodes.load_custom_node(str(custom))):
-        raise RuntimeError("ComfyUI could not load the BoothKit pack (see the log above)")
-    pack = str(custom).replace(".", "_x_")
+    pack = load_pack()
     for name in ("checkpoints", "clip_vision"):
         folder_paths.add_model_folder_path(name, os.path.join(a.models, name))
     with torch.inference_mode():  # as ComfyUI's executor runs nodes

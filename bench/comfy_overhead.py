@@ -76,9 +76,22 @@ def main(argv=None) -> int:
     return subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
 
 
+def load_pack() -> str:
+    """Loads this pack through ComfyUI's own loader (ComfyUI set up and imported), from a custom_nodes link in a
+    temporary folder; returns the module name the loader gives it."""
+    import asyncio
+
+    import nodes
+
+    custom = Path(tempfile.mkdtemp(prefix="boothkit_bench_")) / "boothkit"
+    custom.symlink_to(PACK_ROOT, target_is_directory=True)
+    if not asyncio.run(nodes.load_custom_node(str(custom))):
+        raise RuntimeError("ComfyUI could not load the BoothKit pack (see the log above)")
+    return str(custom).replace(".", "_x_")
+
+
 def worker(a, comfy_path: Path) -> int:
     """Runs inside ComfyUI's python (this file executed as a script)."""
-    import asyncio
     import importlib
 
     sys.path.insert(0, str(comfy_path))
@@ -98,12 +111,7 @@ def worker(a, comfy_path: Path) -> int:
     import comfy.supported_models
     import nodes
 
-    # the pack, through ComfyUI's own loader
-    custom = Path(tempfile.mkdtemp(prefix="boothkit_bench_")) / "boothkit"
-    custom.symlink_to(PACK_ROOT, target_is_directory=True)
-    if not asyncio.run(nodes.load_custom_node(str(custom))):
-        raise RuntimeError("ComfyUI could not load the BoothKit pack (see the log above)")
-    pack = str(custom).replace(".", "_x_")
+    pack = load_pack()
     ibm = importlib.import_module(pack + ".backend.instantbooth")
     host = importlib.import_module(pack + ".nodes.instantbooth_host")
     apply_node = nodes.NODE_CLASS_MAPPINGS["BoothKitInstantBoothApply"]
