@@ -83,7 +83,7 @@ class E4TTune(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the noise and timesteps."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute the denoiser's activations in the backward pass: the same result "
-                                         "with about a third of the memory, a fifth more time. On by default, as in "
+                                         "with about a third of the memory, somewhat more time. On by default, as in "
                                          "ComfyUI's own Train LoRA node; off only on a card with room to spare."),
                 io.Mask.Input("mask", optional=True, tooltip="Optional: 1 on the subject; crops the encoder's view "
                                                              "and restricts the loss."),

@@ -66,7 +66,7 @@ class QuickTuneConcept(io.ComfyNode):
                 # defaults to it, and the node trains beside the loaded models on the user's card
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute the denoiser's activations in the backward pass: the same result "
-                                         "with about a third of the memory, more time. On by default, as in "
+                                         "with about a third of the memory, somewhat more time. On by default, as in "
                                          "ComfyUI's own Train LoRA node; off only on a card with room to spare."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional: 1 on the subject, one per image (or one for all); the loss counts "
