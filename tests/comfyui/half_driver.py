@@ -1,0 +1,89 @@
+"""The in-process half of test_half_precision_real.py: E4T Tune and Quick-Tune Concept on a UNet stored and computed in
+fp16, then in bf16, as ComfyUI runs SD models on a GPU (on a CPU it would cast every layer to fp32; here that cast is
+switched off, so the layers really compute in half precision). Run with ComfyUI's python:
+
+    python half_driver.py --comfyui COMFYUI_PATH --pack CUSTOM_NODES/boothkit --models MODELS --work DIR --out OUT
+
+Tiny settings: one 64x64 photo (two for quick-tune), 2 steps (each stage); writes OUT/results.json."""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = 2
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, HERE)
+    from make_models import CHECKPOINT, CLIP_VISION, random_e4t
+    from node_runner import instance_forwards, node_runner, start, unet_state, write_results
+
+    a, pack, loaded, log = start(argv, "half")
+    import comfy.cli_args
+    import comfy.model_management as mm
+    import folder_paths
+    import torch
+
+    run = node_runner()
+    host = importlib.import_module(pack + ".nodes.e4t_host")
+    backend = importlib.import_module(pack + ".backend.e4t")
+    for name in ("checkpoints", "clip_vision"):
+        folder_paths.add_model_folder_path(name, os.path.join(a.models, name))
+    mm.unet_manual_cast = lambda *args, **kwargs: None  # compute in the stored dtype, as on a GPU
+    (clip_vision,) = run("CLIPVisionLoader", clip_name=CLIP_VISION)
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    results = {"pack_loaded": loaded}
+
+    def finite(values) -> bool:
+        return all(math.isfinite(v) for v in values)
+
+    for dtype in ("fp16", "bf16"):
+        comfy.cli_args.args.fp16_unet, comfy.cli_args.args.bf16_unet = dtype == "fp16", dtype == "bf16"
+        model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)[:3]
+        dm = model.get_model_object("diffusion_model")
+        before = unet_state(model)
+        r = results[dtype] = {"unet_dtype": str(model.model.get_dtype()),
+                              "manual_cast": str(model.model.manual_cast_dtype)}
+        with torch.inference_mode(False):
+            e4t, modules = random_e4t(model, clip_vision, host, backend, class_word="cat", hidden=32, tune_lr=1e-2,
+                                      modulation_rank=2)
+            with torch.no_grad():  # a "pre-trained" state, as in e4t_driver.py
+                for param in e4t.parameters():
+                    param.add_(0.01 * torch.randn_like(param))
+        # the node's own path (the executor's call, checkpointing on by default)
+        e_model, _, embedding, lora, report = run(
+            "BoothKitE4TTune", e4t=e4t, model=model, clip=clip, clip_vision=clip_vision, vae=vae, image=image,
+            steps=STEPS, learning_rate=0.0, identifier="sks", class_noun="cat", resolution=64, seed=0)
+        plain = host.e4t_tune(model, clip, clip_vision, vae, e4t, image, "cat", steps=STEPS, resolution=64)
+        after = unet_state(e_model)
+        changed = [k for k in after if not torch.equal(after[k], before[k])]
+        r["e4t"] = {"report": report, "losses": plain.result.losses, "losses_finite": finite(plain.result.losses),
+                    "diffs_finite": all(bool(v.isfinite().all()) for v in lora.tensors.values()),
+                    "embedding_finite": bool(embedding.vectors["emb_params"].isfinite().all()),
+                    "num_changed": len(changed), "num_targets": len(modules),
+                    "changed_dtype": str(after[changed[0]].dtype) if changed else None}
+        log(f"E4T on {dtype} done")
+        qt_model, _, qt_embedding, qt_lora, qt_report = run(
+            "BoothKitQuickTuneConcept", model=model, clip=clip, vae=vae, images=image.expand(2, -1, -1, -1),
+            identifier="sks", class_noun="cat", init_word="", embedding_steps=STEPS, embedding_lr=5e-3,
+            denoiser_steps=STEPS, denoiser_lr=1e-3, lora_rank=4, resolution=64, seed=0)
+        qt_after = unet_state(qt_model)
+        r["quicktune"] = {
+            "report": qt_report, "embedding_finite": bool(qt_embedding.vectors["emb_params"].isfinite().all()),
+            "lora_finite": all(bool(v.isfinite().all()) for v in qt_lora.tensors.values()),
+            "lora_up_moved": any(bool(v.abs().sum() > 0) for k, v in qt_lora.tensors.items()
+                                 if k.endswith("lora_up.weight")),
+            "num_changed": sum(not torch.equal(qt_after[k], before[k]) for k in qt_after)}
+        final = unet_state(model)
+        r["input_unet_identical"] = all(torch.equal(final[k], v) for k, v in before.items())
+        r["forwards_left"] = instance_forwards(dm)
+        log(f"quick-tune on {dtype} done")
+    write_results(a.out, results, {})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
