@@ -77,16 +77,38 @@ def driver_run(comfy, comfy_base, tmp_path_factory):
     return results, load_file(out / "tensors.safetensors"), ib_dir
 
 
+def run_tuning_driver(comfy, comfy_models, comfy_base, script: str, work, out, what: str) -> None:
+    """A tuning driver (node_runner.start's arguments) run in ComfyUI's python, one thread, offline."""
+    run_logged([comfy["python"], str(HERE / script), "--comfyui", str(comfy["path"]),
+                "--pack", str(comfy_base / "custom_nodes" / "boothkit"), "--models", str(comfy_models),
+                "--work", str(work), "--out", str(out)],
+               what, timeout=900, cwd=comfy["path"], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
 @pytest.fixture(scope="session")
 def e4t_run(comfy, comfy_models, comfy_base, tmp_path_factory):
     """tests/comfyui/e4t_driver.py run once in ComfyUI's python: (results, tensors). Its random E4T file, embedding
     and LoRA go into the base directory's models/ (e4t/, embeddings/, loras/), where the server test finds them."""
     out = tmp_path_factory.mktemp("e4t_out")
-    run_logged([comfy["python"], str(HERE / "e4t_driver.py"), "--comfyui", str(comfy["path"]),
-                "--pack", str(comfy_base / "custom_nodes" / "boothkit"), "--models", str(comfy_models),
-                "--work", str(comfy_base / "models"), "--out", str(out)],
-               "the E4T driver", timeout=900, cwd=comfy["path"],
-               env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    run_tuning_driver(comfy, comfy_models, comfy_base, "e4t_driver.py", comfy_base / "models", out, "the E4T driver")
     from safetensors.torch import load_file
 
     return json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors")
+
+
+@pytest.fixture(scope="session")
+def qt_run(comfy, comfy_models, comfy_base, tmp_path_factory):
+    """tests/comfyui/quicktune_driver.py run once: (results, tensors, work dir with embeddings/ and loras/)."""
+    work, out = tmp_path_factory.mktemp("qt_work"), tmp_path_factory.mktemp("qt_out")
+    run_tuning_driver(comfy, comfy_models, comfy_base, "quicktune_driver.py", work, out, "the quick-tune driver")
+    from safetensors.torch import load_file
+
+    return json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors"), work
+
+
+@pytest.fixture(scope="session")
+def half_run(comfy, comfy_models, comfy_base, tmp_path_factory):
+    """tests/comfyui/half_driver.py run once: its results."""
+    work, out = tmp_path_factory.mktemp("half_work"), tmp_path_factory.mktemp("half_out")
+    run_tuning_driver(comfy, comfy_models, comfy_base, "half_driver.py", work, out, "the half-precision driver")
+    return json.loads((out / "results.json").read_text())

@@ -4,10 +4,7 @@ tuned copy's weights change in the model's own dtype (E4T's elementwise offsets 
 model is left as it was."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -16,21 +13,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
                                  reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
                                         "(README: 'Testing with a real ComfyUI')")]
 
-HERE = Path(__file__).resolve().parent
 STEPS = 2  # as in the driver
-
-
-@pytest.fixture(scope="module")
-def half_run(comfy, comfy_models, comfy_base, tmp_path_factory):
-    work, out = tmp_path_factory.mktemp("half_work"), tmp_path_factory.mktemp("half_out")
-    cmd = [comfy["python"], str(HERE / "half_driver.py"), "--comfyui", str(comfy["path"]),
-           "--pack", str(comfy_base / "custom_nodes" / "boothkit"), "--models", str(comfy_models),
-           "--work", str(work), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=comfy["path"],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    if done.returncode != 0:
-        pytest.fail(f"the half-precision driver failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads((out / "results.json").read_text())
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -4,9 +4,7 @@ saved files load in stock LoraLoader (no unloaded keys) and as ``embedding:name`
 same result, and neither a finished nor a cancelled run changes anything of the input MODEL and CLIP."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,27 +15,10 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
                                  reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
                                         "(README: 'Testing with a real ComfyUI')")]
 
-HERE = Path(__file__).resolve().parent
 STEPS = 3  # per stage, as in the driver
 UNTOUCHED = {"unet_state_identical": True, "model_patches_identical": True, "model_options_identical": True,
              "clip_patches_identical": True, "token_table_identical": True, "forward_hooks_left": 0,
              "weight_functions_left": 0}
-
-
-@pytest.fixture(scope="module")
-def qt_run(comfy, comfy_models, comfy_base, tmp_path_factory):
-    """quicktune_driver.py run once: (results, tensors, work dir with embeddings/ and loras/)."""
-    work, out = tmp_path_factory.mktemp("qt_work"), tmp_path_factory.mktemp("qt_out")
-    cmd = [comfy["python"], str(HERE / "quicktune_driver.py"), "--comfyui", str(comfy["path"]),
-           "--pack", str(comfy_base / "custom_nodes" / "boothkit"), "--models", str(comfy_models),
-           "--work", str(work), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=comfy["path"],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    if done.returncode != 0:
-        pytest.fail(f"the quick-tune driver failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    from safetensors.torch import load_file
-
-    return json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors"), work
 
 
 def test_nodes_register_with_their_types(qt_run):
