@@ -129,13 +129,11 @@ def worker(a, comfy_path: Path) -> int:
                 p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))  # norm scales, biases
     model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"),
                                              offload_device=torch.device("cpu"))
-    layout = host.unet_adapter_layout(model.get_model_object("diffusion_model"))
-    ib = ibm.InstantBooth(ibm.InstantBoothConfig(vision_global_dim=768, vision_token_dim=1024, tokens_per_image=257,
-                                                 ctx_dim=768, layout=layout, family="sd1")).eval()
-    with torch.no_grad():
-        for adapter in ib.adapters:
-            adapter.gate.fill_(0.5)  # a trained-looking gate, so the adapters really compute
-    booth = host.BoothModel(ib, "random.safetensors")
+    sys.path.insert(0, str(PACK_ROOT / "tests" / "comfyui"))
+    from make_models import random_booth
+
+    booth = random_booth(model, host, ibm)  # gates at 0.5, a trained-looking value: the adapters really compute
+    layout = booth.model.config.layout
 
     def patched(n, skip_levels=""):
         f_p = torch.randn(257 * n, 768, generator=gen)

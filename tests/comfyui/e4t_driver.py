@@ -9,7 +9,6 @@ OUT/results.json and OUT/tensors.safetensors. Tiny settings: a 64x64 photo, 2 st
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import sys
 import traceback
@@ -24,8 +23,9 @@ E4T_FILE = "e4t_random.safetensors"
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from make_models import CHECKPOINT, CLIP_VISION, random_e4t
-    from node_runner import (error_of, instance_forwards, node_runner, saved_for_backward, start, stock_lora_loader,
-                             token_table, unet_state, work_folders, write_results)
+    from node_runner import (add_model_folders, error_of, instance_forwards, node_runner, pack_modules,
+                             saved_for_backward, start, stock_lora_loader, token_table, unet_state, work_folders,
+                             write_results)
 
     a, pack, loaded, log = start(argv, "e4t")
     import comfy.model_management as mm
@@ -37,12 +37,9 @@ def main(argv=None) -> int:
     run = node_runner()
     results, tensors = {}, {}
     results["pack_loaded"] = loaded
-    host = importlib.import_module(pack + ".nodes.e4t_host")
-    qh = importlib.import_module(pack + ".nodes.quicktune_host")
-    backend = importlib.import_module(pack + ".backend.e4t")
-    formats = importlib.import_module(pack + ".backend.formats")
-    for name in ("checkpoints", "clip_vision"):
-        folder_paths.add_model_folder_path(name, os.path.join(a.models, name))
+    host, qh, backend, formats = pack_modules(pack, "nodes.e4t_host", "nodes.quicktune_host", "backend.e4t",
+                                              "backend.formats")
+    add_model_folders(a.models)
     work_folders(a.work, ("e4t", "embeddings", "loras"))
 
 

@@ -1,13 +1,14 @@
-"""The in-process half of test_half_precision_real.py: E4T Tune and Quick-Tune Concept on a UNet stored and computed in
-fp16, then in bf16, as ComfyUI runs SD models on a GPU (on a CPU it would cast every layer to fp32; here that cast is
-switched off, so the layers really compute in half precision). Run with ComfyUI's python:
+"""The in-process half of test_half_precision_real.py: InstantBooth Apply (sampling), E4T Tune and Quick-Tune Concept
+on a UNet stored and computed in fp16, then in bf16, as ComfyUI runs SD models on a GPU (on a CPU it would cast every
+layer to fp32; here that cast is switched off, so the layers really compute in half precision). Run with ComfyUI's
+python:
 
     python half_driver.py --comfyui COMFYUI_PATH --pack CUSTOM_NODES/boothkit --models MODELS --work DIR --out OUT
 
-Tiny settings: one 64x64 photo (two for quick-tune), 2 steps (each stage); writes OUT/results.json."""
+Tiny settings: 2 sampling steps of an 8x8 latent; one 64x64 photo (two for quick-tune), 2 steps (each stage); writes
+OUT/results.json."""
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import sys
@@ -18,20 +19,20 @@ STEPS = 2
 
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
-    from make_models import CHECKPOINT, CLIP_VISION, random_e4t
-    from node_runner import instance_forwards, node_runner, start, unet_state, write_results
+    from make_models import CHECKPOINT, CLIP_VISION, random_booth, random_e4t
+    from node_runner import (add_model_folders, instance_forwards, node_runner, pack_modules, start, unet_state,
+                             write_results)
 
     a, pack, loaded, log = start(argv, "half")
     import comfy.cli_args
     import comfy.model_management as mm
-    import folder_paths
+    import comfy.sample
     import torch
 
     run = node_runner()
-    host = importlib.import_module(pack + ".nodes.e4t_host")
-    backend = importlib.import_module(pack + ".backend.e4t")
-    for name in ("checkpoints", "clip_vision"):
-        folder_paths.add_model_folder_path(name, os.path.join(a.models, name))
+    host, backend, ib_host, ibm = pack_modules(pack, "nodes.e4t_host", "backend.e4t", "nodes.instantbooth_host",
+                                               "backend.instantbooth")
+    add_model_folders(a.models)
     mm.unet_manual_cast = lambda *args, **kwargs: None  # compute in the stored dtype, as on a GPU
     (clip_vision,) = run("CLIPVisionLoader", clip_name=CLIP_VISION)
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -40,6 +41,16 @@ def main(argv=None) -> int:
     def finite(values) -> bool:
         return all(math.isfinite(v) for v in values)
 
+    gen = torch.Generator().manual_seed(1)
+    conds = [[[torch.randn(1, 77, 768, generator=gen), {}]] for _ in range(2)]
+    noise = torch.randn(1, 4, 8, 8, generator=gen)
+    concept = ibm.Concept(torch.randn(768, generator=gen), torch.randn(257, 768, generator=gen), "sks", "cat", 1)
+
+    def sample(m):
+        with torch.inference_mode():
+            return comfy.sample.sample(m, noise, 2, 7.0, "euler", "normal", *conds, torch.zeros_like(noise),
+                                       disable_pbar=True, seed=0).float()
+
     for dtype in ("fp16", "bf16"):
         comfy.cli_args.args.fp16_unet, comfy.cli_args.args.bf16_unet = dtype == "fp16", dtype == "bf16"
         model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)[:3]
@@ -47,6 +58,16 @@ def main(argv=None) -> int:
         before = unet_state(model)
         r = results[dtype] = {"unet_dtype": str(model.model.get_dtype()),
                               "manual_cast": str(model.model.manual_cast_dtype)}
+        # InstantBooth Apply, then sampling with the patched copy and with the input model
+        plain = sample(model)
+        (patched,) = run("BoothKitInstantBoothApply", model=model, concept=ib_host.BoothConcept(
+            concept, random_booth(model, ib_host, ibm)), beta=0.3, start_percent=0.0, end_percent=1.0,
+            skip_levels="", skip_blocks="")
+        booth = sample(patched)
+        r["instantbooth"] = {"finite": bool(plain.isfinite().all() and booth.isfinite().all()),
+                             "changed": float((booth - plain).abs().max()),
+                             "plain_unchanged": bool(torch.equal(sample(model), plain))}
+        log(f"InstantBooth on {dtype} done")
         with torch.inference_mode(False):
             e4t, modules = random_e4t(model, clip_vision, host, backend, class_word="cat", hidden=32, tune_lr=1e-2,
                                       modulation_rank=2)
@@ -57,10 +78,11 @@ def main(argv=None) -> int:
         e_model, _, embedding, lora, report = run(
             "BoothKitE4TTune", e4t=e4t, model=model, clip=clip, clip_vision=clip_vision, vae=vae, image=image,
             steps=STEPS, learning_rate=0.0, identifier="sks", class_noun="cat", resolution=64, seed=0)
-        plain = host.e4t_tune(model, clip, clip_vision, vae, e4t, image, "cat", steps=STEPS, resolution=64)
+        unchecked = host.e4t_tune(model, clip, clip_vision, vae, e4t, image, "cat", steps=STEPS, resolution=64)
         after = unet_state(e_model)
         changed = [k for k in after if not torch.equal(after[k], before[k])]
-        r["e4t"] = {"report": report, "losses": plain.result.losses, "losses_finite": finite(plain.result.losses),
+        r["e4t"] = {"report": report, "losses": unchecked.result.losses,
+                    "losses_finite": finite(unchecked.result.losses),
                     "diffs_finite": all(bool(v.isfinite().all()) for v in lora.tensors.values()),
                     "embedding_finite": bool(embedding.vectors["emb_params"].isfinite().all()),
                     "num_changed": len(changed), "num_targets": len(modules),

@@ -158,6 +158,22 @@ def random_e4t(model, clip_vision, host, backend, seed: int = 0, **config):
     return backend.E4T(config), modules
 
 
+def random_booth(model, host, ibm, gate: float = 0.5, seed: int = 0):
+    """An InstantBooth with random weights for ComfyUI's SD1 ``model``, its adapter layout read from ComfyUI's own UNet
+    (``host``: the pack's nodes.instantbooth_host, ``ibm``: backend.instantbooth) and every gate at ``gate``, so the
+    adapters really compute; wrapped as the Load node hands it on (``host.BoothModel``)."""
+    import torch
+
+    layout = host.unet_adapter_layout(model.get_model_object("diffusion_model"))
+    torch.manual_seed(seed)
+    ib = ibm.InstantBooth(ibm.InstantBoothConfig(vision_global_dim=768, vision_token_dim=1024, tokens_per_image=257,
+                                                 ctx_dim=768, layout=layout, family="sd1")).eval()
+    with torch.no_grad():
+        for adapter in ib.adapters:
+            adapter.gate.fill_(gate)
+    return host.BoothModel(ib, "random.safetensors")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--comfyui", required=True)

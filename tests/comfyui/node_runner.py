@@ -110,6 +110,23 @@ def start(argv, name: str):
     return a, os.path.abspath(a.pack).replace(".", "_x_"), loaded, log  # the module name load_custom_node gives
 
 
+def pack_modules(pack: str, *names: str) -> list:
+    """The pack's modules ``names`` (e.g. "nodes.e4t_host"), as ComfyUI's loader imported it under ``pack``."""
+    import importlib
+
+    return [importlib.import_module(f"{pack}.{name}") for name in names]
+
+
+def add_model_folders(models: str, names=("checkpoints", "clip_vision")) -> None:
+    """Let ComfyUI's loaders find the test models: ``models``/<name> added to each of ComfyUI's folders ``names``."""
+    import os
+
+    import folder_paths
+
+    for name in names:
+        folder_paths.add_model_folder_path(name, os.path.join(models, name))
+
+
 def work_folders(work: str, names) -> dict:
     """Point ComfyUI's model folders ``names`` at fresh folders under ``work`` (never the checkout's models/);
     returns name -> path."""
