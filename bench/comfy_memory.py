@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -84,14 +83,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1e6
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
 def worker(a) -> int:
     """Runs inside ComfyUI's python (this file executed as a script): one node run, its peaks as a JSON line."""
     import importlib
@@ -99,6 +90,7 @@ def worker(a) -> int:
     sys.path[:0] = [str(MODELS_SCRIPT.parent), str(Path(__file__).resolve().parent)]
     from comfy_overhead import load_pack
     from make_models import CHECKPOINTS, CLIP_VISION, random_e4t, setup_comfy
+    from node_runner import add_model_folders, node_runner
 
     import torch
 
@@ -106,20 +98,21 @@ def worker(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     import comfy.model_management as mm
-    import folder_paths
-    import nodes
 
     pack = load_pack()
-    for name in ("checkpoints", "clip_vision"):
-        folder_paths.add_model_folder_path(name, os.path.join(a.models, name))
-    with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINTS[a.shape])[:3]
+    rss_mb = importlib.import_module(pack + ".bench.e4t").rss_mb
+
+    def gb(field):  # /proc's kB / 1e6, the table's GB
+        return rss_mb(field) * 1024 / 1e6
+
+    add_model_folders(a.models)
+    run = node_runner()  # nodes called as ComfyUI's executor calls them
+    model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=CHECKPOINTS[a.shape])[:3]
     on = a.worker == "on"
     image = torch.rand(1, a.resolution, a.resolution, 3, generator=torch.Generator().manual_seed(0))
     if a.method == "e4t":
         host = importlib.import_module(pack + ".nodes.e4t_host")
-        with torch.inference_mode():
-            (clip_vision,) = nodes.CLIPVisionLoader().load_clip(CLIP_VISION)
+        (clip_vision,) = run("CLIPVisionLoader", clip_name=CLIP_VISION)
         e4t, _ = random_e4t(model, clip_vision, host, importlib.import_module(pack + ".backend.e4t"), rank=1)
 
         def work():
@@ -141,14 +134,14 @@ def worker(a) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         cuda_before = torch.cuda.memory_allocated() / 1e9
-    before, loading_peak = rss_gb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    before, loading_peak = gb("VmRSS"), gb("VmHWM")
     t = time.perf_counter()
     with torch.inference_mode():
         out = work()
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    peak = gb("VmHWM")
     r = {"mode": a.worker, "device": str(model.load_device), "threads": torch.get_num_threads(),
          "rss_before_gb": round(before, 3), "peak_gb": round(peak, 3), "above_gb": round(peak - before, 3),
          # the peak is the process's: where the node stays below the loading's, "above" is only an upper bound

@@ -39,7 +39,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _rss_mb(field: str) -> float:
+def rss_mb(field: str) -> float:
+    """A memory field of this process in MB (/proc's kB / 1024): VmRSS now, VmHWM its peak."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -86,7 +87,7 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
 
     def in_use():  # (RSS, CUDA memory allocated) in MB: the base that growth is measured from
-        return _rss_mb("VmRSS"), torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
+        return rss_mb("VmRSS"), torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
 
     base_rss, base_cuda = in_use()
     if args.child == "e4t":
@@ -122,7 +123,7 @@ def child(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "steps": steps, "rss_peak_mb": _rss_mb("VmHWM"), "rss_base_mb": base_rss,
+    return {"seconds": seconds, "steps": steps, "rss_peak_mb": rss_mb("VmHWM"), "rss_base_mb": base_rss,
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "cuda_base_mb": base_cuda,
             "device": str(device), "size": size}

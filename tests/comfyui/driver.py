@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     sys.path.insert(0, HERE)
     from make_models import CHECKPOINT, CLIP_VISION, setup_comfy
+    from node_runner import add_model_folders, pack_modules
 
     setup_comfy(a.comfyui, pytorch_attention=True)
     import torch
@@ -56,11 +56,8 @@ def main(argv=None) -> int:
                         for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("BoothKit")}
     results["pack_modules_before_first_run"] = sorted(m[len(pack_module):] for m in sys.modules
                                                       if m.startswith(pack_module))
-    formats = importlib.import_module(pack_module + ".backend.formats")
-    ibm = importlib.import_module(pack_module + ".backend.instantbooth")
-    host = importlib.import_module(pack_module + ".nodes.instantbooth_host")
-    folder_paths.add_model_folder_path("checkpoints", os.path.join(a.models, "checkpoints"))
-    folder_paths.add_model_folder_path("clip_vision", os.path.join(a.models, "clip_vision"))
+    formats, ibm, host = pack_modules(pack_module, "backend.formats", "backend.instantbooth", "nodes.instantbooth_host")
+    add_model_folders(a.models)
     folder_paths.add_model_folder_path("instantbooth", a.instantbooth_dir)
     results["t_load_pack"] = time.perf_counter() - t0
 

@@ -1,7 +1,7 @@
-"""The in-process half of test_half_precision_real.py: InstantBooth Apply (sampling), E4T Tune and Quick-Tune Concept
-on a UNet stored and computed in fp16, then in bf16, as ComfyUI runs SD models on a GPU (on a CPU it would cast every
-layer to fp32; here that cast is switched off, so the layers really compute in half precision). Run with ComfyUI's
-python:
+"""The in-process half of test_half_precision_real.py: InstantBooth Apply (sampling), E4T Tune (its host call) and
+Quick-Tune Concept on a UNet stored and computed in fp16, then in bf16, as ComfyUI runs SD models on a GPU (on a CPU
+it would cast every layer to fp32; here that cast is switched off, so the layers really compute in half precision).
+Run with ComfyUI's python:
 
     python half_driver.py --comfyui COMFYUI_PATH --pack CUSTOM_NODES/boothkit --models MODELS --work DIR --out OUT
 
@@ -74,17 +74,16 @@ def main(argv=None) -> int:
             with torch.no_grad():  # a "pre-trained" state, as in e4t_driver.py
                 for param in e4t.parameters():
                     param.add_(0.01 * torch.randn_like(param))
-        # the node's own path (the executor's call, checkpointing on by default)
-        e_model, _, embedding, lora, report = run(
-            "BoothKitE4TTune", e4t=e4t, model=model, clip=clip, clip_vision=clip_vision, vae=vae, image=image,
-            steps=STEPS, learning_rate=0.0, identifier="sks", class_noun="cat", resolution=64, seed=0)
-        unchecked = host.e4t_tune(model, clip, clip_vision, vae, e4t, image, "cat", steps=STEPS, resolution=64)
-        after = unet_state(e_model)
+        # the host's call as the node makes it (the executor's inference mode, checkpointing on by default); the
+        # host, not the node, hands back the losses
+        with torch.inference_mode():
+            e = host.e4t_tune(model, clip, clip_vision, vae, e4t, image, "cat", steps=STEPS, resolution=64,
+                              gradient_checkpointing=True)
+        after = unet_state(e.model)
         changed = [k for k in after if not torch.equal(after[k], before[k])]
-        r["e4t"] = {"report": report, "losses": unchecked.result.losses,
-                    "losses_finite": finite(unchecked.result.losses),
-                    "diffs_finite": all(bool(v.isfinite().all()) for v in lora.tensors.values()),
-                    "embedding_finite": bool(embedding.vectors["emb_params"].isfinite().all()),
+        r["e4t"] = {"report": e.report, "losses": e.result.losses, "losses_finite": finite(e.result.losses),
+                    "diffs_finite": all(bool(v.isfinite().all()) for v in e.lora.tensors.values()),
+                    "embedding_finite": bool(e.embedding.vectors["emb_params"].isfinite().all()),
                     "num_changed": len(changed), "num_targets": len(modules),
                     "changed_dtype": str(after[changed[0]].dtype) if changed else None}
         log(f"E4T on {dtype} done")

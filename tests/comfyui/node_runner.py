@@ -1,5 +1,6 @@
-"""What the real-tier drivers share (they run in ComfyUI's python): call a node as ComfyUI's executor does, catch the
-message a node error shows in the UI, and collect the warnings ComfyUI logs (e.g. "lora key not loaded")."""
+"""What the real-tier drivers (and `boothkit bench comfy-memory`) share, in ComfyUI's python: call a node as ComfyUI's
+executor does, catch the message a node error shows in the UI, and collect the warnings ComfyUI logs (e.g. "lora key
+not loaded")."""
 from __future__ import annotations
 
 import logging

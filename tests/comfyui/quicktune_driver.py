@@ -9,7 +9,6 @@ stock LoraLoader and CLIPTextEncode on what was saved, a Cancel after step k and
 OUT/results.json and OUT/tensors.safetensors. Tiny settings: 64x64 images, 3 + 3 steps."""
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
@@ -24,23 +23,22 @@ STEPS = 3  # per stage
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from make_models import CHECKPOINT
-    from node_runner import (error_of, instance_forwards, node_runner, saved_for_backward, start, stock_lora_loader,
-                             token_table, unet_state, work_folders, write_results)
+    from node_runner import (add_model_folders, error_of, instance_forwards, node_runner, pack_modules,
+                             saved_for_backward, start, stock_lora_loader, token_table, unet_state, work_folders,
+                             write_results)
 
     a, pack, loaded, log = start(argv, "quicktune")
     import comfy.model_management as mm
     import comfy.utils
-    import folder_paths
     import nodes
     import torch
 
     run = node_runner()
     results, tensors = {}, {}
     results["pack_loaded"] = loaded
-    host = importlib.import_module(pack + ".nodes.quicktune_host")
-    backend_embedding = importlib.import_module(pack + ".backend.embedding")
-    backend_lora = importlib.import_module(pack + ".backend.lora")
-    folder_paths.add_model_folder_path("checkpoints", os.path.join(a.models, "checkpoints"))
+    host, backend_embedding, backend_lora = pack_modules(pack, "nodes.quicktune_host", "backend.embedding",
+                                                         "backend.lora")
+    add_model_folders(a.models, ("checkpoints",))
     emb_dir, lora_dir = work_folders(a.work, ("embeddings", "loras")).values()
     results["schemas"] = {k: {"inputs": v.INPUT_TYPES(), "outputs": list(v.RETURN_TYPES),
                               "output_node": bool(getattr(v, "OUTPUT_NODE", False))}
