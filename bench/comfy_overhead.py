@@ -20,18 +20,6 @@ from pathlib import Path
 PACK_ROOT = Path(__file__).resolve().parents[1]
 TARGET_N1 = 1.25
 
-# ComfyUI's UNetModel arguments for SD1.5, as comfy.model_detection reads them from an SD1.5 checkpoint
-# (transformer_depth_output is consumed from its end: the first output blocks, at the lowest resolution, have none)
-SD15 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-            channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-            context_dim=768, use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False,
-            adm_in_channels=None, num_heads=8, num_head_channels=-1, use_checkpoint=False,
-            use_temporal_resblock=False, use_temporal_attention=False)
-TINY = dict(SD15, num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[1, 1],
-            transformer_depth_output=[1, 1, 1, 1])
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="boothkit bench comfy-overhead", description=__doc__)
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default $COMFYUI_PATH)")
@@ -94,14 +82,10 @@ def worker(a, comfy_path: Path) -> int:
     """Runs inside ComfyUI's python (this file executed as a script)."""
     import importlib
 
-    sys.path.insert(0, str(comfy_path))
-    import comfy.options
+    sys.path.insert(0, str(PACK_ROOT / "tests" / "comfyui"))
+    from make_models import UNETS, random_booth, setup_comfy
 
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = a.attention == "pytorch"
+    setup_comfy(str(comfy_path), pytorch_attention=a.attention == "pytorch")
     import torch
 
     if a.threads:
@@ -117,7 +101,7 @@ def worker(a, comfy_path: Path) -> int:
     apply_node = nodes.NODE_CLASS_MAPPINGS["BoothKitInstantBoothApply"]
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    model_config = comfy.supported_models.SD15(dict(SD15 if a.shape == "sd15" else TINY))
+    model_config = comfy.supported_models.SD15(dict(UNETS[a.shape]))
     model_config.set_inference_dtype(dtype, None)
     base = model_config.get_model({})
     gen = torch.Generator().manual_seed(0)
@@ -129,9 +113,6 @@ def worker(a, comfy_path: Path) -> int:
                 p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))  # norm scales, biases
     model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"),
                                              offload_device=torch.device("cpu"))
-    sys.path.insert(0, str(PACK_ROOT / "tests" / "comfyui"))
-    from make_models import random_booth
-
     booth = random_booth(model, host, ibm)  # gates at 0.5, a trained-looking value: the adapters really compute
     layout = booth.model.config.layout
 

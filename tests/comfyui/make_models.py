@@ -27,7 +27,9 @@ UNET_CONFIG = dict(
     use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False, adm_in_channels=None, num_heads=8,
     num_head_channels=-1, use_checkpoint=False, use_temporal_resblock=False, use_temporal_attention=False,
 )
-# the whole SD1.5 UNet (860M): 4 levels of 2 res blocks, transformers on the first three
+# the whole SD1.5 UNet (860M), as comfy.model_detection reads it from an SD1.5 checkpoint: 4 levels of 2 res blocks,
+# transformers on the first three (transformer_depth_output is consumed from its end: the first output blocks, at the
+# lowest resolution, have none)
 SD15_UNET_CONFIG = dict(UNET_CONFIG, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
                         transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3)
 CHECKPOINTS = {"tiny": CHECKPOINT, "sd15": "boothkit_random_sd15.safetensors"}
