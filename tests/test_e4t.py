@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -354,6 +355,24 @@ def test_tune_cross_kv_off_keeps_the_cross_attention_keys_and_values(tmp_path):
         assert same == (i in kv), e4t.config.targets[i]
     # the kept offsets still apply: the saved weight diff holds them
     assert float(concept.e4t.offsets.deltas()[e4t.config.targets[kv[0]]].abs().sum()) > 0
+
+
+def test_tune_targets_moves_only_the_matching_offsets(tmp_path):
+    model, vision, e4t = toy_setup(tmp_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for o in e4t.offsets.offsets:
+            o.up.normal_(std=1e-2)
+    e4t.config.tune_targets = r"\.ff\."
+    concept = de.e4t_tune(model, vision, e4t, images(1)[0], steps=2, lr=1e-2)
+    ff = [i for i, n in enumerate(e4t.config.targets) if ".ff." in n]
+    assert ff and len(ff) < len(e4t.config.targets)
+    for i, (pre, post) in enumerate(zip(e4t.offsets.offsets, concept.e4t.offsets.offsets)):
+        moved = not (torch.equal(pre.up, post.up) and torch.equal(pre.down, post.down))
+        assert moved == (i in ff), e4t.config.targets[i]
+    for bad, why in (("attn[", "not a regular expression"), ("no_such_layer", "matches none of the")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            E4TConfig(**{**e4t.config.__dict__, "tune_targets": bad})
 
 
 def test_zero_steps_is_the_encoder_alone_and_cancel_stops(tmp_path):

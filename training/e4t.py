@@ -42,6 +42,7 @@ class E4TSettings:
     tune_batch: int = 4
     tune_flip: bool = False  # the tune also draws the mirror image of the concept's one image
     tune_cross_kv: bool = True  # the tune moves the cross-attention keys' and values' offsets too
+    tune_targets: str = ""  # regex of the offsets the tune moves (empty: all)
     tune_max_timestep: float = 1.0  # the tune draws t below this fraction of the schedule
     modulation_rank: int = 0
     cache_latents: bool = True
@@ -71,7 +72,7 @@ class E4TTraining:
                                   hidden=s.hidden, reg_embedding=s.reg_embedding, reg_offsets=s.reg_offsets,
                                   reg_background=s.reg_background, tune_steps=s.tune_steps, tune_lr=s.tune_lr,
                                   tune_encoder_lr=s.tune_encoder_lr, tune_batch=s.tune_batch,
-                                  tune_flip=s.tune_flip, tune_cross_kv=s.tune_cross_kv,
+                                  tune_flip=s.tune_flip, tune_cross_kv=s.tune_cross_kv, tune_targets=s.tune_targets,
                                   tune_max_timestep=s.tune_max_timestep,
                                   modulation_rank=s.modulation_rank)).to(self.device)
         self.module = self.e4t
