@@ -8,7 +8,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from .quicktune import EmbeddingType, LoRAType
+from .quicktune import EmbeddingType, LoRAType, checkpointing_input
 
 CATEGORY = "BoothKit"
 MODEL_FOLDER = "e4t"  # models/e4t, registered in nodes/__init__.py
@@ -81,10 +81,7 @@ class E4TTune(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip="The photo is resized (shorter side) and centre-cropped to it."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the noise and timesteps."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute the denoiser's activations in the backward pass: the same result "
-                                         "with about a third of the memory, somewhat more time. On by default, as in "
-                                         "ComfyUI's own Train LoRA node; off only on a card with room to spare."),
+                checkpointing_input(),
                 io.Mask.Input("mask", optional=True, tooltip="Optional: 1 on the subject; crops the encoder's view "
                                                              "and restricts the loss."),
             ],

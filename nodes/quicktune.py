@@ -15,6 +15,14 @@ EmbeddingType = io.Custom("BOOTHKIT_EMBEDDING")
 LoRAType = io.Custom("BOOTHKIT_LORA")
 
 
+def checkpointing_input() -> io.Boolean.Input:
+    """The tuning nodes' gradient_checkpointing input (Quick-Tune Concept, E4T Tune)."""
+    return io.Boolean.Input("gradient_checkpointing", default=True,
+                            tooltip="Recompute the denoiser's activations in the backward pass: the same result "
+                                    "with about a third of the memory, somewhat more time. On by default, as in "
+                                    "ComfyUI's own Train LoRA node; off only on a card with room to spare.")
+
+
 def _host():
     from . import quicktune_host
 
@@ -64,10 +72,7 @@ class QuickTuneConcept(io.ComfyNode):
                              tooltip="Seed of the LoRA's start, batches, noise and timesteps."),
                 # on, unlike QuickTuneConfig (the CLI's --gradient-checkpointing): ComfyUI's own Train LoRA node
                 # defaults to it, and the node trains beside the loaded models on the user's card
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute the denoiser's activations in the backward pass: the same result "
-                                         "with about a third of the memory, somewhat more time. On by default, as in "
-                                         "ComfyUI's own Train LoRA node; off only on a card with room to spare."),
+                checkpointing_input(),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional: 1 on the subject, one per image (or one for all); the loss counts "
                                       "only the subject. LoadImage's alpha mask is 1 on the transparent part: invert "
