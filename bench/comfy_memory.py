@@ -85,12 +85,10 @@ def main(argv=None) -> int:
 
 def worker(a) -> int:
     """Runs inside ComfyUI's python (this file executed as a script): one node run, its peaks as a JSON line."""
-    import importlib
-
     sys.path[:0] = [str(MODELS_SCRIPT.parent), str(Path(__file__).resolve().parent)]
     from comfy_overhead import load_pack
     from make_models import CHECKPOINTS, CLIP_VISION, random_e4t, setup_comfy
-    from node_runner import add_model_folders, node_runner
+    from node_runner import add_model_folders, node_runner, pack_modules
 
     import torch
 
@@ -100,7 +98,9 @@ def worker(a) -> int:
     import comfy.model_management as mm
 
     pack = load_pack()
-    rss_mb = importlib.import_module(pack + ".bench.e4t").rss_mb
+    bench_e4t, backend_e4t, e4t_host, quicktune_host = pack_modules(pack, "bench.e4t", "backend.e4t", "nodes.e4t_host",
+                                                                     "nodes.quicktune_host")
+    rss_mb = bench_e4t.rss_mb
 
     def gb(field):  # /proc's kB / 1e6, the table's GB
         return rss_mb(field) * 1024 / 1e6
@@ -111,19 +111,16 @@ def worker(a) -> int:
     on = a.worker == "on"
     image = torch.rand(1, a.resolution, a.resolution, 3, generator=torch.Generator().manual_seed(0))
     if a.method == "e4t":
-        host = importlib.import_module(pack + ".nodes.e4t_host")
         (clip_vision,) = run("CLIPVisionLoader", clip_name=CLIP_VISION)
-        e4t, _ = random_e4t(model, clip_vision, host, importlib.import_module(pack + ".backend.e4t"), rank=1)
+        e4t, _ = random_e4t(model, clip_vision, e4t_host, backend_e4t, rank=1)
 
         def work():
-            return host.e4t_tune(model, clip, clip_vision, vae, e4t, image, "person", steps=a.steps,
+            return e4t_host.e4t_tune(model, clip, clip_vision, vae, e4t, image, "person", steps=a.steps,
                                  resolution=a.resolution, gradient_checkpointing=on)
         loaded = [model, clip.patcher, clip_vision.patcher]
     else:
-        host = importlib.import_module(pack + ".nodes.quicktune_host")
-
         def work():
-            return host.quick_tune(model, clip, vae, image.expand(a.photos, -1, -1, -1), "person",
+            return quicktune_host.quick_tune(model, clip, vae, image.expand(a.photos, -1, -1, -1), "person",
                                    embedding_steps=a.steps, denoiser_steps=a.steps, resolution=a.resolution,
                                    gradient_checkpointing=on)
         loaded = [model, clip.patcher]

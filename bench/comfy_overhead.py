@@ -80,10 +80,9 @@ def load_pack() -> str:
 
 def worker(a, comfy_path: Path) -> int:
     """Runs inside ComfyUI's python (this file executed as a script)."""
-    import importlib
-
     sys.path.insert(0, str(PACK_ROOT / "tests" / "comfyui"))
     from make_models import UNETS, random_booth, setup_comfy
+    from node_runner import pack_modules
 
     setup_comfy(str(comfy_path), pytorch_attention=a.attention == "pytorch")
     import torch
@@ -96,8 +95,7 @@ def worker(a, comfy_path: Path) -> int:
     import nodes
 
     pack = load_pack()
-    ibm = importlib.import_module(pack + ".backend.instantbooth")
-    host = importlib.import_module(pack + ".nodes.instantbooth_host")
+    ibm, host = pack_modules(pack, "backend.instantbooth", "nodes.instantbooth_host")
     apply_node = nodes.NODE_CLASS_MAPPINGS["BoothKitInstantBoothApply"]
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
