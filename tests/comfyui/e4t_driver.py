@@ -53,12 +53,9 @@ def main(argv=None) -> int:
 
     # ---- a random E4T file for this checkpoint, sized from ComfyUI's own UNet -----------------------------------------
     with torch.inference_mode(False):
-        e4t, modules = random_e4t(model, clip_vision, host, backend, class_word=CLASS_NOUN, hidden=32, tune_lr=1e-2,
-                                  modulation_rank=2)
+        e4t, modules = random_e4t(model, clip_vision, host, backend, pretrained=0.01, class_word=CLASS_NOUN,
+                                  hidden=32, tune_lr=1e-2, modulation_rank=2)
         config, targets = e4t.config, e4t.config.targets
-        with torch.no_grad():  # a "pre-trained" state: a prediction and offsets that are not zero
-            for param in e4t.parameters():
-                param.add_(0.01 * torch.randn_like(param))
         formats.save_e4t(os.path.join(a.work, "e4t", E4T_FILE), e4t)
         to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
     results["num_targets"], results["unet_dims"] = len(targets), config.unet_dims

@@ -69,11 +69,8 @@ def main(argv=None) -> int:
                              "plain_unchanged": bool(torch.equal(sample(model), plain))}
         log(f"InstantBooth on {dtype} done")
         with torch.inference_mode(False):
-            e4t, modules = random_e4t(model, clip_vision, host, backend, class_word="cat", hidden=32, tune_lr=1e-2,
-                                      modulation_rank=2)
-            with torch.no_grad():  # a "pre-trained" state, as in e4t_driver.py
-                for param in e4t.parameters():
-                    param.add_(0.01 * torch.randn_like(param))
+            e4t, modules = random_e4t(model, clip_vision, host, backend, pretrained=0.01, class_word="cat",
+                                      hidden=32, tune_lr=1e-2, modulation_rank=2)
         # the host's call as the node makes it (the executor's inference mode, checkpointing on by default); the
         # host, not the node, hands back the losses
         with torch.inference_mode():

@@ -130,11 +130,12 @@ def make_clip_vision(comfy_path: str, path: str, seed: int = 1235) -> None:
           "random vit-l/14 clip vision")
 
 
-def random_e4t(model, clip_vision, host, backend, seed: int = 0, **config):
+def random_e4t(model, clip_vision, host, backend, seed: int = 0, pretrained: float = 0.0, **config):
     """An untrained E4T (``backend.E4T``) for ComfyUI's ``model`` (SD1) and ``clip_vision``, sized from ComfyUI's own
     UNet: offsets on its Linear layers, named by their diffusers paths as files store them, and the widths of its
-    pooled encoder features from one forward pass (``host``: the pack's nodes.e4t_host). ``config``: E4TConfig fields
-    to set. Returns (E4T, {target: ComfyUI module}). Call outside inference mode."""
+    pooled encoder features from one forward pass (``host``: the pack's nodes.e4t_host). ``pretrained`` > 0 adds that
+    much standard normal noise to every parameter: a "pre-trained" state, with a prediction and offsets that are not
+    zero. ``config``: E4TConfig fields to set. Returns (E4T, {target: ComfyUI module}). Call outside inference mode."""
     import comfy.model_management as mm
     import comfy.utils
     import torch
@@ -157,7 +158,12 @@ def random_e4t(model, clip_vision, host, backend, seed: int = 0, **config):
         "unet_dims": [int(f.shape[-1]) for f in feats], "targets": targets,
         "target_shapes": [list(modules[t].weight.shape) for t in targets], **config})
     torch.manual_seed(seed)
-    return backend.E4T(config), modules
+    e4t = backend.E4T(config)
+    if pretrained:
+        with torch.no_grad():
+            for param in e4t.parameters():
+                param.add_(pretrained * torch.randn_like(param))
+    return e4t, modules
 
 
 def random_booth(model, host, ibm, gate: float = 0.5, seed: int = 0):
