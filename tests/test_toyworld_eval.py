@@ -1,6 +1,7 @@
 """The toy world's evaluation and demo, run small on the shipped weights."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,3 +232,32 @@ def test_shipped_e4t_file_carries_the_settings_of_its_config():
     assert {"reg_background", "tune_lr", "tune_max_timestep"} <= shared
     for key in shared:
         assert getattr(e4t.config, key) == toml[key], key
+
+
+def test_paired_compares_two_methods_subject_by_subject_over_tables(tmp_path, capsys):
+    from boothkit.toyworld.evaluate import paired
+
+    def table(ids, a, b, **settings):
+        return {"methods": {"e4t-15": {"identity_per_subject": a}, "quicktune": {"identity_per_subject": b}},
+                "settings": {"subject_ids": ids, "references": 3, "contexts": 8, "samples_per_prompt": 1, "seed": 0,
+                             "sample_steps": 25, **settings}}
+
+    held, dev = table([1, 2], [0.5, 0.9], [0.7, 0.8]), table([3, 4], [0.6, 0.4], [0.9, 0.5], dev=True)
+    r = paired([held, dev], "e4t-15", "quicktune")
+    d = np.array([-0.2, 0.1, -0.3, -0.1])
+    assert r["subjects"] == 4 and r["a_above"] == 1
+    assert r["identity_a"] == pytest.approx(0.6) and r["identity_b"] == pytest.approx(0.725)
+    assert r["difference"] == pytest.approx(d.mean())
+    assert r["difference_se"] == pytest.approx(d.std(ddof=1) / 2)
+    with pytest.raises(ValueError, match=r"each subject once: subjects \[2\]"):
+        paired([held, table([2, 5], [0.1, 0.2], [0.3, 0.4])], "e4t-15", "quicktune")
+    with pytest.raises(ValueError, match="drawn alike"):
+        paired([held, table([3, 4], [0.1, 0.2], [0.3, 0.4], seed=1)], "e4t-15", "quicktune")
+    with pytest.raises(ValueError, match="has no row 'e4t-60'"):
+        paired([held], "e4t-60", "quicktune")
+    files = []
+    for name, t in (("a.json", held), ("b.json", dev)):
+        (tmp_path / name).write_text(json.dumps(t))
+        files.append(str(tmp_path / name))
+    assert eval_main(["--paired", "e4t-15", "quicktune", "--tables", *files]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == r

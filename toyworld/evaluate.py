@@ -213,14 +213,22 @@ def parse_args(argv=None):
                         "choose settings, disjoint from the table's subjects")
     p.add_argument("--update", action="store_true",
                    help="add the methods to the table already in --out (same settings), replacing their rows")
+    p.add_argument("--paired", nargs=2, metavar=("A", "B"),
+                   help="evaluate nothing: compare method A with B subject by subject over existing tables (--tables, "
+                        "default --out's eval.json): the mean difference in identity and its standard error")
+    p.add_argument("--tables", nargs="+", metavar="FILE", help="eval.json files for --paired (distinct subjects)")
     return p.parse_args(argv)
+
+
+# what a table's rows were drawn with, beside which subjects: rows compare only under the same
+SAMPLING = ("references", "contexts", "samples_per_prompt", "seed", "sample_steps")
 
 
 def merge(old: dict, new: dict) -> dict:
     """``new``'s rows added to ``old``'s table, in the methods' canonical order; the settings must agree."""
     from .methods import DEFAULT_METHODS, METHODS
 
-    keys = ("subjects", "references", "contexts", "samples_per_prompt", "seed", "sample_steps")
+    keys = ("subjects",) + SAMPLING
     if any(old["settings"].get(k) != new["settings"].get(k) for k in keys + ("dev",)) or \
             (old["settings"].get("overrides") or {}) != (new["settings"].get("overrides") or {}):
         raise ValueError(f"--update needs the settings of the existing table: "
@@ -231,8 +239,47 @@ def merge(old: dict, new: dict) -> dict:
     return {"methods": with_ratios(rows), "settings": old["settings"]}
 
 
+def paired(tables: list[dict], a: str, b: str) -> dict:
+    """Method ``a`` against ``b``, paired by subject over the subjects of all ``tables`` (eval.json results, e.g. the
+    held-out table and a ``--dev`` one): both means, the mean of the per-subject differences a − b with its standard
+    error (their standard deviation / √n), and on how many subjects a scores above b. The tables must not share a
+    subject and must be drawn alike (references, contexts, samples, seed, steps, overrides)."""
+    xs, ys, seen = [], [], set()
+    first = tables[0]["settings"]
+    for t in tables:
+        st = t["settings"]
+        if any(st.get(k) != first.get(k) for k in SAMPLING) or st.get("overrides") != first.get("overrides"):
+            raise ValueError(f"--paired needs tables drawn alike: {({k: st.get(k) for k in SAMPLING})} against "
+                             f"{({k: first.get(k) for k in SAMPLING})}")
+        if seen & set(st["subject_ids"]):
+            raise ValueError(f"--paired counts each subject once: subjects {sorted(seen & set(st['subject_ids']))} "
+                             f"are in two tables")
+        seen |= set(st["subject_ids"])
+        missing = [m for m in (a, b) if m not in t["methods"]]
+        if missing:
+            raise ValueError(f"the table of subjects {st['subject_ids'][:3]}... has no row {missing[0]!r} "
+                             f"(it has {', '.join(t['methods'])})")
+        xs += t["methods"][a]["identity_per_subject"]
+        ys += t["methods"][b]["identity_per_subject"]
+    x, y = np.array(xs), np.array(ys)
+    d = x - y
+    if len(d) < 2:
+        raise ValueError("--paired needs at least two subjects")
+    return {"a": a, "b": b, "subjects": len(d), "identity_a": float(x.mean()), "identity_b": float(y.mean()),
+            "difference": float(d.mean()),
+            "difference_se": float(d.std(ddof=1) / np.sqrt(len(d))), "a_above": int((d > 0).sum())}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.paired:
+        tables = [json.loads(Path(f).read_text()) for f in args.tables or [Path(args.out) / "eval.json"]]
+        r = paired(tables, *args.paired)
+        print(f"{r['a']} against {r['b']}, paired over {r['subjects']} subjects: identity {r['identity_a']:.3f} vs "
+              f"{r['identity_b']:.3f}, difference {r['difference']:+.3f} ± {r['difference_se']:.3f} (standard error), "
+              f"{r['a']} above on {r['a_above']}")
+        print(json.dumps(r))
+        return 0
     result = evaluate(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
                       args.steps, {"beta": args.beta, "e4t_lr": args.e4t_lr, "e4t": args.e4t}, args.dev)
     out = Path(args.out)
