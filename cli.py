@@ -8,13 +8,13 @@ import sys
 
 COMMANDS = {
     # name: (module relative to the package, one-line help)
-    "demo": (".toyworld.demo", "personalize a held-out toy-world subject and write a PNG grid (no arguments needed)"),
-    "generate": (".hosts.generate", "text-to-image with InstantBooth on a diffusers model from image(s) + prompt"),
-    "eval": (".toyworld.evaluate", "score every method on held-out toy-world identities; writes JSON and Markdown"),
-    "train": (".training.cli", "train a method: `boothkit train instantbooth|e4t --config FILE`"),
-    "tune": (".training.tune_cli", "two-stage quick-tune (textual inversion, then LoRA) on a folder of images"),
-    "bench": (".bench", "benchmarks: `boothkit bench overhead|train|tune|comfy-overhead`"),
-    "toyworld": (".toyworld.cli", "toy-world utilities: export a dataset folder, train the toy base model"),
+    "demo": (".commands.demo", "personalize a held-out toy-world subject and write a PNG grid (no arguments needed)"),
+    "generate": (".commands.generate", "text-to-image on a diffusers model (or the toy world) with InstantBooth photos or a tune's files"),
+    "eval": (".commands.eval", "score methods on held-out toy-world identities (JSON + Markdown), or compare two over tables"),
+    "train": (".commands.train", "train a method: `boothkit train instantbooth|e4t --config FILE`"),
+    "tune": (".commands.tune", "personalize from photos: two-stage quick-tune (embedding + LoRA) or E4T (`--method e4t`)"),
+    "bench": (".commands.bench", "benchmarks: `boothkit bench --help` lists them (overhead, train, tune, e4t, comfy-*)"),
+    "toyworld": (".commands.toyworld", "toy-world utilities: export a dataset folder, verify the shipped weights"),
 }
 
 

@@ -33,7 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora import UNET_PREFIX, LoRATensors, find_targets, kohya_name
-from .quicktune import NoiseSchedule, TuneResult, tune_loop
+from .tune import NoiseSchedule, TuneResult, tune_loop
+from pathlib import Path
+import json
+from .instantbooth import FAMILIES
+from .files import FormatError, _Fields, load_checked, read_safetensors, write_safetensors
 
 # every attention projection of a transformer block: self- and cross-attention q, k, v and out
 ATTENTION_PROJECTION = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -508,3 +512,43 @@ def tune(e4t: E4T, batch: Batch, features: Features, encode: Encode, predict: Pr
                              mixed_precision=mixed_precision)
         finally:
             e4t.offsets.scales = None  # the last step's; a concept's are fixed after (fix_concept)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# E4T: the pre-trained (or tuned) domain encoder and weight offsets
+
+E4T_FORMAT = "boothkit.e4t"
+E4T_VERSION = 1
+
+
+def save_e4t(path: str | Path, model) -> Path:
+    """Only the encoder and the offsets go into the file; the configuration is metadata."""
+    from dataclasses import asdict
+
+    config = asdict(model.config)
+    extra = config.pop("extra")
+    metadata = {"format": E4T_FORMAT, "version": str(E4T_VERSION), "method": "e4t", "family": model.config.family,
+                "identifier": model.config.identifier, "class_word": model.config.class_word,
+                "config": json.dumps(config, sort_keys=True),
+                "training": json.dumps(extra, sort_keys=True, default=str)}
+    return write_safetensors(path, model.state_dict(), metadata)
+
+
+def load_e4t(path: str | Path, family: str | None = None):
+    """Load and validate an E4T file; ``family`` is that of the model it will tune."""
+    from .e4t import E4T, E4TConfig
+
+    tensors, metadata = read_safetensors(path)
+    f = _Fields(path, metadata)
+    f.kind(E4T_FORMAT, E4T_VERSION, "e4t", "an E4T file")
+    fam = f.str("family", set(FAMILIES))
+    if family is not None and family != fam:
+        raise FormatError(f"{path}: this E4T file was pre-trained for base family '{fam}', but the model to tune is "
+                          f"'{family}'; load an E4T file made for {family}.")
+    raw = f.json("config")
+    try:
+        extra = json.loads(metadata.get("training", "{}"))
+        config = E4TConfig(**{**raw, "extra": extra})
+    except (TypeError, ValueError) as e:
+        raise f.error("config", str(raw)[:80], f"the fields of an E4T configuration ({e})") from None
+    return load_checked(path, E4T(config), tensors, "configuration")

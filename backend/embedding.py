@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import FormatError, check_version, read_safetensors, write_safetensors
+from .files import FormatError, check_version, read_safetensors, write_safetensors
 from .lora import modelspec_metadata, ss_metadata
 
 log = logging.getLogger(__name__)

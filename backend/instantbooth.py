@@ -11,6 +11,9 @@ from torch import nn
 from .adapter import Adapter
 from .encoders import ConceptEncoder, PatchEncoder
 from .identifier import class_nouns_for
+from pathlib import Path
+import json
+from .files import FormatError, _Fields, load_checked, read_safetensors, write_safetensors
 
 FAMILIES = {
     # base-model family -> text-encoder width (the concept token's width); "toy" is the project's own toy world
@@ -138,3 +141,75 @@ class InstantBooth(nn.Module):
         """Keys/values of f_p for every adapter (None where disabled): computed once, reused at every step."""
         f_p = f_p if f_p.ndim == 3 else f_p[None]
         return [a.patch_kv(f_p) if enabled is None or enabled[i] else None for i, a in enumerate(self.adapters)]
+
+
+INSTANTBOOTH_FORMAT = "boothkit.instantbooth"
+INSTANTBOOTH_VERSION = 1
+
+
+def instantbooth_metadata(config: InstantBoothConfig) -> dict[str, str]:
+    c = config
+    return {
+        "format": INSTANTBOOTH_FORMAT,
+        "version": str(INSTANTBOOTH_VERSION),
+        "method": "instantbooth",
+        "family": c.family,
+        "ctx_dim": str(c.ctx_dim),
+        "vision_global_dim": str(c.vision_global_dim),
+        "vision_token_dim": str(c.vision_token_dim),
+        "tokens_per_image": str(c.tokens_per_image),
+        "image_size": str(c.image_size),
+        "layout": json.dumps(c.layout.to_dict()),
+        "identifier": c.identifier,
+        "class_noun": c.class_noun,
+        "alpha": repr(float(c.alpha)),
+        "beta": repr(float(c.beta)),
+        "crop_margin": repr(float(c.crop_margin)),
+        "background": repr(float(c.background)),
+        "training": json.dumps(c.extra, sort_keys=True, default=str),
+    }
+
+
+def save_instantbooth(path: str | Path, model: InstantBooth) -> Path:
+    """Only the trained heads and adapters go into the file, never the base model."""
+    return write_safetensors(path, model.state_dict(), instantbooth_metadata(model.config))
+
+
+def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> InstantBoothConfig:
+    f = _Fields(path, metadata)
+    f.kind(INSTANTBOOTH_FORMAT, INSTANTBOOTH_VERSION, "instantbooth", "an InstantBooth file")
+    lay = f.json("layout")
+    try:
+        layout = AdapterLayout(**{k: [int(x) for x in lay[k]] for k in ("dims", "heads", "levels", "depths")})
+    except (KeyError, TypeError, ValueError) as e:
+        raise f.error("layout", str(lay)[:80], f"dims/heads/levels/depths lists that fit together ({e})") from None
+    try:
+        extra = json.loads(metadata.get("training", "{}"))
+    except json.JSONDecodeError:
+        raise f.error("training", metadata["training"][:80], "JSON") from None
+    family = f.str("family", set(FAMILIES))
+    ctx_dim = f.int("ctx_dim")
+    try:
+        return InstantBoothConfig(
+            vision_global_dim=f.int("vision_global_dim"), vision_token_dim=f.int("vision_token_dim"),
+            tokens_per_image=f.int("tokens_per_image"), ctx_dim=ctx_dim, layout=layout, family=family,
+            identifier=f.str("identifier"), class_noun=f.str("class_noun"), alpha=f.float("alpha"),
+            beta=f.float("beta"), image_size=f.int("image_size"), crop_margin=f.float("crop_margin"),
+            background=f.float("background"), extra=extra)
+    except ValueError as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{path}: inconsistent metadata: {e}") from None
+
+
+def load_instantbooth(path: str | Path, family: str | None = None, ctx_dim: int | None = None) -> InstantBooth:
+    """Load and validate an InstantBooth file. ``family``/``ctx_dim`` are those of the model it will patch."""
+    tensors, metadata = read_safetensors(path)
+    config = instantbooth_config_from_metadata(path, metadata)
+    if family is not None and family != config.family:
+        raise FormatError(f"{path}: this InstantBooth file was trained for base family '{config.family}', but the "
+                          f"model to patch is '{family}'; load an InstantBooth file made for {family}.")
+    if ctx_dim is not None and ctx_dim != config.ctx_dim:
+        raise FormatError(f"{path}: metadata field 'ctx_dim' is {config.ctx_dim}, but the model's text encoder is "
+                          f"{ctx_dim} wide; the file is for another base model.")
+    return load_checked(path, InstantBooth(config), tensors, "layout")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import FormatError, check_version, read_safetensors, write_safetensors
+from .files import FormatError, check_version, read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 

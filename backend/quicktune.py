@@ -19,266 +19,17 @@ cancel within one step, NaN guard that keeps the last good state) that other met
 from __future__ import annotations
 
 import logging
-import math
-import re
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from .tune import BatchSampler, DONE, Encode, Predict, NoiseSchedule, Progress, TrainingSet, TuneResult, _batch_len, _generators, concat, denoising_loss, encode_all, take, tune_loop
+
+
 
 log = logging.getLogger(__name__)
-
-DONE, CANCELLED, NAN = "done", "cancelled", "nan"
-
-Encode = Callable[[Sequence[torch.Tensor], torch.Tensor], Any]
-Predict = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-Progress = Callable[[int, int, float], None]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the general tune loop
-
-
-@dataclass
-class TuneResult:
-    """How a tune loop ended. ``steps`` optimizer steps were taken and kept; the parameters hold their state."""
-    status: str = DONE  # DONE | CANCELLED | NAN
-    steps: int = 0
-    losses: list[float] = field(default_factory=list)
-    message: str = ""
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == DONE
-
-
-def tune_loop(params: Iterable[torch.Tensor | dict], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
-              on_progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None, *,
-              weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-              max_grad_norm: float | None = None, mixed_precision: str = "no") -> TuneResult:
-    """Optimise ``params`` (leaf tensors with requires_grad, or param groups ``{"params": [...], "lr": x}`` with their
-    own rates) with AdamW on ``loss_fn(step)`` for ``steps`` steps.
-
-    ``should_cancel()`` is asked before every step; a True stops before the next update (status CANCELLED).
-    ``on_progress(done, steps, loss)`` is called after every step; an exception it raises (ComfyUI's interrupt)
-    propagates with the parameters in their last completed state. NaN guard: the update is applied only after the
-    loss and the gradient norm are found finite, so a non-finite loss or gradient stops the loop (status NAN) with
-    the parameters (and optimizer state) exactly as the last good step left them. Both checks share the step's one
-    device sync, which also reads the loss. ``mixed_precision`` "bf16" runs ``loss_fn`` under bfloat16 autocast
-    (parameters stay fp32)."""
-    params = list(params)
-    plain = [p for p in params if not isinstance(p, dict)]
-    groups = [dict(g, params=list(g["params"])) for g in params if isinstance(g, dict)]
-    groups += [{"params": plain}] if plain else []
-    params = [p for g in groups for p in g["params"]]
-    if not params:
-        raise ValueError("tune_loop needs at least one parameter to optimise")
-    for p in params:
-        if not (p.is_leaf and p.requires_grad and p.is_floating_point()):
-            raise ValueError("tune_loop parameters must be floating-point leaf tensors with requires_grad=True")
-    if steps < 0 or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"tune_loop needs steps >= 0 and a positive finite learning rate, got steps={steps}, lr={lr}")
-    if mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {mixed_precision!r}")
-    device = params[0].device
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16" else nullcontext())
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
-    clip = max_grad_norm if max_grad_norm else float("inf")
-    result = TuneResult()
-    start = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad():
-        for step in range(steps):
-            if should_cancel is not None and should_cancel():
-                result.status, result.message = CANCELLED, f"cancelled before step {step + 1} of {steps}"
-                break
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss = loss_fn(step)
-            loss.backward()
-            # the total norm is non-finite when any gradient is; with no clipping this only measures it
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            value, grad_norm = torch.stack([loss.detach().float(), norm.float().to(loss.device)]).tolist()
-            if not (math.isfinite(value) and math.isfinite(grad_norm)):
-                what = f"loss is {value}" if not math.isfinite(value) else f"gradient norm is {grad_norm}"
-                result.status = NAN
-                result.message = f"{what} at step {step + 1}; kept the state after step {step}"
-                break
-            optimizer.step()
-            result.steps += 1
-            result.losses.append(value)
-            if on_progress is not None:
-                on_progress(step + 1, steps, value)
-    optimizer.zero_grad(set_to_none=True)
-    result.seconds = time.perf_counter() - start
-    if result.status == NAN:
-        log.warning("tune loop stopped: %s", result.message)
-    return result
-
-
-@contextmanager
-def frozen(*modules: nn.Module | None) -> Iterator[None]:
-    """Set requires_grad=False on every parameter of ``modules`` and restore each flag afterwards, so gradients
-    reach only what a stage optimises and the modules come back exactly as they were."""
-    saved, seen = [], set()
-    for m in modules:
-        if m is None:
-            continue
-        for p in m.parameters():
-            if id(p) not in seen:  # a parameter shared by two modules is saved once, with its original flag
-                seen.add(id(p))
-                saved.append((p, p.requires_grad))
-    for p, _ in saved:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# diffusion pieces, host-free
-
-
-class NoiseSchedule:
-    """The forward process of the denoiser: x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε and its training target."""
-
-    PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
-        if prediction_type not in self.PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported; expected one of "
-                             f"{self.PREDICTION_TYPES}")
-        a = torch.as_tensor(alphas_cumprod, dtype=torch.float32).flatten()
-        if a.numel() < 2 or not bool(((a > 0) & (a <= 1)).all()):
-            raise ValueError("alphas_cumprod must be a 1-D tensor of values in (0, 1]")
-        self.alphas_cumprod, self.prediction_type = a, prediction_type
-        self._on_device: dict[torch.device, torch.Tensor] = {}
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.alphas_cumprod.numel()
-
-    def _coefs(self, t: torch.Tensor, like: torch.Tensor):
-        table = self._on_device.get(like.device)
-        if table is None:  # one copy per device, not one per step
-            table = self._on_device[like.device] = self.alphas_cumprod.to(like.device)
-        a = table[t].view(-1, *([1] * (like.ndim - 1)))
-        return a.sqrt().to(like.dtype), (1 - a).sqrt().to(like.dtype)
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s, n = self._coefs(t, x0)
-        return s * x0 + n * noise
-
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "sample":
-            return x0
-        s, n = self._coefs(t, x0)
-        return s * noise - n * x0
-
-
-@dataclass
-class TrainingSet:
-    """x0 of the training images, computed once by the host: VAE posterior means (and stds, for a fresh latent sample
-    each step at the cost of one multiply-add) already scaled, or pixels in [-1, 1] for a pixel-space model.
-    ``masks`` [N, 1, h, w] in [0, 1] at x0 resolution weight the loss (1 = subject)."""
-    mean: torch.Tensor
-    std: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if self.mean.ndim != 4 or self.mean.shape[0] == 0:
-            raise ValueError(f"training x0 must be [N>0, C, h, w], got {tuple(self.mean.shape)}")
-        if self.std is not None and self.std.shape != self.mean.shape:
-            raise ValueError(f"std {tuple(self.std.shape)} must match mean {tuple(self.mean.shape)}")
-        if self.masks is not None:
-            n, _, h, w = self.mean.shape
-            if tuple(self.masks.shape) != (n, 1, h, w):
-                raise ValueError(f"masks must be [N, 1, h, w] = {(n, 1, h, w)}, got {tuple(self.masks.shape)}")
-            if bool((self.masks.flatten(1).sum(1) <= 0).any()):
-                raise ValueError("a mask is empty (all zero): every training image needs some subject area")
-
-    def __len__(self) -> int:
-        return self.mean.shape[0]
-
-    def x0(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        mean = self.mean[idx]
-        if self.std is None:
-            return mean
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + self.std[idx] * eps
-
-    def mask(self, idx: torch.Tensor) -> torch.Tensor | None:
-        return None if self.masks is None else self.masks[idx]
-
-
-def take(cond: Any, idx: torch.Tensor) -> Any:
-    """Rows ``idx`` of a conditioning (a tensor or a dict/tuple/list of them, batch first)."""
-    if isinstance(cond, torch.Tensor):
-        return cond[idx.to(cond.device)]
-    if isinstance(cond, dict):
-        return {k: take(v, idx) for k, v in cond.items()}
-    if isinstance(cond, (tuple, list)):
-        return type(cond)(take(v, idx) for v in cond)
-    raise TypeError(f"conditioning must be tensors (or dicts/tuples of them), got {type(cond).__name__}")
-
-
-def concat(conds: Sequence[Any]) -> Any:
-    first = conds[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(conds))
-    if isinstance(first, dict):
-        return {k: concat([c[k] for c in conds]) for k in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(concat([c[i] for c in conds]) for i in range(len(first)))
-    raise TypeError(f"conditioning must be tensors (or dicts/tuples of them), got {type(first).__name__}")
-
-
-def detach(cond: Any) -> Any:
-    if isinstance(cond, torch.Tensor):
-        return cond.detach()
-    if isinstance(cond, dict):
-        return {k: detach(v) for k, v in cond.items()}
-    return type(cond)(detach(v) for v in cond)
-
-
-def denoising_loss(predict: Predict, schedule: NoiseSchedule, x0: torch.Tensor, cond: Any,
-                   masks: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sample ||target - model(x_t, t, c)||² (the papers' eq. 1/2), mean over the (masked) elements: [B]."""
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
-    out = predict(schedule.add_noise(x0, noise, t), t, cond)
-    err = (out.float() - schedule.target(x0, noise, t).float()) ** 2
-    if masks is None:
-        return err.flatten(1).mean(1)
-    m = masks.to(err.dtype)
-    return (err * m).flatten(1).sum(1) / (m.flatten(1).sum(1) * err.shape[1]).clamp_min(1e-8)
-
-
-class BatchSampler:
-    """Indices of training images: shuffled epochs, so every image is seen equally often."""
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator | None = None):
-        if n <= 0:
-            raise ValueError("no training images: quick-tune needs at least one image of the subject")
-        if batch_size <= 0:
-            raise ValueError(f"batch size must be positive, got {batch_size}")
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-        self._queue: list[int] = []
-
-    def next(self) -> torch.Tensor:
-        while len(self._queue) < self.batch_size:
-            self._queue += torch.randperm(self.n, generator=self.generator).tolist()
-        out, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size:]
-        return torch.tensor(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,16 +47,17 @@ class StageConfig:
 
 @dataclass
 class QuickTuneConfig:
-    """Both stages' settings. :meth:`sd` is the paper's setting for Stable Diffusion, :meth:`toy` the toy world's:
+    """Both stages' settings. :meth:`sd` is the paper's setting for Stable Diffusion (the toy world's is
+    ``toyworld.methods.quicktune_config``):
 
-    ==================  ==========================================  ==========================================
-    defaults            ``sd()`` (SD1.x/SD2.x/SDXL)                 ``toy()`` (32x32 pixel-space toy base)
-    ==================  ==========================================  ==========================================
-    stage 1             100 steps, lr 5e-3 (paper), batch 4         100 steps, lr 1e-3, batch 4
-    stage 2, LoRA       300 steps, lr 1e-4, batch 1, rank 4         200 steps, lr 1e-3, batch 4, rank 8
-    stage 2, full       300 steps, lr 5e-6 (paper), batch 1         200 steps, lr 1e-4, batch 4
-    mixed precision     auto: bf16 on CUDA with bf16, else none      none (bf16 gains ~7% there on CPU)
-    ==================  ==========================================  ==========================================
+    ==================  ==========================================
+    defaults            ``sd()`` (SD1.x/SD2.x/SDXL)
+    ==================  ==========================================
+    stage 1             100 steps, lr 5e-3 (paper), batch 4
+    stage 2, LoRA       300 steps, lr 1e-4, batch 1, rank 4
+    stage 2, full       300 steps, lr 5e-6 (paper), batch 1
+    mixed precision     auto: bf16 on CUDA with bf16, else none
+    ==================  ==========================================
 
     ``mode`` "lora" (default) trains a LoRA of ``rank``/``alpha`` (plus 3x3 convs at ``conv_rank`` if > 0); "full"
     fine-tunes every denoiser weight (on a copy; the input model is never changed). ``prior_weight`` applies only
@@ -345,40 +97,8 @@ class QuickTuneConfig:
             cfg.stage2 = StageConfig(steps=300, lr=5e-6, batch_size=1, weight_decay=1e-2, max_grad_norm=1.0)
         return cfg
 
-    @classmethod
-    def toy(cls, **overrides) -> QuickTuneConfig:
-        """The toy world (32x32 pixel-space base, 64-wide CLIP): the paper's step counts (100 + 200), a batch of 4
-        and a rank-8 LoRA on the attention layers at 1e-3 (a tiny model learns from fewer, larger updates). Stage 1
-        at 1e-3, not the paper's 5e-3: on the development identities (8 contexts each) the embedding learnt at 5e-3
-        cost the pair 32 % of the base's alignment on the context words (0.68 x, identity 0.789), at 1e-3 11 %
-        (0.89 x, identity 0.811; `boothkit eval --dev --methods quicktune --subjects 8 --contexts 8 --samples 1`).
-        About a minute on two CPU threads (stage-1 and stage-2 steps measured at 0.18 s and 0.28 s on two threads of
-        an otherwise idle server CPU)."""
-        base = dict(stage1=StageConfig(steps=100, lr=1e-3, batch_size=4),
-                    stage2=StageConfig(steps=200, lr=1e-3, batch_size=4, weight_decay=1e-2, max_grad_norm=1.0),
-                    rank=8, mixed_precision="no")
-        base.update(overrides)
-        cfg = cls(**base)
-        if cfg.mode == "full" and "stage2" not in overrides:
-            cfg.stage2 = StageConfig(steps=200, lr=1e-4, batch_size=4, weight_decay=1e-2, max_grad_norm=1.0)
-        return cfg
-
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the two stages
-
-
-def _generators(device: torch.device, seed: int | None):
-    """(CPU generator for indices, device generator for noise/timesteps)."""
-    if seed is None:
-        return None, None
-    cpu = torch.Generator().manual_seed(seed)
-    dev = torch.Generator(device=device).manual_seed(seed + 1) if device.type != "cpu" else \
-        torch.Generator().manual_seed(seed + 1)
-    return cpu, dev
 
 
 def learn_embedding(init_vectors: Sequence[torch.Tensor], encode: Encode, predict: Predict, schedule: NoiseSchedule,
@@ -451,20 +171,6 @@ def finetune_denoiser(params: Iterable[torch.Tensor], predict: Predict, schedule
                      mixed_precision=mixed_precision)
 
 
-def _batch_len(cond: Any) -> int:
-    if isinstance(cond, torch.Tensor):
-        return cond.shape[0]
-    if isinstance(cond, dict):
-        return _batch_len(next(iter(cond.values())))
-    return _batch_len(cond[0])
-
-
-def encode_all(encode: Encode, vectors: Sequence[torch.Tensor], num_prompts: int, device=None) -> Any:
-    """Encode every training prompt once (stage 2's cache)."""
-    with torch.no_grad():
-        return detach(encode(list(vectors), torch.arange(num_prompts, device=device)))
-
-
 @dataclass
 class TwoStageResult:
     vectors: list[torch.Tensor]
@@ -517,50 +223,3 @@ def two_stage(init_vectors: Sequence[torch.Tensor], encode: Encode, predict: Pre
             r2 = finetune_denoiser(params, predict, schedule, images, cache, config.stage2, prior_term,
                                    progress(s1), should_cancel, seed + 1, mixed_precision)
     return TwoStageResult(vectors, r1, r2)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# output names
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_name(name: str) -> str:
-    """A file-name stem with no directory parts and nothing a shell or ComfyUI's ``embedding:`` syntax trips on:
-    letters, digits, '.', '_', '-'; no leading dot; at most 100 characters. Raises if nothing usable is left."""
-    base = Path(str(name).replace("\\", "/")).name  # drops any directory part, "../" included
-    if base.lower().endswith(".safetensors"):
-        base = base[: -len(".safetensors")]
-    clean = _UNSAFE.sub("_", base).strip("._-")[:100]
-    if not clean or set(clean) <= {".", "_", "-"}:
-        raise ValueError(f"output name {name!r} has no usable characters; use letters, digits, '.', '_' or '-'")
-    if clean != name:
-        log.info("output name %r sanitised to %r", name, clean)
-    return clean
-
-
-def output_paths(out_dir: str | Path, name: str, kinds: Sequence[str], overwrite: bool = False) -> dict[str, Path]:
-    """Paths of the files a run writes: kind "embedding" -> ``<name>.safetensors`` (the name is what ComfyUI's
-    ``embedding:<name>`` and A1111's prompt word use), others -> ``<name>_<kind>.safetensors``. Refuses existing
-    files unless ``overwrite``; checked before training so a long run never ends in a refusal."""
-    stem = safe_name(name)
-    out_dir = Path(out_dir)
-    paths = {k: out_dir / (f"{stem}.safetensors" if k == "embedding" else f"{stem}_{k}.safetensors") for k in kinds}
-    for p in paths.values():
-        if out_dir.resolve() not in p.resolve().parents:
-            raise ValueError(f"output {p} would leave the output folder {out_dir}")
-        if p.exists() and not overwrite:
-            raise FileExistsError(f"{p} exists; pass --overwrite (overwrite=True) to replace it, or choose another "
-                                  f"--name")
-    return paths
-
-
-def resolve_mixed_precision(choice: str, device: torch.device) -> str:
-    """"auto" -> bf16 on a CUDA device that supports it, else full precision (on CPU bf16 autocast is slower for the
-    toy world's small convolutions than fp32)."""
-    if choice != "auto":
-        return choice
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"

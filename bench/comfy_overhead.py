@@ -80,7 +80,7 @@ def load_pack() -> str:
 
 def worker(a, comfy_path: Path) -> int:
     """Runs inside ComfyUI's python (this file executed as a script)."""
-    sys.path.insert(0, str(PACK_ROOT / "tests" / "comfyui"))
+    sys.path.insert(0, str(PACK_ROOT / "bench" / "comfy"))
     from make_models import UNETS, random_booth, setup_comfy
     from node_runner import pack_modules
 
@@ -95,7 +95,7 @@ def worker(a, comfy_path: Path) -> int:
     import nodes
 
     pack = load_pack()
-    ibm, host = pack_modules(pack, "backend.instantbooth", "nodes.instantbooth_host")
+    ibm, host = pack_modules(pack, "backend.instantbooth", "hosts.comfy.instantbooth")
     apply_node = nodes.NODE_CLASS_MAPPINGS["BoothKitInstantBoothApply"]
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]

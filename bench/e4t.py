@@ -51,10 +51,10 @@ def rss_mb(field: str) -> float:
 def _vision(model_name: str, device):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from ..hosts.loading import load_clip_vision
+    from ..toyworld.scorers import load_clip_vision as toy_clip_vision
 
     if model_name == "toy":
-        return load_clip_vision("toy").to(device)
+        return toy_clip_vision()[0].eval().to(device)
     cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                            image_size=224, patch_size=14, projection_dim=768)
     return CLIPVisionModelWithProjection(cfg).to(device).eval()
@@ -64,8 +64,8 @@ def child(args) -> dict:
     import torch
 
     from ..backend.e4t import E4T
-    from ..hosts.diffusers_tune import default_resolution
-    from ..hosts.loading import default_device
+    from ..hosts.diffusers.common import default_resolution
+    from ..hosts.diffusers.loading import default_device
     from .tune import load_model
 
     if args.threads:
@@ -91,12 +91,12 @@ def child(args) -> dict:
 
     base_rss, base_cuda = in_use()
     if args.child == "e4t":
-        from ..hosts.diffusers_e4t import e4t_tune, new_config
+        from ..hosts.diffusers.e4t import e4t_tune, new_config
 
         vision = _vision(args.model, device)
         e4t = None
         if args.model == "toy":
-            from ..backend.formats import load_e4t
+            from ..backend.e4t import load_e4t
             from ..toyworld import store
 
             try:
@@ -114,9 +114,10 @@ def child(args) -> dict:
         steps = concept.result.steps
     else:
         from ..backend.quicktune import QuickTuneConfig
-        from ..hosts.diffusers_tune import quick_tune
+        from ..toyworld.methods import quicktune_config
+        from ..hosts.diffusers.quicktune import quick_tune
 
-        config = QuickTuneConfig.toy() if args.model == "toy" else QuickTuneConfig.sd()
+        config = quicktune_config() if args.model == "toy" else QuickTuneConfig.sd()
         t0 = time.perf_counter()
         result = quick_tune(model, images, noun, masks=masks, config=config)
         steps = result.stage1.steps + result.stage2.steps

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from diffusers import UNet2DConditionModel
 
     from ..backend.instantbooth import InstantBooth, InstantBoothConfig
-    from ..hosts.diffusers_host import InstantBoothHooks, adapter_layout
+    from ..hosts.diffusers.instantbooth import InstantBoothHooks, adapter_layout
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -38,7 +38,7 @@ def build(tmp):
     """The toy world's base architecture, toy CLIP vision backbone and a 256-image dataset folder."""
     from transformers import CLIPVisionModelWithProjection
 
-    from ..hosts.loading import SDModel
+    from ..hosts.diffusers.loading import SDModel
     from ..toyworld import domain
     from ..toyworld.base import build_base
     from ..toyworld.scorers import clip_config

@@ -84,7 +84,7 @@ def build_sd15(device, resolution: int):
 def load_model(name: str, device, resolution: int | None):
     if name == "sd15":
         return build_sd15(device, resolution or (512 if device.type == "cuda" else 256))
-    from ..hosts.loading import load_sd
+    from ..hosts.diffusers.loading import load_sd
 
     model = load_sd(name) if name != "toy" else _toy()
     for part in model.parts() if hasattr(model, "parts") else [model.unet, model.text_encoder]:
@@ -99,9 +99,9 @@ def _toy():
     from ..toyworld import store
 
     try:
-        from ..hosts.loading import load_sd
+        from ..toyworld.base import load_sd_model
 
-        return load_sd("toy")
+        return load_sd_model()
     except (store.WeightsError, FileNotFoundError):
         from ..toyworld.base import build_base
         from ..toyworld.tokenizer import build_tokenizer
@@ -209,17 +209,18 @@ def interleaved(ref_block, ours_block, warmup: int, blocks: int, block: int, dev
 
 def run(args) -> dict:
     from ..backend import quicktune as qt
+    from ..backend import tune
     from ..backend.lora import LoRA
-    from ..hosts import diffusers_tune as dt
-    from ..hosts.loading import default_device
+    from ..hosts.diffusers import common
+    from ..hosts.diffusers.loading import default_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device(None if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
     model = load_model(args.model, device, args.resolution)
-    res = dt.default_resolution(model)
-    mixed = qt.resolve_mixed_precision(args.mixed_precision, device)
+    res = common.default_resolution(model)
+    mixed = tune.resolve_mixed_precision(args.mixed_precision, device)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
@@ -231,22 +232,22 @@ def run(args) -> dict:
     prompt = "a photo of sks cat"
     tok = model.tokenizer
     init_word = "cat"
-    fill = [dt.word_ids(tok, init_word)]
-    spliced = dt.splice(tok, prompt, "sks", fill[0])
+    fill = [common.word_ids(tok, init_word)]
+    spliced = common.splice(tok, prompt, "sks", fill[0])
     prompt_ids = torch.tensor([spliced.ids], device=device)
-    schedule = dt.schedule_of(model)
+    schedule = common.schedule_of(model)
     rows = {}
 
     # one-time work of ours: latents and prompt encodings
     sync(device)
     t0 = time.perf_counter()
     with autocast():
-        data = dt.cache_images(model, pixels, None, device=device)
+        data = common.cache_images(model, pixels, None, device=device)
     sync(device)
     rows["cache_latents"] = time.perf_counter() - t0
-    encoder = dt.PromptEncoder.spliced(model, [prompt], "sks", fill, res)
+    encoder = common.PromptEncoder.spliced(model, [prompt], "sks", fill, res)
     init = [model.text_encoder.get_input_embeddings().weight[fill[0]].detach().float().clone()]
-    predict = dt.make_predict({"unet": model.unet})
+    predict = common.make_predict({"unet": model.unet})
 
     def batch_of(i):
         idx = torch.randint(0, pixels.shape[0], (args.batch_size,), generator=torch.Generator().manual_seed(i))
@@ -267,7 +268,7 @@ def run(args) -> dict:
         qt.learn_embedding(init, encoder, predict, schedule, data, 1, qt.StageConfig(n, 5e-3, args.batch_size),
                            seed=args.seed + i, mixed_precision=mixed)
 
-    with qt.frozen(model.unet, model.text_encoder):
+    with tune.frozen(model.unet, model.text_encoder):
         t_ref1, t_ours1 = interleaved(reference(ref1), ours1, warmup, blocks, args.block, device)
     del ref1
 
@@ -275,7 +276,7 @@ def run(args) -> dict:
     sync(device)
     t0 = time.perf_counter()
     with autocast():
-        cache = qt.encode_all(encoder, init, 1, device)
+        cache = tune.encode_all(encoder, init, 1, device)
     sync(device)
     rows["cache_prompts"] = time.perf_counter() - t0
     lora_ref = LoRA.for_model(model.unet, rank=args.rank)
@@ -292,7 +293,7 @@ def run(args) -> dict:
                                  qt.StageConfig(n, 1e-4, args.batch_size, 1e-2, 1.0), seed=args.seed + i,
                                  mixed_precision=mixed)
 
-    with qt.frozen(model.unet, model.text_encoder):
+    with tune.frozen(model.unet, model.text_encoder):
         t_ref2, t_ours2 = interleaved(ref2_steps, ours2, warmup, blocks, args.block, device)
 
     med = {k: statistics.median(v) for k, v in (("ref1", t_ref1), ("ours1", t_ours1), ("ref2", t_ref2),

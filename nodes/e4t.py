@@ -17,7 +17,7 @@ E4TType = io.Custom("BOOTHKIT_E4T")
 
 
 def _host():
-    from . import e4t_host
+    from ..hosts.comfy import e4t as e4t_host
 
     return e4t_host
 

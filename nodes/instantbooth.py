@@ -16,7 +16,7 @@ ConceptType = io.Custom("INSTANTBOOTH_CONCEPT")
 
 
 def _host():
-    from . import instantbooth_host
+    from ..hosts.comfy import instantbooth as instantbooth_host
 
     return instantbooth_host
 
@@ -54,7 +54,7 @@ class LoadInstantBooth(io.ComfyNode):
 
     @classmethod
     def execute(cls, instantbooth_name, model=None) -> io.NodeOutput:
-        from ..backend.formats import load_instantbooth
+        from ..backend.instantbooth import load_instantbooth
 
         host = _host()
         path = folder_paths.get_full_path_or_raise(MODEL_FOLDER, instantbooth_name)

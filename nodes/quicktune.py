@@ -24,7 +24,7 @@ def checkpointing_input() -> io.Boolean.Input:
 
 
 def _host():
-    from . import quicktune_host
+    from ..hosts.comfy import quicktune as quicktune_host
 
     return quicktune_host
 
@@ -126,7 +126,7 @@ class SaveConcept(io.ComfyNode):
     def validate_inputs(cls, name=None, overwrite=None) -> bool | str:
         if not isinstance(name, str):  # a linked name is checked when the node runs
             return True
-        from ..backend.quicktune import safe_name
+        from ..backend.files import safe_name
 
         try:
             safe_name(name)

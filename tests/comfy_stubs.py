@@ -167,11 +167,11 @@ def stubbed_comfy(models_dir, folders=()):
         stubs["folder_paths"].add_model_folder_path(name, os.path.join(str(models_dir), name))
     for name, module in stubs.items():
         mp.setitem(sys.modules, name, module)
-    for name in [m for m in sys.modules if m.startswith("boothkit.nodes")]:
+    for name in [m for m in sys.modules if m.startswith(("boothkit.nodes", "boothkit.hosts.comfy"))]:
         mp.delitem(sys.modules, name)
     try:
         yield
     finally:
-        for name in [m for m in sys.modules if m.startswith("boothkit.nodes")]:
+        for name in [m for m in sys.modules if m.startswith(("boothkit.nodes", "boothkit.hosts.comfy"))]:
             del sys.modules[name]
         mp.undo()

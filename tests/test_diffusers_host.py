@@ -3,8 +3,8 @@ import torch
 from tiny_models import tiny_clip_text, tiny_clip_vision, tiny_tokenizer, tiny_unet
 
 from boothkit.backend.instantbooth import InstantBooth, InstantBoothConfig
-from boothkit.hosts.diffusers_host import (InstantBoothHooks, adapter_layout, condition_with_concept, encode_images,
-                                           encode_prompt)
+from boothkit.hosts.diffusers.instantbooth import (InstantBoothHooks, adapter_layout, condition_with_concept,
+                                                   encode_images, encode_prompt)
 
 
 def make_instantbooth(unet, ctx, family="toy", vision=(16, 24, 17), gate=0.0):

@@ -11,9 +11,10 @@ from tiny_models import tiny_clip_vision, tiny_sd_folder
 
 from boothkit.backend.e4t import E4T, E4TConfig, DomainEncoder, WeightOffsets, attention_targets, fix_scales
 from boothkit.backend.embedding import load_embedding
-from boothkit.backend.formats import FormatError, load_e4t, read_safetensors, save_e4t, write_safetensors
-from boothkit.hosts import diffusers_e4t as de
-from boothkit.hosts import diffusers_tune as dt
+from boothkit.backend.files import FormatError, read_safetensors, write_safetensors
+from boothkit.backend.e4t import load_e4t, save_e4t
+from boothkit.hosts.diffusers import e4t as de
+from boothkit.hosts.diffusers import common
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +111,7 @@ def test_comfyui_layer_weight_of_a_plain_layer_is_trainable(tmp_path):
     from comfy_stubs import stubbed_comfy
 
     with stubbed_comfy(tmp_path):
-        from boothkit.nodes.e4t_host import layer_weight
+        from boothkit.hosts.comfy.e4t import layer_weight
     with torch.inference_mode():
         lin = torch.nn.Linear(6, 5)
     c = E4TConfig(family="toy", word_dims=[4], vision_dim=4, vision_layers=[1], unet_dims=[4], targets=["lin"],
@@ -211,7 +212,7 @@ def test_untrained_e4t_is_exactly_the_class_word_prompt(tmp_path):
     cond = host.encode(e4t.vectors([v[None] for v in cv], pred), torch.tensor([0]))
     with e4t.offsets.applied(host.modules):
         out = host.predict(x, t, cond)
-    plain = dt.encode_prompt(model, "a photo of cat cat")
+    plain = common.encode_prompt(model, "a photo of cat cat")
     assert torch.equal(cond, plain)
     assert torch.equal(out, model.unet(x, t, encoder_hidden_states=plain).sample)
 
@@ -252,7 +253,7 @@ def test_tune_leaves_the_model_untouched_and_files_round_trip(tmp_path, modulati
 
     # sampling with the concept: offsets only inside, the model itself unchanged after
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
-    cond = dt.encode_prompt(model, "a photo of sks cat", concept.embedding)
+    cond = common.encode_prompt(model, "a photo of sks cat", concept.embedding)
     with concept.applied(model) as unet:
         with_offsets = unet(x, t, encoder_hidden_states=cond).sample
     assert not torch.equal(with_offsets, model.unet(x, t, encoder_hidden_states=cond).sample)
@@ -428,8 +429,8 @@ def tiny_training_world(tmp_path):
 
 
 def test_train_two_steps_writes_the_file_tune_loads(tmp_path):
-    from boothkit.training.cli import main as train_main
-    from boothkit.training.tune_cli import main as tune_main
+    from boothkit.commands.train import main as train_main
+    from boothkit.commands.tune import main as tune_main
 
     sd, data, val = tiny_training_world(tmp_path)
     cfg = tmp_path / "e4t.toml"
@@ -502,7 +503,7 @@ def test_tune_cli_on_the_toy_world_with_the_shipped_file(tmp_path, capsys):
     """`boothkit tune --method e4t --image FILE` with its defaults: the toy base and its shipped, verified E4T file."""
     from boothkit.backend.imageio import save_png
     from boothkit.toyworld import domain
-    from boothkit.training.tune_cli import main as tune_main
+    from boothkit.commands.tune import main as tune_main
 
     sample = domain.identity_renders(domain.identities("heldout")[0], 1, 0)[0]
     save_png(sample.image, tmp_path / "subject.png")
@@ -520,7 +521,7 @@ def test_tune_cli_on_the_toy_world_with_the_shipped_file(tmp_path, capsys):
 def test_validation_compares_with_the_base_model_on_the_same_draws(tmp_path):
     """Untrained, E4T's validation loss is the base model's exactly; once the offsets move, only E4T's changes, and
     the training offsets are back in place afterwards."""
-    from boothkit.hosts.loading import load_sd
+    from boothkit.hosts.diffusers.loading import load_sd
     from boothkit.training.data import FolderDataset
     from boothkit.training.e4t import E4TSettings, E4TTraining
 
@@ -601,7 +602,7 @@ def test_reg_background_holds_the_background_to_the_base_model(tmp_path):
 
 
 def test_reg_background_needs_the_masked_loss(tmp_path):
-    from boothkit.hosts.loading import load_sd
+    from boothkit.hosts.diffusers.loading import load_sd
     from boothkit.training.data import FolderDataset
     from boothkit.training.e4t import E4TSettings, E4TTraining
 
@@ -619,7 +620,7 @@ def test_the_sd15_recipe_runs_on_tiny_models(tmp_path):
     models with only its paths and sizes overridden; its method settings reach the file."""
     from pathlib import Path
 
-    from boothkit.training.cli import main as train_main
+    from boothkit.commands.train import main as train_main
 
     sd, data, val = tiny_training_world(tmp_path)
     recipe = Path(__file__).parents[1] / "training" / "configs" / "e4t_sd15.toml"

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from boothkit.backend.embedding import Embedding, load_embedding, save_embedding
-from boothkit.backend.formats import FormatError, read_safetensors, write_safetensors
+from boothkit.backend.files import FormatError, read_safetensors, write_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 
-from boothkit.backend import formats
-from boothkit.backend.formats import FormatError, load_instantbooth, read_safetensors, save_instantbooth
+from boothkit.backend import files as formats
+from boothkit.backend import instantbooth
+from boothkit.backend.files import FormatError, read_safetensors
+from boothkit.backend.instantbooth import load_instantbooth, save_instantbooth
 from boothkit.backend.instantbooth import AdapterLayout, InstantBooth, InstantBoothConfig
 
 
@@ -37,7 +39,7 @@ def test_round_trip_tensors_and_metadata(tmp_path):
 def rewrite(tmp_path, **changes):
     ib = make()
     tensors = ib.state_dict()
-    meta = formats.instantbooth_metadata(ib.config)
+    meta = instantbooth.instantbooth_metadata(ib.config)
     for k, v in changes.items():
         if v is None:
             meta.pop(k)
@@ -77,7 +79,7 @@ def test_family_and_width_of_the_target_model_are_checked(tmp_path):
 
 def test_tensor_mismatches(tmp_path):
     ib = make()
-    meta = formats.instantbooth_metadata(ib.config)
+    meta = instantbooth.instantbooth_metadata(ib.config)
     sd = ib.state_dict()
     missing = dict(sd)
     missing.pop("adapters.1.gate")

@@ -3,7 +3,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from tiny_models import tiny_clip_vision, tiny_sd_folder, write_image_folder
 
-from boothkit.hosts.loading import load_sd
+from boothkit.hosts.diffusers.loading import load_sd
 from boothkit.training.data import FolderDataset
 from boothkit.training.e4t import E4TSettings, E4TTraining
 from boothkit.training.frozen import attention_kind

@@ -4,11 +4,11 @@ import torch
 from PIL import Image
 from tiny_models import tiny_clip_vision, tiny_sd_folder, write_image_folder
 
-from boothkit.backend.formats import save_instantbooth
+from boothkit.backend.instantbooth import save_instantbooth
 from boothkit.backend.instantbooth import InstantBooth, InstantBoothConfig
-from boothkit.hosts.diffusers_host import adapter_layout
-from boothkit.hosts.generate import main as generate
-from boothkit.hosts.loading import load_sd
+from boothkit.hosts.diffusers.instantbooth import adapter_layout
+from boothkit.commands.generate import main as generate
+from boothkit.hosts.diffusers.loading import load_sd
 
 
 @pytest.mark.parametrize("with_vae", [True, False])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from boothkit.backend.identifier import (class_nouns_for, find_identifier_rows, inject_concept, insert_identifier)
+from boothkit.backend.identifier import class_nouns_for, find_identifier_rows, inject_concept, insert_identifier
 
 
 def test_insert_before_class_noun():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_unet
 
-from boothkit.backend.formats import FormatError, read_safetensors
+from boothkit.backend.files import FormatError, read_safetensors
 from boothkit.backend.lora import LoRA, find_targets, kohya_name, load_lora, save_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,7 +131,7 @@ def test_refusals(tmp_path):
         with lora.attach(other):
             pass
     tensors, meta = read_safetensors(path)
-    from boothkit.backend.formats import write_safetensors
+    from boothkit.backend.files import write_safetensors
 
     write_safetensors(tmp_path / "b.safetensors", tensors, {**meta, "format": "boothkit.instantbooth"})
     with pytest.raises(FormatError, match="b.safetensors: metadata field 'format' is 'boothkit.instantbooth'"):

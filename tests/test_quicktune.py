@@ -8,10 +8,14 @@ from PIL import Image
 from tiny_models import tiny_clip_text, tiny_sd_folder, tiny_tokenizer, tiny_unet, tiny_vae
 
 from boothkit.backend import quicktune as qt
+from boothkit.backend import files
+from boothkit.backend import tune
 from boothkit.backend.embedding import load_embedding
-from boothkit.backend.formats import read_safetensors
+from boothkit.backend.files import read_safetensors
 from boothkit.backend.lora import load_lora
-from boothkit.hosts import diffusers_tune as dt
+from boothkit.hosts.diffusers import quicktune as dt
+from boothkit.toyworld.methods import quicktune_config
+from boothkit.hosts.diffusers import common
 
 WORDS = ("a", "photo", "of", "sks", "cat", "dog", "rare", "on", "the", "beach")
 
@@ -52,7 +56,7 @@ def make_sdxl(tmp_path):
                             tokenizer_2=tok, vae=None, scheduler=DDPMScheduler(num_train_timesteps=100), family="sdxl")
     # transformers installs its own (inert) output-capturing hooks at the first output_hidden_states call, as in any
     # SDXL pipeline; make that happen before the snapshot so the hook check sees only ours
-    dt.encode_prompt(model, "a photo of cat", resolution=16)
+    common.encode_prompt(model, "a photo of cat", resolution=16)
     return model
 
 
@@ -84,7 +88,7 @@ def images(n=3, size=16):
 
 
 def tiny_config(s1=3, s2=3, **kw):
-    return qt.QuickTuneConfig.toy(stage1=qt.StageConfig(s1, 1e-2, 2), stage2=qt.StageConfig(s2, 1e-3, 2), **kw)
+    return quicktune_config(stage1=qt.StageConfig(s1, 1e-2, 2), stage2=qt.StageConfig(s2, 1e-3, 2), **kw)
 
 
 # ---------------------------------------------------------------------------------------------------- tune loop
@@ -102,14 +106,14 @@ class GradBomb(torch.autograd.Function):
 
 def test_tune_loop_optimises_cancels_and_guards_nan():
     p = torch.zeros(3, requires_grad=True)
-    r = qt.tune_loop([p], lambda step: ((p - 3) ** 2).sum(), 200, 0.1)
+    r = tune.tune_loop([p], lambda step: ((p - 3) ** 2).sum(), 200, 0.1)
     assert r.ok and r.steps == 200 and torch.allclose(p, torch.full((3,), 3.0), atol=1e-2)
 
     asked = []
     p = torch.zeros(3, requires_grad=True)
-    r = qt.tune_loop([p], lambda step: ((p - 3) ** 2).sum(), 50, 0.1, should_cancel=lambda: len(asked.append(0) or
+    r = tune.tune_loop([p], lambda step: ((p - 3) ** 2).sum(), 50, 0.1, should_cancel=lambda: len(asked.append(0) or
                                                                                                  asked) > 4)
-    assert r.status == qt.CANCELLED and r.steps == 4 and len(r.losses) == 4
+    assert r.status == tune.CANCELLED and r.steps == 4 and len(r.losses) == 4
 
     for bad in ("loss", "grad"):
         p = torch.zeros(3, requires_grad=True)
@@ -120,8 +124,8 @@ def test_tune_loop_optimises_cancels_and_guards_nan():
                 return p.sum() * float("nan") if bad == "loss" else GradBomb.apply(p)
             return ((p - 3) ** 2).sum()
 
-        r = qt.tune_loop([p], loss_fn, 50, 0.1, on_progress=lambda done, n, loss: seen.append(p.detach().clone()))
-        assert r.status == qt.NAN and r.steps == 5, r
+        r = tune.tune_loop([p], loss_fn, 50, 0.1, on_progress=lambda done, n, loss: seen.append(p.detach().clone()))
+        assert r.status == tune.NAN and r.steps == 5, r
         assert torch.equal(p.detach(), seen[-1]), "the parameters keep the state after the last good step"
         assert torch.isfinite(p).all()
 
@@ -129,7 +133,7 @@ def test_tune_loop_optimises_cancels_and_guards_nan():
 def test_tune_loop_param_groups_keep_their_own_rates():
     """A first Adam step moves every parameter by about its group's rate; plain tensors take ``lr``."""
     a, b, c = (torch.zeros(4, requires_grad=True) for _ in range(3))
-    r = qt.tune_loop(iter([{"params": [a], "lr": 1e-1}, {"params": [b], "lr": 1e-4}, c]),
+    r = tune.tune_loop(iter([{"params": [a], "lr": 1e-1}, {"params": [b], "lr": 1e-4}, c]),
                      lambda step: ((a - 3) ** 2).sum() + ((b - 3) ** 2).sum() + ((c - 3) ** 2).sum(), 1, 1e-2)
     assert r.ok
     torch.testing.assert_close(a.detach(), torch.full((4,), 1e-1))
@@ -140,15 +144,15 @@ def test_tune_loop_param_groups_keep_their_own_rates():
 def test_tune_loop_rejects_bad_arguments():
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match="learning rate"):
-        qt.tune_loop([p], lambda s: p.sum(), 3, float("nan"))
+        tune.tune_loop([p], lambda s: p.sum(), 3, float("nan"))
     with pytest.raises(ValueError, match="requires_grad"):
-        qt.tune_loop([torch.zeros(3)], lambda s: p.sum(), 3, 0.1)
-    r = qt.tune_loop([p], lambda s: (p ** 2).sum(), 2, 0.1, mixed_precision="bf16")
+        tune.tune_loop([torch.zeros(3)], lambda s: p.sum(), 3, 0.1)
+    r = tune.tune_loop([p], lambda s: (p ** 2).sum(), 2, 0.1, mixed_precision="bf16")
     assert r.ok and p.dtype == torch.float32
 
 
 def test_masked_loss_ignores_the_background():
-    sched = qt.NoiseSchedule(torch.linspace(0.99, 0.1, 50))
+    sched = tune.NoiseSchedule(torch.linspace(0.99, 0.1, 50))
     x0 = torch.randn(2, 3, 8, 8)
     masks = torch.zeros(2, 1, 8, 8)
     masks[:, :, 2:6, 2:6] = 1
@@ -159,10 +163,10 @@ def test_masked_loss_ignores_the_background():
     def predict(x, t, cond):  # exact inside the mask, garbage outside
         return torch.where(masks.bool(), noise, torch.full_like(x, 7.0))
 
-    loss = qt.denoising_loss(predict, sched, x0, None, masks, g)
+    loss = tune.denoising_loss(predict, sched, x0, None, masks, g)
     assert torch.allclose(loss, torch.zeros(2), atol=1e-6)
     g.manual_seed(0)
-    assert qt.denoising_loss(predict, sched, x0, None, None, g).min() > 1.0
+    assert tune.denoising_loss(predict, sched, x0, None, None, g).min() > 1.0
 
 
 # ---------------------------------------------------------------------------------------------- diffusers host
@@ -170,23 +174,23 @@ def test_masked_loss_ignores_the_background():
 
 def test_splice_matches_the_tokenizer(tmp_path):
     tok = tiny_tokenizer(tmp_path / "tok", WORDS)
-    rare = dt.word_ids(tok, "rare")
-    s = dt.splice(tok, "a photo of sks cat", "sks", rare)
+    rare = common.word_ids(tok, "rare")
+    s = common.splice(tok, "a photo of sks cat", "sks", rare)
     assert s.ids == tok("a photo of rare cat", padding="max_length", max_length=77).input_ids
     assert s.rows == [4]
-    two = dt.word_ids(tok, "the beach")
-    s2 = dt.splice(tok, "sks on the beach, a sks", "sks", two)
+    two = common.word_ids(tok, "the beach")
+    s2 = common.splice(tok, "sks on the beach, a sks", "sks", two)
     assert s2.rows == [1, 2, 8, 9] and [s2.ids[r] for r in s2.rows] == two * 2
     with pytest.raises(ValueError, match="does not contain the identifier 'sks'"):
-        dt.splice(tok, "a photo of a cat", "sks", rare)
+        common.splice(tok, "a photo of a cat", "sks", rare)
 
 
 def test_stage1_gradients_reach_only_the_new_vectors(tmp_path):
     model = make_model(tmp_path)
     snap = snapshot(model)
-    init = model.text_encoder.get_input_embeddings().weight[dt.word_ids(model.tokenizer, "rare")].detach().clone()
+    init = model.text_encoder.get_input_embeddings().weight[common.word_ids(model.tokenizer, "rare")].detach().clone()
     res = dt.quick_tune(model, images(), "cat", config=tiny_config(4, 0), stage2=False)
-    assert res.status == qt.DONE and res.stage1.steps == 4 and res.lora is None
+    assert res.status == tune.DONE and res.stage1.steps == 4 and res.lora is None
     assert res.embedding.init_word == "rare" and res.embedding.vectors["emb_params"].shape == (1, 32)
     assert not torch.equal(res.embedding.vectors["emb_params"], init), "stage 1 must move the identifier's vector"
     assert_untouched(model, snap)  # the whole vocabulary (and every other weight) bit-identical
@@ -198,13 +202,13 @@ def test_two_stages_leave_the_model_untouched_and_files_round_trip(tmp_path):
     steps = []
     res = dt.quick_tune(model, images(3, 32), "cat", config=tiny_config(3, 3),
                         on_progress=lambda done, n, loss: steps.append((done, n)))
-    assert res.status == qt.DONE and steps == [(i, 6) for i in range(1, 7)]
+    assert res.status == tune.DONE and steps == [(i, 6) for i in range(1, 7)]
     assert res.lora is not None and res.stage2.steps == 3
     assert_untouched(model, snap)
 
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([50])
-    cond = dt.encode_prompt(model, "a photo of sks cat", res.embedding)
-    plain = dt.encode_prompt(model, "a photo of sks cat")
+    cond = common.encode_prompt(model, "a photo of sks cat", res.embedding)
+    plain = common.encode_prompt(model, "a photo of sks cat")
     assert not torch.allclose(cond, plain), "the learned vector changes the conditioning"
     with torch.no_grad():
         base = model.unet(x, t, encoder_hidden_states=cond).sample
@@ -219,7 +223,7 @@ def test_two_stages_leave_the_model_untouched_and_files_round_trip(tmp_path):
     with pytest.raises(FileExistsError):
         res.save(tmp_path / "out", name="my subject")
     emb = load_embedding(paths["embedding"], family="toy", widths={"emb_params": 32})
-    assert torch.equal(dt.encode_prompt(model, "a photo of sks cat", emb), cond)
+    assert torch.equal(common.encode_prompt(model, "a photo of sks cat", emb), cond)
     lora = load_lora(paths["lora"], family="toy")
     with torch.no_grad(), dt.tuned(model, lora=lora.lora) as unet:
         assert torch.equal(unet(x, t, encoder_hidden_states=cond).sample, tuned)
@@ -249,17 +253,17 @@ def test_cancel_stops_within_a_step_and_leaves_the_model_untouched(tmp_path):
     calls = []
     res = dt.quick_tune(model, images(), "cat", config=tiny_config(3, 10),
                         should_cancel=lambda: len(calls.append(0) or calls) > 5)
-    assert res.status == qt.CANCELLED and res.stage1.steps == 3 and res.stage2.steps == 2
+    assert res.status == tune.CANCELLED and res.stage1.steps == 3 and res.stage2.steps == 2
     assert_untouched(model, snap)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_vectors(tmp_path):
     model = make_model(tmp_path)
     snap = snapshot(model)
-    slots = dt.text_slots(model)
-    fill = [dt.word_ids(model.tokenizer, "rare")]
-    enc = dt.PromptEncoder.spliced(model, ["a photo of sks cat"], "sks", fill)
-    good = dt.make_predict({"unet": model.unet})
+    slots = common.text_slots(model)
+    fill = [common.word_ids(model.tokenizer, "rare")]
+    enc = common.PromptEncoder.spliced(model, ["a photo of sks cat"], "sks", fill)
+    good = common.make_predict({"unet": model.unet})
     calls = []
 
     def predict(x, t, cond):
@@ -269,11 +273,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_vectors(tmp_path):
 
     seen = []
     init = [slots[0].text_encoder.get_input_embeddings().weight[fill[0]].detach().clone()]
-    data = dt.cache_images(model, torch.stack(images()))
-    with qt.frozen(model.unet, model.text_encoder):
-        vectors, r = qt.learn_embedding(init, enc, predict, dt.schedule_of(model), data, 1,
+    data = common.cache_images(model, torch.stack(images()))
+    with tune.frozen(model.unet, model.text_encoder):
+        vectors, r = qt.learn_embedding(init, enc, predict, common.schedule_of(model), data, 1,
                                         qt.StageConfig(10, 1e-2, 2), on_progress=lambda done, n, loss: seen.append(0))
-    assert r.status == qt.NAN and r.steps == 3 and "step 4" in r.message
+    assert r.status == tune.NAN and r.steps == 3 and "step 4" in r.message
     assert torch.isfinite(vectors[0]).all() and not torch.equal(vectors[0], init[0])
     assert_untouched(model, snap)
 
@@ -282,13 +286,13 @@ def test_sdxl_learns_both_embeddings(tmp_path):
     model = make_sdxl(tmp_path)
     snap = snapshot(model)
     res = dt.quick_tune(model, images(), "cat", config=tiny_config(2, 1), resolution=16)
-    assert res.status == qt.DONE
+    assert res.status == tune.DONE
     e = res.embedding
     assert set(e.vectors) == {"clip_l", "clip_g"} and e.widths() == {"clip_l": 32, "clip_g": 48}
     for key, te in (("clip_l", model.text_encoder), ("clip_g", model.text_encoder_2)):
-        init = te.get_input_embeddings().weight[dt.word_ids(model.tokenizer, "rare")]
+        init = te.get_input_embeddings().weight[common.word_ids(model.tokenizer, "rare")]
         assert not torch.equal(e.vectors[key], init.detach()), f"{key} did not learn"
-    cond = dt.encode_prompt(model, "a photo of sks cat", e, resolution=16)
+    cond = common.encode_prompt(model, "a photo of sks cat", e, resolution=16)
     assert cond["encoder_hidden_states"].shape == (1, 77, 80) and cond["text_embeds"].shape == (1, 16)
     assert_untouched(model, snap)
 
@@ -299,17 +303,17 @@ def test_multi_token_init_word_gives_a_multi_vector_embedding(tmp_path, caplog):
         res = dt.quick_tune(model, images(), "cat", init_word="the beach", config=tiny_config(1, 0), stage2=False)
     assert res.embedding.num_vectors == 2 and "2 vectors" in caplog.text
     res2 = dt.quick_tune(model, images(), "cat", identifier="zq-9", config=tiny_config(1, 1))
-    assert res2.status == qt.DONE and res2.embedding.identifier == "zq-9"
+    assert res2.status == tune.DONE and res2.embedding.identifier == "zq-9"
 
 
 def test_stage2_alone_is_dreambooth_style(tmp_path):
     model = make_model(tmp_path)
     res = dt.quick_tune(model, images(), "cat", config=tiny_config(3, 2), stage1=False)
-    own = model.text_encoder.get_input_embeddings().weight[dt.word_ids(model.tokenizer, "sks")]
+    own = model.text_encoder.get_input_embeddings().weight[common.word_ids(model.tokenizer, "sks")]
     assert res.stage1 is None and torch.equal(res.embedding.vectors["emb_params"], own.detach())
     # the spliced prompt is then exactly the prompt as the tokenizer reads it
-    assert torch.equal(dt.encode_prompt(model, "a photo of sks cat", res.embedding),
-                       dt.encode_prompt(model, "a photo of sks cat"))
+    assert torch.equal(common.encode_prompt(model, "a photo of sks cat", res.embedding),
+                       common.encode_prompt(model, "a photo of sks cat"))
 
 
 def test_full_fine_tune_works_on_a_copy(tmp_path):
@@ -330,7 +334,7 @@ def test_prior_preservation_and_masks_run(tmp_path):
     masks = [torch.ones(1, 16, 16) for _ in range(3)]
     masks[0][:, :8] = 0
     res = dt.quick_tune(model, images(), "cat", masks=masks, class_images=images(2), config=tiny_config(1, 2))
-    assert res.status == qt.DONE and res.training["num_class_images"] == 2 and res.training["masked_loss"]
+    assert res.status == tune.DONE and res.training["num_class_images"] == 2 and res.training["masked_loss"]
 
 
 def test_bad_input_is_reported(tmp_path, caplog):
@@ -347,19 +351,19 @@ def test_bad_input_is_reported(tmp_path, caplog):
         dt.quick_tune(model, images(), "cat", masks=[torch.ones(1, 16, 16)] * 2, config=tiny_config())
     with caplog.at_level(logging.INFO):
         res = dt.quick_tune(model, images(2) + [torch.rand(3, 20, 28)], "cat", config=tiny_config(1, 0), stage2=False)
-    assert res.status == qt.DONE and "20x28 to 16x16" in caplog.text
+    assert res.status == tune.DONE and "20x28 to 16x16" in caplog.text
 
 
 def test_output_names_are_sanitised(tmp_path):
-    assert qt.safe_name("../../etc/passwd") == "passwd"
-    assert qt.safe_name("my cat (v2).safetensors") == "my_cat_v2"
-    assert qt.safe_name("..hidden") == "hidden"
+    assert files.safe_name("../../etc/passwd") == "passwd"
+    assert files.safe_name("my cat (v2).safetensors") == "my_cat_v2"
+    assert files.safe_name("..hidden") == "hidden"
     with pytest.raises(ValueError, match="no usable characters"):
-        qt.safe_name("../..")
+        files.safe_name("../..")
     (tmp_path / "x.safetensors").write_bytes(b"")
     with pytest.raises(FileExistsError):
-        qt.output_paths(tmp_path, "x", ["embedding"])
-    paths = qt.output_paths(tmp_path, "x", ["embedding", "lora"], overwrite=True)
+        files.output_paths(tmp_path, "x", ["embedding"])
+    paths = files.output_paths(tmp_path, "x", ["embedding", "lora"], overwrite=True)
     assert paths["lora"] == tmp_path / "x_lora.safetensors"
 
 
@@ -375,7 +379,7 @@ def write_images(folder, n=3, size=32):
 
 
 def test_cli_writes_both_files_and_refuses_to_overwrite(tmp_path, capsys):
-    from boothkit.training.tune_cli import main
+    from boothkit.commands.tune import main
 
     sd = tiny_sd_folder(tmp_path / "sd")
     imgs = write_images(tmp_path / "imgs")

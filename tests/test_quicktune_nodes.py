@@ -16,7 +16,7 @@ from torch import nn
 
 from boothkit.backend import quicktune as qt
 from boothkit.backend.embedding import Embedding, embedding_metadata, load_embedding
-from boothkit.backend.formats import read_safetensors
+from boothkit.backend.files import read_safetensors
 from boothkit.backend.identifier import DEFAULT_IDENTIFIER
 from boothkit.backend.lora import LoRA, LoRATensors, kohya_hashes, load_lora, lora_tensors
 
@@ -35,9 +35,10 @@ def pack(models_dir):
     with stubbed_comfy(models_dir, folders=("embeddings", "loras")):
         import boothkit.nodes as nodes
         import boothkit.nodes.quicktune as qt_nodes
-        import boothkit.nodes.quicktune_host as host
+        import boothkit.hosts.comfy.common as common
+        import boothkit.hosts.comfy.quicktune as host
 
-        yield nodes, qt_nodes, host
+        yield nodes, qt_nodes, host, common
 
 
 def inputs_of(schema):
@@ -49,7 +50,7 @@ def inputs_of(schema):
 
 
 def test_both_nodes_are_listed_with_their_ids(pack):
-    nodes, qt_nodes, _ = pack
+    nodes, qt_nodes, _, _ = pack
     listed = nodes.node_list()
     assert qt_nodes.NODES == [qt_nodes.QuickTuneConcept, qt_nodes.SaveConcept]
     assert all(cls in listed for cls in qt_nodes.NODES)
@@ -62,7 +63,7 @@ def test_both_nodes_are_listed_with_their_ids(pack):
 
 
 def test_quick_tune_inputs_outputs_and_types(pack):
-    _, qt_nodes, _ = pack
+    _, qt_nodes, _, _ = pack
     s = qt_nodes.QuickTuneConcept.define_schema()
     assert [(i.id, i.io_type, i.optional) for i in s.inputs] == [
         ("model", "MODEL", False), ("clip", "CLIP", False), ("vae", "VAE", False), ("images", "IMAGE", False),
@@ -76,7 +77,7 @@ def test_quick_tune_inputs_outputs_and_types(pack):
 
 def test_quick_tune_defaults_are_the_backends(pack):
     """The widgets' defaults are QuickTuneConfig.sd() (kept out of the schema so ComfyUI starts without torch)."""
-    _, qt_nodes, _ = pack
+    _, qt_nodes, _, _ = pack
     i = {k: v.kwargs for k, v in inputs_of(qt_nodes.QuickTuneConcept.define_schema()).items()}
     sd = qt.QuickTuneConfig.sd()
     assert (i["embedding_steps"]["default"], i["embedding_lr"]["default"]) == (sd.stage1.steps, sd.stage1.lr)
@@ -90,7 +91,7 @@ def test_quick_tune_defaults_are_the_backends(pack):
 
 
 def test_save_concept_schema_and_name_validation(pack):
-    _, qt_nodes, _ = pack
+    _, qt_nodes, _, _ = pack
     s = qt_nodes.SaveConcept.define_schema()
     i = inputs_of(s)
     assert s.is_output_node
@@ -145,7 +146,7 @@ def concept(seed=0) -> tuple[Embedding, LoRATensors]:
 
 
 def test_save_concept_writes_files_the_backend_loaders_read(pack, models_dir):
-    _, qt_nodes, _ = pack
+    _, qt_nodes, _, _ = pack
     e, lora = concept()
     out = qt_nodes.SaveConcept.execute(name="my cat", overwrite=False, embedding=e, lora=lora)
     emb_path = models_dir / "embeddings" / "my_cat.safetensors"
@@ -164,7 +165,7 @@ def test_save_concept_writes_files_the_backend_loaders_read(pack, models_dir):
 
 
 def test_save_concept_refuses_to_overwrite_unless_told(pack, tmp_path):
-    _, _, host = pack
+    _, _, host, _ = pack
     e, lora = concept()
     emb_dir, lora_dir = tmp_path / "embeddings", tmp_path / "loras"
     host.save_concept(None, lora, "subject", False, emb_dir, lora_dir)  # only the LoRA exists now
@@ -185,14 +186,14 @@ def test_save_concept_refuses_to_overwrite_unless_told(pack, tmp_path):
 @pytest.mark.parametrize("name, stem", [("../../etc/passwd", "passwd"), ("my cat!", "my_cat"),
                                         ("C:\\Users\\x\\sks.safetensors", "sks"), (".hidden", "hidden")])
 def test_save_concept_sanitises_names(pack, tmp_path, name, stem):
-    _, _, host = pack
+    _, _, host, _ = pack
     e, _ = concept()
     (path,) = host.save_concept(e, None, name, False, tmp_path / "emb", tmp_path / "lora")
     assert path == tmp_path / "emb" / f"{stem}.safetensors" and path.is_file()
 
 
 def test_save_concept_reports_nothing_or_wrong_inputs(pack, tmp_path):
-    _, _, host = pack
+    _, _, host, _ = pack
     with pytest.raises(ValueError, match="nothing to save"):
         host.save_concept(None, None, "x", False, tmp_path, tmp_path)
     with pytest.raises(TypeError, match="BoothKit LoRA"):
@@ -223,7 +224,7 @@ def test_lora_tensors_rename_layers_and_hash_the_final_file(tmp_path):
 
 
 def test_images_are_squared_with_a_note_and_masks_follow(pack):
-    _, _, host = pack
+    _, _, _, host = pack
     images = torch.rand(2, 40, 60, 3)
     masks = torch.zeros(1, 20, 30)
     masks[0, 5:15, 10:20] = 1  # one mask for both images, at another size
@@ -236,7 +237,7 @@ def test_images_are_squared_with_a_note_and_masks_follow(pack):
 
 
 def test_image_and_mask_errors_are_clear(pack):
-    _, _, host = pack
+    _, _, _, host = pack
     with pytest.raises(ValueError, match="no images"):
         host.prepare(torch.zeros(0, 64, 64, 3), None, 64)
     with pytest.raises(ValueError, match=r"IMAGE batch \[N, H, W, 3\]"):
@@ -289,7 +290,7 @@ class FakeClip:
 
 
 def test_text_slots_follow_the_family_and_check_widths(pack):
-    _, _, host = pack
+    _, _, _, host = pack
     (slot,) = host.text_slots(FakeClip(), "sd1")
     assert (slot.key, slot.comfy_key, slot.weight_key, slot.width) == \
         ("emb_params", "l", "clip_l.transformer.token_embedding.weight", 8)
@@ -304,7 +305,7 @@ def test_text_slots_follow_the_family_and_check_widths(pack):
 
 
 def test_identifier_and_init_word_must_be_one_token(pack):
-    _, _, host = pack
+    _, _, _, host = pack
     clip = FakeClip((("g", 12), ("l", 8)))
     slots = host.text_slots(clip, "sdxl")
     assert host.token_ids(clip, slots, "sks", "identifier") == [7, 7]
@@ -315,7 +316,7 @@ def test_identifier_and_init_word_must_be_one_token(pack):
 
 
 def test_returned_clip_is_a_clone_with_one_row_set(pack):
-    _, _, host = pack
+    _, _, _, host = pack
     clip = FakeClip((("g", 12), ("l", 8)))
     slots = host.text_slots(clip, "sdxl")
     vectors = [torch.randn(1, 8), torch.randn(1, 12)]
@@ -328,7 +329,7 @@ def test_returned_clip_is_a_clone_with_one_row_set(pack):
 
 
 def test_prompt_encoder_puts_the_vectors_in_the_identifiers_place(pack):
-    _, _, host = pack
+    _, _, _, host = pack
     clip = FakeClip()
     slots = host.text_slots(clip, "sd1")
     enc = host.PromptEncoder(clip, slots, ["a sks cat"], "sks", [7])
@@ -359,7 +360,7 @@ class CastLinear(nn.Linear):
 
 
 def test_trainable_lets_autograd_use_inference_mode_weights_and_puts_everything_back(pack):
-    _, _, host = pack
+    _, _, _, host = pack
     with torch.inference_mode():  # ComfyUI's executor loads checkpoints like this
         layer = CastLinear(4, 4)
     x = torch.randn(2, 4, requires_grad=True)
@@ -381,7 +382,7 @@ def test_trainable_lets_autograd_use_inference_mode_weights_and_puts_everything_
 
 
 def test_frozen_sets_back_requires_grad_of_inference_tensors(pack):
-    _, _, host = pack
+    _, _, _, host = pack
     with torch.inference_mode():
         layer = nn.Linear(3, 3)
     assert layer.weight.requires_grad and layer.weight.is_inference()
@@ -393,7 +394,7 @@ def test_frozen_sets_back_requires_grad_of_inference_tensors(pack):
 def test_saved_copies_make_in_place_residuals_differentiable(pack):
     """ComfyUI's CLIP layers do ``x += attn(norm(x))``; with saved tensors copied, the gradient is the out-of-place
     one."""
-    _, _, host = pack
+    _, _, _, host = pack
     norm = nn.LayerNorm(6)
     v = torch.randn(3, 6, requires_grad=True)
 
@@ -417,6 +418,6 @@ def test_saved_copies_make_in_place_residuals_differentiable(pack):
 
 
 def test_lora_layer_names_from_file_keys(pack):
-    _, _, host = pack
+    _, _, _, host = pack
     assert host.lora_layers(["lora_unet_a.lora_down.weight", "lora_unet_a.alpha", "lora_unet_b.diff",
                              "lora_unet_c.lora_up.weight"]) == {"lora_unet_a", "lora_unet_b", "lora_unet_c"}

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from boothkit.backend.formats import read_metadata
+from boothkit.backend.files import read_metadata
 from boothkit.toyworld import base as tb
 from boothkit.toyworld import store
-from boothkit.training import train_toy_base as ttb
+from boothkit.toyworld import train_base as ttb
 
 
 def _run(tmp_path, *extra):
@@ -63,7 +63,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
 
 def test_load_base_rejects_wrong_metadata(tmp_path):
     _run(tmp_path, "--steps", "1")
-    from boothkit.backend.formats import read_safetensors, write_safetensors
+    from boothkit.backend.files import read_safetensors, write_safetensors
     path = tmp_path / "w/base" / tb.TEXT_ENCODER_FILE
     tensors, meta = read_safetensors(path)
     write_safetensors(path, tensors, {**meta, "component": "unet"})

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from boothkit.toyworld import scorers as sc
 from boothkit.toyworld import store
-from boothkit.training import train_toy_scorers as tts
+from boothkit.toyworld import train_scorers as tts
 
 TINY_ARGS = ["--tiny", "--renders-per-identity", "2", "--identity-steps", "2", "--clip-steps", "2", "--identity-batch",
              "8", "--clip-identities", "4", "--validate-identities", "3", "--log-every", "1", "--checkpoint-every", "1"]
@@ -242,7 +242,7 @@ def test_two_step_training_writes_loadable_files(tmp_path, restore_threads):
     assert set(manifest) >= {"identity.safetensors", "clip/config.json", "clip/model.safetensors",
                              "clip/preprocessor_config.json", "clip/tokenizer_config.json"}
     assert manifest["identity.safetensors"]["reproduce"] == (
-        "python -m boothkit.training.train_toy_scorers " + " ".join(argv))
+        "python -m boothkit.toyworld.train_scorers " + " ".join(argv))
     with safe_open(str(out / "identity.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == sc.IDENTITY_FORMAT and meta["steps"] == "2" and "validation" in meta

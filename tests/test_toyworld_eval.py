@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from boothkit.toyworld import domain
-from boothkit.toyworld.evaluate import eval_contexts, main as eval_main, make_subjects, prompts_for, to_markdown
+from boothkit.commands.eval import main as eval_main
+from boothkit.toyworld.evaluate import eval_contexts, make_subjects, prompts_for, to_markdown
 
 
 def test_subjects_are_held_out_and_deterministic():
@@ -116,7 +117,7 @@ def test_demo_writes_the_grid(tmp_path, capsys):
     """The README's main command with its defaults: the shipped toy InstantBooth."""
     from PIL import Image
 
-    from boothkit.toyworld.demo import main as demo_main
+    from boothkit.commands.demo import main as demo_main
 
     out = tmp_path / "demo.png"
     assert demo_main(["--steps", "3", "--prompts", "2", "--scale", "1", "--out", str(out)]) == 0
@@ -129,7 +130,7 @@ def test_demo_writes_the_grid(tmp_path, capsys):
 
 
 def test_demo_out_takes_a_folder_and_refuses_other_formats(tmp_path, capsys):
-    from boothkit.toyworld.demo import parse_args
+    from boothkit.commands.demo import parse_args
 
     assert parse_args(["--out", str(tmp_path / "grids")]).out == str(tmp_path / "grids" / "demo.png")
     assert parse_args(["--out", str(tmp_path)]).out == str(tmp_path / "demo.png")
@@ -156,7 +157,7 @@ def test_quicktune_method_personalizes_without_touching_the_base():
 
 
 def test_untrained_e4t_ablation_starts_from_zero_and_leaves_the_shipped_file(monkeypatch):
-    import boothkit.hosts.diffusers_e4t as host
+    import boothkit.hosts.diffusers.e4t as host
     from boothkit.toyworld.methods import ToyEnv, e4t
 
     env = ToyEnv.load(sample_steps=2)
@@ -181,7 +182,7 @@ def test_untrained_e4t_ablation_starts_from_zero_and_leaves_the_shipped_file(mon
 def test_eval_takes_another_e4t_file_and_records_it(tmp_path):
     import shutil
 
-    from boothkit.backend.formats import FormatError
+    from boothkit.backend.files import FormatError
     from boothkit.toyworld import store
 
     other = tmp_path / "run.safetensors"
@@ -196,7 +197,7 @@ def test_eval_takes_another_e4t_file_and_records_it(tmp_path):
 
 
 def test_quicktune_1photo_tunes_on_the_one_photo_e4t_gets(monkeypatch):
-    import boothkit.hosts.diffusers_tune as host
+    import boothkit.hosts.diffusers.quicktune as host
     from boothkit.toyworld.methods import METHODS, ToyEnv
 
     env = ToyEnv.load(sample_steps=2)
@@ -222,7 +223,7 @@ def test_shipped_e4t_file_carries_the_settings_of_its_config():
     import tomllib
     from pathlib import Path
 
-    from boothkit.backend.formats import load_e4t
+    from boothkit.backend.e4t import load_e4t
     from boothkit.toyworld import store
 
     toml = tomllib.loads((Path(__file__).parents[1] / "training/configs/e4t_toy.toml").read_text())["method"]

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from tiny_models import tiny_clip_vision, tiny_sd_folder, write_image_folder
 
-from boothkit.backend.formats import load_instantbooth, read_safetensors
-from boothkit.training.cli import main as train_main
+from boothkit.backend.instantbooth import load_instantbooth
+from boothkit.backend.files import read_safetensors
+from boothkit.commands.train import main as train_main
 from boothkit.training.data import DataError, FolderDataset
 from boothkit.training.trainer import TrainingStopped
 
@@ -167,7 +168,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
 
 def test_frozen_base_is_untouched(setup, tmp_path):
     root, cfg = setup
-    from boothkit.hosts.loading import load_sd
+    from boothkit.hosts.diffusers.loading import load_sd
 
     before = {k: v.clone() for k, v in load_sd(root / "sd").unet.state_dict().items()}
     train_main(["instantbooth", "--config", str(cfg), "--output-dir", str(tmp_path / "r")])

@@ -7,7 +7,7 @@
 * scheduler: ``DDPMScheduler`` (1000 steps, linear betas — the pixel-space DDPM schedule); sampling uses DDIM with
   classifier-free guidance (the text encoder saw 10 % empty captions in training).
 
-It is trained by ``training/train_toy_base.py`` on TRAIN identities with captions that name only class and context,
+It is trained by ``toyworld/train_base.py`` on TRAIN identities with captions that name only class and context,
 so it follows captions but cannot draw a specific identity from text alone. The shipped weights live in
 ``weights/base`` (a diffusers-style folder, every file sha256-checked through :mod:`.store`).
 """
@@ -111,7 +111,7 @@ def build_base(tokenizer, *, tiny: bool = False, text_layers: int | None = None)
 def save_base(base: ToyBase, out_dir: str | Path, metadata: dict[str, str], dtype=torch.float16) -> list[Path]:
     """Write ``base`` as a diffusers-style folder (unet/, text_encoder/, scheduler/, model_index.json); both weight
     files carry ``metadata`` plus format/version/component. Each file is written atomically. Returns the files."""
-    from ..backend.formats import write_safetensors
+    from ..backend.files import write_safetensors
 
     out = Path(out_dir)
     meta = {"format": BASE_FORMAT, "version": BASE_VERSION, "family": FAMILY,
@@ -148,7 +148,7 @@ def save_base(base: ToyBase, out_dir: str | Path, metadata: dict[str, str], dtyp
 
 
 def _read_weights(path: Path, component: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from ..backend.formats import read_safetensors
+    from ..backend.files import read_safetensors
 
     tensors, meta = read_safetensors(path)
     for key, expected in (("format", BASE_FORMAT), ("version", BASE_VERSION), ("component", component)):
@@ -202,6 +202,15 @@ def load_base(dtype=torch.float32, path: str | Path | None = None, device: str |
         if next(m.parameters()).dtype != dtype:  # diffusers warns on any .to(dtype), even a no-op one
             m.to(dtype=dtype)
     return ToyBase(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, metadata=meta)
+
+
+def load_sd_model(dtype=torch.float32):
+    """The shipped toy base as the diffusers host's :class:`~boothkit.hosts.diffusers.loading.SDModel` (pixel space:
+    no VAE), the model every command gets for ``--model toy``."""
+    from ..hosts.diffusers.loading import SDModel
+
+    b = load_base(dtype=dtype)
+    return SDModel(b.unet, b.text_encoder, b.tokenizer, b.scheduler, None, FAMILY, b.resolution)
 
 
 # ----------------------------------------------------------------------------------------------------------------

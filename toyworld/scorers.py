@@ -8,7 +8,7 @@ Two small networks stand in for the pretrained models the papers lean on:
 * an **identity network** (small CNN → 64-d unit embedding trained with ArcFace): the analogue of the face-recognition
   network InstantBooth uses for its perceptual face distance.
 
-Both are trained on the TRAIN identities only (``training/train_toy_scorers.py``); held-out identities measure how
+Both are trained on the TRAIN identities only (``toyworld/train_scorers.py``); held-out identities measure how
 well they generalise (:func:`validate`). Every shipped file is sha256-checked through :mod:`.store` before loading.
 transformers is imported inside functions so that importing this module stays light.
 """
@@ -319,7 +319,7 @@ def load_scorers(device: str | torch.device = "cpu", weights_dir: str | Path = s
     clip = _load_clip_parts(folder, False, device)
     if not (folder / "tokenizer_config.json").exists():
         raise FileNotFoundError(f"{folder / 'tokenizer_config.json'}: the toy CLIP folder has no tokenizer; "
-                                f"re-export it with training/train_toy_scorers.py.")
+                                f"re-export it with toyworld/train_scorers.py.")
     tokenizer = CLIPTokenizer.from_pretrained(str(folder))
     if len(tokenizer) != clip.config.text_config.vocab_size:
         raise ScorerFileError(f"{folder}: tokenizer has {len(tokenizer)} tokens, expected the text model's "

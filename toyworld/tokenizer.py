@@ -151,5 +151,5 @@ def load_tokenizer(path: str | Path | None = None):
         raise ValueError(f"{info_path}: field 'version' is {info.get('version')!r}, expected {TOKENIZER_VERSION!r}")
     if info.get("vocab_words") != domain.VOCAB:
         raise ValueError(f"{info_path}: field 'vocab_words' does not match toyworld.domain.VOCAB; rebuild with "
-                         f"`python -m boothkit.training.train_toy_base --tokenizer-only`")
+                         f"`python -m boothkit.toyworld.train_base --tokenizer-only`")
     return CLIPTokenizer.from_pretrained(str(folder))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..backend.formats import read_safetensors, write_safetensors
+from ..backend.files import read_safetensors, write_safetensors
 
 CHECKPOINT_FORMAT = "boothkit.checkpoint"
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")

@@ -14,10 +14,10 @@ import torch
 
 from ..backend import e4t as e4t_backend
 from ..backend.e4t import E4T
-from ..backend.formats import save_e4t
+from ..backend.e4t import save_e4t
 from ..backend.identifier import class_nouns_for, insert_identifier
-from ..hosts.diffusers_e4t import E4THost, class_tokens, class_vectors, new_config
-from ..hosts.diffusers_tune import text_slots
+from ..hosts.diffusers.e4t import E4THost, class_tokens, class_vectors, new_config
+from ..hosts.diffusers.common import text_slots
 from .data import LatentTargets
 from .frozen import freeze_base
 
@@ -177,7 +177,7 @@ class E4TTraining:
         if self.val_set is None or self.model.family == "sdxl":
             return None
         from ..backend.imageio import save_png
-        from ..hosts.diffusers_tune import encode_prompt
+        from ..hosts.diffusers.common import encode_prompt
 
         ds, rows = self.val_set["dataset"], []
         uncond = encode_prompt(self.model, "")
@@ -193,9 +193,9 @@ class E4TTraining:
     def _sample_rows(self, ds, uncond) -> list[torch.Tensor]:
         import torch.nn.functional as F
 
-        from ..hosts.diffusers_e4t import e4t_tune
-        from ..hosts.diffusers_tune import encode_prompt
-        from ..hosts.sampling import sample
+        from ..hosts.diffusers.e4t import e4t_tune
+        from ..hosts.diffusers.common import encode_prompt
+        from ..hosts.diffusers.sampling import sample
 
         rows = []
         for i in range(min(self.s.validation_images, len(ds))):

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..backend.formats import save_instantbooth
+from ..backend.instantbooth import save_instantbooth
 from ..backend.identifier import class_nouns_for, insert_identifier
 from ..backend.instantbooth import InstantBooth, InstantBoothConfig
 from ..backend.preprocess import TrainAugment, prepare_concept_images
 from ..backend.identifier import find_identifier_rows
-from ..hosts.diffusers_host import InstantBoothHooks, adapter_layout, encode_prompt, tokenize_chunks
-from ..hosts.loading import SDModel
+from ..hosts.diffusers.instantbooth import InstantBoothHooks, adapter_layout, encode_prompt, tokenize_chunks
+from ..hosts.diffusers.loading import SDModel
 from .data import LatentTargets
 from .frozen import freeze_base
 
@@ -175,7 +175,7 @@ class InstantBoothTraining:
             return None
         from ..backend.identifier import inject_concept
         from ..backend.imageio import save_png
-        from ..hosts.sampling import sample
+        from ..hosts.diffusers.sampling import sample
 
         ds = self.validation
         self.hooks.remove()

@@ -17,6 +17,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy")  # node_runner, make_models
 PROMPT = "a photo of sks person on the beach"
 NEGATIVE = "blurry"
 LONG_PROMPT = ", ".join(["a very detailed photograph"] * 16) + ", a photo of sks person"  # > 77 tokens
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--instantbooth-dir", required=True, help="where to write the test InstantBooth files")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    sys.path.insert(0, HERE)
+    sys.path[:0] = [HERE, SUPPORT]
     from make_models import CHECKPOINT, CLIP_VISION, setup_comfy
     from node_runner import add_model_folders, pack_modules
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
                         for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("BoothKit")}
     results["pack_modules_before_first_run"] = sorted(m[len(pack_module):] for m in sys.modules
                                                       if m.startswith(pack_module))
-    formats, ibm, host = pack_modules(pack_module, "backend.formats", "backend.instantbooth", "nodes.instantbooth_host")
+    formats, ibm, host = pack_modules(pack_module, "backend.instantbooth", "backend.instantbooth", "hosts.comfy.instantbooth")
     add_model_folders(a.models)
     folder_paths.add_model_folder_path("instantbooth", a.instantbooth_dir)
     results["t_load_pack"] = time.perf_counter() - t0

@@ -14,6 +14,7 @@ import sys
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy")  # node_runner, make_models
 IDENTIFIER, CLASS_NOUN, NAME = "sks", "cat", "e4t_cat"
 PROMPT = f"a photo of {IDENTIFIER} {CLASS_NOUN} on the beach"
 STEPS = 2
@@ -21,7 +22,7 @@ E4T_FILE = "e4t_random.safetensors"
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, HERE)
+    sys.path[:0] = [HERE, SUPPORT]
     from make_models import CHECKPOINT, CLIP_VISION, random_e4t
     from node_runner import (add_model_folders, error_of, instance_forwards, node_runner, pack_modules,
                              saved_for_backward, start, stock_lora_loader, token_table, unet_state, work_folders,
@@ -37,8 +38,8 @@ def main(argv=None) -> int:
     run = node_runner()
     results, tensors = {}, {}
     results["pack_loaded"] = loaded
-    host, qh, backend, formats = pack_modules(pack, "nodes.e4t_host", "nodes.quicktune_host", "backend.e4t",
-                                              "backend.formats")
+    host, qh, backend, formats = pack_modules(pack, "hosts.comfy.e4t", "hosts.comfy.common", "backend.e4t",
+                                              "backend.e4t")
     add_model_folders(a.models)
     work_folders(a.work, ("e4t", "embeddings", "loras"))
 

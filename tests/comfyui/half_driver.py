@@ -14,11 +14,12 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy")  # node_runner, make_models
 STEPS = 2
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, HERE)
+    sys.path[:0] = [HERE, SUPPORT]
     from make_models import CHECKPOINT, CLIP_VISION, random_booth, random_e4t
     from node_runner import (add_model_folders, instance_forwards, node_runner, pack_modules, start, unet_state,
                              write_results)
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     import torch
 
     run = node_runner()
-    host, backend, ib_host, ibm = pack_modules(pack, "nodes.e4t_host", "backend.e4t", "nodes.instantbooth_host",
+    host, backend, ib_host, ibm = pack_modules(pack, "hosts.comfy.e4t", "backend.e4t", "hosts.comfy.instantbooth",
                                                "backend.instantbooth")
     add_model_folders(a.models)
     mm.unet_manual_cast = lambda *args, **kwargs: None  # compute in the stored dtype, as on a GPU

@@ -15,13 +15,14 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy")  # node_runner, make_models
 IDENTIFIER, CLASS_NOUN, NAME = "sks", "cat", "sks_cat"
 PROMPT = f"a photo of {IDENTIFIER} {CLASS_NOUN} on the beach"
 STEPS = 3  # per stage
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, HERE)
+    sys.path[:0] = [HERE, SUPPORT]
     from make_models import CHECKPOINT
     from node_runner import (add_model_folders, error_of, instance_forwards, node_runner, pack_modules,
                              saved_for_backward, start, stock_lora_loader, token_table, unet_state, work_folders,
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     run = node_runner()
     results, tensors = {}, {}
     results["pack_loaded"] = loaded
-    host, backend_embedding, backend_lora = pack_modules(pack, "nodes.quicktune_host", "backend.embedding",
+    host, backend_embedding, backend_lora = pack_modules(pack, "hosts.comfy.quicktune", "backend.embedding",
                                                          "backend.lora")
     add_model_folders(a.models, ("checkpoints",))
     emb_dir, lora_dir = work_folders(a.work, ("embeddings", "loras")).values()

@@ -51,7 +51,7 @@ def diffusers_side(comfy, comfy_models, driver_run, tmp_path_factory):
     from safetensors import safe_open
     from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from boothkit.backend.formats import load_instantbooth
+    from boothkit.backend.instantbooth import load_instantbooth
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     with safe_open(str(comfy_models / "checkpoints" / "boothkit_tiny_sd15.safetensors"), framework="pt") as f:
@@ -74,7 +74,7 @@ def test_both_hosts_read_the_same_layout_from_real_base_models(driver_run):
     heads, levels and depths in the same order (ComfyUI's transformer_index order)."""
     from diffusers import UNet2DConditionModel
 
-    from boothkit.hosts.diffusers_host import adapter_layout
+    from boothkit.hosts.diffusers.instantbooth import adapter_layout
 
     comfy_layouts = driver_run[0]["reference_layouts"]
     for name, config in REFERENCE_UNETS.items():
@@ -85,8 +85,8 @@ def test_both_hosts_read_the_same_layout_from_real_base_models(driver_run):
 
 
 def test_comfyui_matches_the_diffusers_host(driver_run, diffusers_side):
-    from boothkit.hosts.diffusers_host import (InstantBoothHooks, adapter_layout, condition_with_concept,
-                                               encode_images, identifier_rows)
+    from boothkit.hosts.diffusers.instantbooth import (InstantBoothHooks, adapter_layout, condition_with_concept,
+                                                       encode_images, identifier_rows)
 
     results, t, _ = driver_run
     unet, vision, tokenizer, ib = diffusers_side

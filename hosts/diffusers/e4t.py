@@ -12,15 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ..backend import e4t as e4t_backend
-from ..backend.e4t import E4T, E4TConfig
-from ..backend.embedding import Embedding, save_embedding
-from ..backend.lora import BASE_MODEL_VERSIONS, LoRATensors
-from ..backend.quicktune import TuneResult, frozen
-from ..backend.identifier import check_identifier, training_template
-from ..backend.preprocess import prepare_concept_images, prepare_images, with_mirrors
-from .diffusers_tune import (PromptEncoder, cache_images, default_resolution, make_predict, schedule_of, text_slots,
-                             word_ids)
+from ...backend import e4t as e4t_backend
+from ...backend.e4t import E4T, E4TConfig
+from ...backend.embedding import Embedding, save_embedding
+from ...backend.lora import BASE_MODEL_VERSIONS, LoRATensors
+from ...backend.tune import TuneResult, frozen
+from ...backend.identifier import check_identifier, training_template
+from ...backend.preprocess import prepare_concept_images, prepare_images, with_mirrors
+from .common import PromptEncoder, cache_images, default_resolution, make_predict, schedule_of, text_slots, word_ids
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class E4TConcept:
                                             BASE_MODEL_VERSIONS.get(model.family, model.family))
 
     def save(self, model, out_dir: str | Path, name: str, overwrite: bool = False) -> dict[str, Path]:
-        from ..backend.quicktune import output_paths
+        from ...backend.files import output_paths
 
         paths = output_paths(out_dir, name, ["embedding", "lora"], overwrite)
         save_embedding(paths["embedding"], self.embedding, {"method": "e4t"}, overwrite=overwrite)

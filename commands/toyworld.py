@@ -25,14 +25,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "export":
-        from .domain import export_folder
+        from ..toyworld.domain import export_folder
 
         export_folder(args.split, args.n, args.out, args.seed)
         print(f"wrote {args.n} {args.split} samples to {args.out}")
     elif args.command == "verify":
         import json
 
-        from .store import MANIFEST, verified
+        from ..toyworld.store import MANIFEST, verified
 
         names = list(json.loads(MANIFEST.read_text())) if MANIFEST.exists() else []
         for name in names:

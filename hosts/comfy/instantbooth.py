@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backend.identifier import find_identifier_rows, inject_concept, insert_identifier
-from ..backend.instantbooth import FAMILIES, AdapterLayout, Concept, InstantBooth
+from ...backend.identifier import find_identifier_rows, inject_concept, insert_identifier
+from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth
+from .common import model_family, model_name, model_text_width
+
 
 log = logging.getLogger(__name__)
-
-# text-encoder width of the model to patch -> base-model family (768: SD1.x, 1024: SD2.x, 2048: SDXL)
-FAMILY_BY_CTX = {width: family for family, width in FAMILIES.items() if width is not None}
 
 
 @dataclass
@@ -40,27 +39,6 @@ class BoothConcept:
 
     concept: Concept
     booth: BoothModel
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the model to patch
-
-
-def model_text_width(model) -> int | None:
-    """Cross-attention width of a ComfyUI MODEL (its text encoder's width), from the model's own config."""
-    config = getattr(getattr(model, "model", None), "model_config", None)
-    width = (getattr(config, "unet_config", None) or {}).get("context_dim")
-    return int(width) if width else None
-
-
-def model_family(model) -> str | None:
-    width = model_text_width(model)
-    return FAMILY_BY_CTX.get(width) if width is not None else None
-
-
-def model_name(model) -> str:
-    config = getattr(getattr(model, "model", None), "model_config", None)
-    return type(config).__name__ if config is not None else type(getattr(model, "model", model)).__name__
 
 
 def _is_spatial_transformer(layer) -> bool:
@@ -283,7 +261,7 @@ def encode_concept(booth: BoothModel, clip_vision, images: torch.Tensor, masks: 
     """N concept images (ComfyUI IMAGE [N, H, W, 3] in 0..1, optional MASK) -> CONCEPT: crop each image to its mask's
     box, fill the background, resize (backend.preprocess, as in training), run the frozen CLIP vision backbone
     (ComfyUI normalises), then the concept and patch encoders."""
-    from ..backend.preprocess import prepare_concept_images  # kornia: imported only when a concept is encoded
+    from ...backend.preprocess import prepare_concept_images  # kornia: imported only when a concept is encoded
 
     c = booth.model.config
     if images.ndim != 4 or images.shape[-1] < 3:

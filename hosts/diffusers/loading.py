@@ -1,5 +1,6 @@
 """Loading a Stable Diffusion model for the diffusers host and the trainers: a diffusers folder, a single-file
-checkpoint (SD1.x, SD2.x, SDXL), or ``toy`` (the shipped toy-world base model, pixel space)."""
+checkpoint (SD1.x, SD2.x, SDXL). Pixel-space models (``vae`` None, such as the toy world's base) come as the same
+:class:`SDModel`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def family_of(unet) -> str:
 
 def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None) -> SDModel:
     if str(path) == "toy":
-        from ..toyworld.base import load_base
+        from ...toyworld.base import load_base
 
         b = load_base(dtype=dtype)
         return SDModel(b.unet, b.text_encoder, b.tokenizer, b.scheduler, None, "toy", b.resolution)
@@ -116,7 +117,7 @@ def load_clip_vision(path: str | Path | None, dtype: torch.dtype = torch.float32
     from transformers import CLIPVisionModelWithProjection
 
     if path is None or str(path) == "toy":
-        from ..toyworld.scorers import load_clip_vision as toy_clip_vision
+        from ...toyworld.scorers import load_clip_vision as toy_clip_vision
 
         model = toy_clip_vision()
         model = model[0] if isinstance(model, tuple) else model

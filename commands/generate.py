@@ -42,18 +42,19 @@ def default_instantbooth() -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ..backend.formats import load_instantbooth
+    from ..backend.instantbooth import load_instantbooth
     from ..backend.identifier import insert_identifier
     from ..backend.imageio import read_images_and_masks, save_png
-    from .diffusers_host import InstantBoothHooks, condition_with_concept, encode_images, encode_prompt
-    from .loading import default_device, load_clip_vision, load_sd
-    from .sampling import sample
+    from ..hosts.diffusers.instantbooth import InstantBoothHooks, condition_with_concept, encode_images, encode_prompt
+    from ..hosts.diffusers.loading import default_device
+    from .models import load_model, load_vision
+    from ..hosts.diffusers.sampling import sample
 
     device = default_device(args.device)
-    model = load_sd(args.model, config=args.config).to(device)
+    model = load_model(args.model, config=args.config).to(device)
     ib_path = args.instantbooth or default_instantbooth()
     ib = load_instantbooth(ib_path, family=model.family, ctx_dim=model.ctx_dim).eval().to(device)
-    vision = load_clip_vision(args.clip_vision).to(device)
+    vision = load_vision(args.clip_vision).to(device)
     images, masks = read_images_and_masks(args.images[0] if len(args.images) == 1 else args.images)
     concept = ib.encode(*encode_images(vision, images, masks, ib))
     prompt = insert_identifier(args.prompt, concept.identifier, ib.config.subject_nouns())
@@ -85,7 +86,7 @@ def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     from ..backend.identifier import inject_concept
-    from .diffusers_host import InstantBoothHooks, identifier_rows
+    from ..hosts.diffusers.instantbooth import InstantBoothHooks, identifier_rows
 
     pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder,
                                      text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,

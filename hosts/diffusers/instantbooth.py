@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..backend.identifier import find_identifier_rows, inject_concept
-from ..backend.instantbooth import AdapterLayout, Concept, InstantBooth
-from ..backend.preprocess import prepare_concept_images
+from ...backend.identifier import find_identifier_rows, inject_concept
+from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth
+from ...backend.preprocess import prepare_concept_images
 
 log = logging.getLogger(__name__)
 

@@ -13,21 +13,21 @@ from pathlib import Path
 
 import torch
 
-from ..backend import e4t as e4t_backend
-from ..backend import quicktune as qt
-from ..backend.e4t import E4T
-from ..backend.embedding import Embedding, embedding_metadata
-from ..backend.lora import BASE_MODEL_VERSIONS, LoRATensors
-from ..backend.identifier import DEFAULT_TEMPLATE, check_identifier
-from ..backend.preprocess import with_mirrors
-from . import quicktune_host as qh
-from .instantbooth_host import model_name
+from ...backend import e4t as e4t_backend
+from ...backend import tune
+from ...backend.e4t import E4T
+from ...backend.embedding import Embedding, embedding_metadata
+from ...backend.lora import BASE_MODEL_VERSIONS, LoRATensors
+from ...backend.identifier import DEFAULT_TEMPLATE, check_identifier
+from ...backend.preprocess import with_mirrors
+from . import common
+from .common import model_name
 
 log = logging.getLogger(__name__)
 
 
 def load(path: str | Path) -> E4T:
-    from ..backend.formats import load_e4t
+    from ...backend.e4t import load_e4t
 
     return load_e4t(path).eval()
 
@@ -58,7 +58,7 @@ def layer_weight(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     that is not one of ComfyUI's cast layers hands its own weight, copied if it is an inference tensor (autograd
     saves it for the offsets' gradient)."""
     if not hasattr(module, "weight_function"):
-        return qh.trainable_copy(module.weight).to(x), None if module.bias is None else module.bias.to(x)
+        return common.trainable_copy(module.weight).to(x), None if module.bias is None else module.bias.to(x)
     import comfy.ops
 
     return tuple(comfy.ops.cast_bias_weight(module, x)[:2])
@@ -79,7 +79,7 @@ def class_tokens(clip_vision, pixels: torch.Tensor, masks: torch.Tensor | None, 
     import comfy.clip_vision
     import comfy.model_management as mm
 
-    from ..backend.preprocess import prepare_concept_images
+    from ...backend.preprocess import prepare_concept_images
 
     c = e4t.config
     crops = prepare_concept_images(pixels, masks, clip_vision.image_size, 0.1, 0.0, normalize=False)
@@ -96,7 +96,7 @@ def class_tokens(clip_vision, pixels: torch.Tensor, masks: torch.Tensor | None, 
     return torch.stack([hidden[:, i - 1, 0] for i in c.vision_layers], dim=1).float()
 
 
-def per_prompt(encoder: qh.PromptEncoder):
+def per_prompt(encoder: common.PromptEncoder):
     """backend ``encode`` with one vector per batch item ([B, 1, width] per text encoder): ComfyUI's CLIP takes one
     embedding tensor per token list, so each item is encoded on its own."""
     def encode(vectors, prompt_ids):
@@ -105,7 +105,7 @@ def per_prompt(encoder: qh.PromptEncoder):
     return encode
 
 
-class Progress(qh.Progress):
+class Progress(common.Progress):
     """Quick-tune's progress (bar, text line, Cancel within one step) with one stage."""
 
     def __init__(self, total: int):
@@ -122,7 +122,7 @@ class E4TOutput:
     embedding: Embedding
     lora: LoRATensors
     report: str
-    result: qt.TuneResult | None
+    result: tune.TuneResult | None
 
 
 def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, identifier: str = "sks",
@@ -137,45 +137,45 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
     c = e4t.config
     class_noun = (class_noun or "").strip() or c.class_word
     identifier = check_identifier((identifier or "").strip(), class_noun)
-    family, prediction_type = qh.check_model(model)
+    family, prediction_type = common.check_model(model)
     if family != c.family:
         raise ValueError(f"the E4T file was pre-trained for {c.family}; the model is {model_name(model)} ({family})")
-    slots = qh.text_slots(clip, family, model)
+    slots = common.text_slots(clip, family, model)
     if [s.width for s in slots] != list(c.word_dims):
         raise ValueError(f"the CLIP's text encoders are {[s.width for s in slots]} wide; the E4T file predicts "
                          f"{c.word_dims}: connect the CLIP of the model the file was pre-trained for")
-    identifier_ids = qh.token_ids(clip, slots, identifier, "identifier")
-    class_ids = qh.token_ids(clip, slots, class_noun, "class noun")
+    identifier_ids = common.token_ids(clip, slots, identifier, "identifier")
+    class_ids = common.token_ids(clip, slots, class_noun, "class noun")
     if steps < 0:
         raise ValueError(f"steps must be 0 or more, got {steps}")
     device = model.load_device
     prompt = DEFAULT_TEMPLATE.format(identifier=identifier, class_noun=class_noun)
     with torch.inference_mode(False):
-        count = len(qh.image_list(image))
+        count = len(common.image_list(image))
         if count > 1:
             log.info("E4T tunes on one image; using the first of %d", count)
-        pixels, pmasks, note = qh.prepare(image[:1], None if mask is None else mask[:1], resolution)
+        pixels, pmasks, note = common.prepare(image[:1], None if mask is None else mask[:1], resolution)
         if c.tune_flip:
             pixels, pmasks = with_mirrors(pixels, pmasks)
-        data = qh.encode_images(vae, model, pixels, pmasks, device)
+        data = common.encode_images(vae, model, pixels, pmasks, device)
         tokens = class_tokens(clip_vision, pixels, pmasks, e4t).to(device)
         mm.load_models_gpu([model, clip.patcher])
         dm = model.get_model_object("diffusion_model")
         tuned = copy.deepcopy(e4t).to(device).float().train()
         tuned.offsets.weight_of = layer_weight  # the weights as ComfyUI's forward computes them (low-VRAM patches)
         modules = offset_modules(model, c.targets)
-        encoder = qh.PromptEncoder(clip, slots, [prompt], identifier, identifier_ids, model, resolution)
+        encoder = common.PromptEncoder(clip, slots, [prompt], identifier, identifier_ids, model, resolution)
         encode = per_prompt(encoder)
-        predict = qh.make_predict(model)
+        predict = common.make_predict(model)
         features = e4t_backend.denoiser_features(predict, encoder_blocks(dm))
-        schedule = qh.noise_schedule(model, prediction_type)
+        schedule = common.noise_schedule(model, prediction_type)
         class_vectors = [s.layer.weight[i].detach().float().clone().to(device) for s, i in zip(slots, class_ids)]
         batch = e4t_backend.Batch(data.mean, tokens, class_vectors, torch.zeros(len(pixels), dtype=torch.long),
                                   data.masks)
         mm.throw_exception_if_processing_interrupted()
         result = None
-        with qh.frozen(dm, clip.cond_stage_model), qh.trainable(dm, clip.cond_stage_model), \
-                qh.checkpointed(dm, gradient_checkpointing):
+        with common.frozen(dm, clip.cond_stage_model), common.trainable(dm, clip.cond_stage_model), \
+                common.checkpointed(dm, gradient_checkpointing):
             if steps > 0:
                 result = e4t_backend.tune(tuned, batch, features, encode, predict, schedule, modules, steps,
                                           lr if lr > 0 else None, seed, Progress(steps))
@@ -192,12 +192,12 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         weights = effective_weights(model, modules)
         lora = e4t_backend.weight_diff_file(tuned.offsets, weights, family, identifier,
                                             BASE_MODEL_VERSIONS.get(family, family))
-        model_out = qh.apply_lora(model, lora)
-        clip_out = qh.apply_embedding(clip, slots, identifier_ids, vectors)
-    status = result.status if result else qt.DONE
+        model_out = common.apply_lora(model, lora)
+        clip_out = common.apply_embedding(clip, slots, identifier_ids, vectors)
+    status = result.status if result else tune.DONE
     losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result and result.losses else ""
-    report = (f"E4T {'finished' if status == qt.DONE else f'stopped ({status})'}: "
+    report = (f"E4T {'finished' if status == tune.DONE else f'stopped ({status})'}: "
               f"{result.steps if result else 0}/{steps} steps{losses}" + (f"; note: {note}" if note else "") +
               (f"; {result.message}" if result and result.message else ""))
-    qh.send_text(report)
+    common.send_text(report)
     return E4TOutput(model_out, clip_out, embedding, lora, report, result)

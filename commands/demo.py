@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from ..backend.imageio import save_png
-    from .evaluate import eval_contexts, make_subjects, prompts_for
-    from .methods import METHODS, ToyEnv
+    from ..toyworld.evaluate import eval_contexts, make_subjects, prompts_for
+    from ..toyworld.methods import METHODS, ToyEnv
 
     t0 = time.perf_counter()
     bar = tqdm(total=4, desc="demo", dynamic_ncols=True)

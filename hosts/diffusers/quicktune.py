@@ -20,231 +20,29 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ..backend import quicktune as qt
-from ..backend.embedding import Embedding, save_embedding
-from ..backend.formats import write_safetensors
-from ..backend.identifier import DEFAULT_IDENTIFIER, check_identifier, training_template
-from ..backend.lora import LoRA, save_lora
-from ..backend.preprocess import prepare_images, with_mirrors
-from ..backend.quicktune import resolve_mixed_precision
+from ...backend import quicktune as qt
+from ...backend import files
+from ...backend import tune
+from ...backend.embedding import Embedding, save_embedding
+from ...backend.files import write_safetensors
+from ...backend.identifier import DEFAULT_IDENTIFIER, check_identifier, training_template
+from ...backend.lora import LoRA, save_lora
+from ...backend.preprocess import prepare_images
+from ...backend.tune import resolve_mixed_precision
+from .common import PromptEncoder, TextSlot, cache_images, default_resolution, make_predict, schedule_of, text_slots, word_ids
+
 
 log = logging.getLogger(__name__)
 
 PAPER_INIT_WORD = "rare"  # seed 002 initialises "(rare)" from the word "rare"
 UNET_FORMAT = "boothkit.unet"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# text encoders: splicing the identifier's vectors into the token embeddings
-
-
-@dataclass
-class TextSlot:
-    """One text encoder, its tokenizer and the key its vectors have in an embedding file."""
-    key: str
-    text_encoder: torch.nn.Module
-    tokenizer: object
-
-
-def text_slots(model) -> list[TextSlot]:
-    if model.family == "sdxl":
-        if getattr(model, "text_encoder_2", None) is None or getattr(model, "tokenizer_2", None) is None:
-            raise ValueError("an SDXL model needs text_encoder_2 and tokenizer_2 (CLIP-G) beside CLIP-L")
-        return [TextSlot("clip_l", model.text_encoder, model.tokenizer),
-                TextSlot("clip_g", model.text_encoder_2, model.tokenizer_2)]
-    return [TextSlot("emb_params", model.text_encoder, model.tokenizer)]
-
-
-def word_ids(tokenizer, word: str) -> list[int]:
-    return list(tokenizer(word, add_special_tokens=False).input_ids)
-
-
-@dataclass
-class SplicedPrompt:
-    """A prompt's token ids (start, text, end, padding: the tokenizer's ``model_max_length``) with the identifier
-    replaced by ``fill`` ids, and the rows of those positions."""
-    ids: list[int]
-    rows: list[int]
-
-
-def splice(tokenizer, prompt: str, identifier: str, fill: Sequence[int]) -> SplicedPrompt:
-    """Tokenize ``prompt`` with every occurrence of ``identifier`` (whole word) replaced by ``len(fill)`` positions
-    holding ``fill``. CLIP's tokenizer splits on word boundaries, so tokenizing the pieces equals tokenizing the
-    whole prompt with the fill word written in."""
-    parts = re.split(rf"(?<![\w.\-]){re.escape(identifier)}(?![\w\-])", prompt, flags=re.IGNORECASE)
-    if len(parts) < 2:
-        raise ValueError(f"prompt {prompt!r} does not contain the identifier {identifier!r}; write it before the "
-                         f"class noun, e.g. 'a photo of {identifier} cat'")
-    ids, rows = [tokenizer.bos_token_id], []
-    for i, part in enumerate(parts):
-        if i:
-            rows += range(len(ids), len(ids) + len(fill))
-            ids += list(fill)
-        if part.strip():
-            ids += word_ids(tokenizer, part)
-    length = tokenizer.model_max_length
-    if rows and rows[-1] >= length - 1:
-        raise ValueError(f"prompt {prompt!r} is too long: the identifier falls beyond the text encoder's "
-                         f"{length} tokens; shorten the prompt")
-    ids = ids[: length - 1] + [tokenizer.eos_token_id]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids += [pad] * (length - len(ids))
-    return SplicedPrompt(ids, rows)
-
-
-@contextmanager
-def spliced_rows(embedding_layer: torch.nn.Module, vec_index: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
-    """While inside, the token-embedding layer's output row [b, i] is ``vectors[vec_index[b, i]]`` wherever
-    ``vec_index[b, i] >= 0`` (differentiably); every other row is the layer's own. ``vectors`` [n, width] are shared
-    by the batch; [B, n, width] give each prompt its own (E4T predicts one embedding per image)."""
-    mask = (vec_index >= 0).unsqueeze(-1)
-    index = vec_index.clamp_min(0).to(vectors.device)
-    if vectors.ndim == 3:
-        rows = vectors[torch.arange(index.shape[0], device=vectors.device)[:, None], index]
-    else:
-        rows = vectors[index]
-
-    def hook(module, args, output):
-        return torch.where(mask.to(output.device), rows.to(output.device, output.dtype), output)
-
-    handle = embedding_layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-class PromptEncoder:
-    """The backend's ``encode(vectors, prompt_ids)``: the conditioning of training prompts with the identifier's
-    vectors spliced in, the way diffusers' pipelines encode prompts (SD1/SD2/toy: last hidden state; SDXL: both
-    encoders' penultimate hidden states concatenated, CLIP-G's pooled projection and the size/crop time ids)."""
-
-    def __init__(self, model, ids: Sequence[torch.Tensor], vec_index: Sequence[torch.Tensor],
-                 resolution: int | None = None):
-        self.family, self.slots, self.resolution = model.family, text_slots(model), resolution
-        self.ids, self.vec_index = list(ids), list(vec_index)
-
-    @classmethod
-    def spliced(cls, model, prompts: Sequence[str], identifier: str, fill: Sequence[Sequence[int]],
-                resolution: int | None = None) -> PromptEncoder:
-        """Prompts containing ``identifier``; its rows take the vectors (``fill`` ids stand in for them)."""
-        slots = text_slots(model)
-        if len(fill) != len(slots):
-            raise ValueError(f"need fill ids for {len(slots)} text encoder(s), got {len(fill)}")
-        all_ids, all_index = [], []
-        for slot, f in zip(slots, fill):
-            spliced = [splice(slot.tokenizer, p, identifier, f) for p in prompts]
-            ids = torch.tensor([s.ids for s in spliced], device=slot.text_encoder.device)
-            index = torch.full_like(ids, -1)
-            for b, s in enumerate(spliced):
-                for j, r in enumerate(s.rows):
-                    index[b, r] = j % len(f)
-            all_ids.append(ids)
-            all_index.append(index)
-        return cls(model, all_ids, all_index, resolution)
-
-    @classmethod
-    def plain(cls, model, prompts: Sequence[str], resolution: int | None = None) -> PromptEncoder:
-        """Prompts encoded as the tokenizer reads them (class prompts, negative prompts)."""
-        all_ids = []
-        for slot in text_slots(model):
-            t = slot.tokenizer
-            all_ids.append(t(list(prompts), padding="max_length", max_length=t.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(slot.text_encoder.device))
-        return cls(model, all_ids, [torch.full_like(i, -1) for i in all_ids], resolution)
-
-    @property
-    def num_prompts(self) -> int:
-        return self.ids[0].shape[0]
-
-    def __call__(self, vectors: Sequence[torch.Tensor | None], prompt_ids: torch.Tensor):
-        outs = []
-        for slot, ids, index, vec in zip(self.slots, self.ids, self.vec_index, vectors):
-            sel = prompt_ids.to(ids.device)
-            use = index[sel]
-            splice_ctx = spliced_rows(slot.text_encoder.get_input_embeddings(), use, vec.to(ids.device)) \
-                if vec is not None and bool((use >= 0).any()) else nullcontext()
-            with splice_ctx:
-                if self.family == "sdxl":
-                    outs.append(slot.text_encoder(ids[sel], output_hidden_states=True))
-                else:
-                    outs.append(slot.text_encoder(ids[sel]))
-        if self.family != "sdxl":
-            return outs[0][0]
-        hidden = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
-        pooled = outs[1][0]  # CLIPTextModelWithProjection: text_embeds
-        r = self.resolution or 1024
-        time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=hidden.dtype, device=hidden.device)
-        return {"encoder_hidden_states": hidden, "text_embeds": pooled,
-                "time_ids": time_ids.expand(hidden.shape[0], -1)}
-
-
-def make_predict(holder: dict) -> qt.Predict:
-    """``predict(x_t, t, cond)`` over ``holder["unet"]`` (a holder, so stage 2 of a full fine-tune can swap in its
-    copy)."""
-    def predict(x, t, cond):
-        unet = holder["unet"]
-        x = x.to(unet.dtype)
-        if isinstance(cond, dict):
-            added = {"text_embeds": cond["text_embeds"].to(unet.dtype), "time_ids": cond["time_ids"].to(unet.dtype)}
-            return unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"].to(unet.dtype),
-                        added_cond_kwargs=added, return_dict=False)[0]
-        return unet(x, t, encoder_hidden_states=cond.to(unet.dtype), return_dict=False)[0]
-    return predict
-
-
-def schedule_of(model) -> qt.NoiseSchedule:
-    s = model.scheduler
-    return qt.NoiseSchedule(s.alphas_cumprod, getattr(s.config, "prediction_type", "epsilon"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# images: prepared once, encoded once
-
-
-def default_resolution(model) -> int:
-    if getattr(model, "resolution", None):
-        return int(model.resolution)
-    size = model.unet.config.sample_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    if model.vae is None:
-        return int(size)
-    return int(size) * 2 ** (len(model.vae.config.block_out_channels) - 1)
-
-
-@torch.no_grad()
-def cache_images(model, images: torch.Tensor, masks: torch.Tensor | None = None, flip: bool = False,
-                 device=None, chunk: int = 4) -> qt.TrainingSet:
-    """x0 of the training images, computed once: VAE posterior mean/std scaled by ``scaling_factor`` (a fresh latent
-    sample per step costs a multiply-add), or pixels in [-1, 1] when ``model.vae`` is None. ``flip`` adds the
-    mirrored images."""
-    device = device or model.unet.device
-    pixels = images.to(device) * 2 - 1
-    if flip:
-        pixels, masks = with_mirrors(pixels, masks)
-    if model.vae is None:
-        mean, std = pixels.float(), None
-    else:
-        vae = model.vae
-        sf = vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        means, stds = [], []
-        for chunk_px in pixels.split(chunk):
-            dist = vae.encode(chunk_px.to(vae.dtype)).latent_dist
-            means.append(((dist.mean - shift) * sf).float())
-            stds.append((dist.std * sf).float())
-        mean, std = torch.cat(means), torch.cat(stds)
-    if masks is not None:
-        masks = F.interpolate(masks.to(device).float(), size=mean.shape[-2:], mode="area")
-    return qt.TrainingSet(mean, std, masks)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,8 +56,8 @@ class QuickTuneResult:
     embedding: Embedding
     lora: LoRA | None
     unet_state: dict[str, torch.Tensor] | None
-    stage1: qt.TuneResult | None
-    stage2: qt.TuneResult | None
+    stage1: tune.TuneResult | None
+    stage2: tune.TuneResult | None
     prompts: list[str]
     training: dict = field(default_factory=dict)
     prediction_type: str = "epsilon"
@@ -267,9 +65,9 @@ class QuickTuneResult:
     @property
     def status(self) -> str:
         for r in (self.stage1, self.stage2):
-            if r is not None and r.status != qt.DONE:
+            if r is not None and r.status != tune.DONE:
                 return r.status
-        return qt.DONE
+        return tune.DONE
 
     @property
     def message(self) -> str:
@@ -278,7 +76,7 @@ class QuickTuneResult:
     def paths(self, out_dir, name: str | None = None, overwrite: bool = False) -> dict[str, Path]:
         kinds = ["embedding"] + (["lora"] if self.lora is not None else []) + \
             (["unet"] if self.unet_state is not None else [])
-        return qt.output_paths(out_dir, name or self.embedding.identifier, kinds, overwrite)
+        return files.output_paths(out_dir, name or self.embedding.identifier, kinds, overwrite)
 
     def save(self, out_dir, name: str | None = None, overwrite: bool = False) -> dict[str, Path]:
         """Write ``<name>.safetensors`` (the embedding), ``<name>_lora.safetensors`` (LoRA mode) or
@@ -333,7 +131,7 @@ def _gradient_checkpointing(unet, enabled: bool):
 def quick_tune(model, images, class_noun: str, *, identifier: str = DEFAULT_IDENTIFIER, init_word: str | None = None,
                masks=None, prompts: Sequence[str] | None = None, config: qt.QuickTuneConfig | None = None,
                class_images=None, class_prompts: Sequence[str] | None = None, stage1: bool = True,
-               stage2: bool = True, resolution: int | None = None, on_progress: qt.Progress | None = None,
+               stage2: bool = True, resolution: int | None = None, on_progress: tune.Progress | None = None,
                should_cancel: Callable[[], bool] | None = None, seed: int = 0) -> QuickTuneResult:
     """Two-stage quick-tune of one subject on a diffusers model (the toy base included).
 
@@ -348,7 +146,7 @@ def quick_tune(model, images, class_noun: str, *, identifier: str = DEFAULT_IDEN
     if not stage1 and not stage2:
         raise ValueError("nothing to do: both stages are switched off")
     check_identifier(identifier, class_noun)
-    config = config or (qt.QuickTuneConfig.toy() if model.family == "toy" else qt.QuickTuneConfig.sd())
+    config = config or qt.QuickTuneConfig.sd()
     started = time.time()
     device = model.unet.device
     mixed = resolve_mixed_precision(config.mixed_precision, device)
@@ -404,10 +202,10 @@ def quick_tune(model, images, class_noun: str, *, identifier: str = DEFAULT_IDEN
         class_encoder = PromptEncoder.plain(model, ctexts, resolution)
 
         def prior():
-            cond = qt.encode_all(class_encoder, [None] * len(slots), class_encoder.num_prompts, device)
+            cond = tune.encode_all(class_encoder, [None] * len(slots), class_encoder.num_prompts, device)
             return qt.PriorPreservation(cache_images(model, cpx, None, config.flip), cond, config.prior_weight)
 
-    with qt.frozen(model.unet, *text_encoders), _gradient_checkpointing(model.unet, config.gradient_checkpointing):
+    with tune.frozen(model.unet, *text_encoders), _gradient_checkpointing(model.unet, config.gradient_checkpointing):
         data = cache_images(model, pixels, pmasks, config.flip)
         out = qt.two_stage(init_vectors, encoder, predict, schedule, data, encoder.num_prompts, config,
                            stage2_params if stage2 else None, run_stage1=stage1, prior=prior,
@@ -435,24 +233,6 @@ def quick_tune(model, images, class_noun: str, *, identifier: str = DEFAULT_IDEN
         unet_state = {k: v.detach().cpu() for k, v in full_copy.state_dict().items()}
     return QuickTuneResult(embedding, lora if (stage2 and r2 is not None) else None, unet_state, r1, r2, texts,
                            training, schedule.prediction_type)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# using the result: conditioning and the tuned denoiser
-
-
-def encode_prompt(model, prompt: str, embedding: Embedding | None = None, resolution: int | None = None):
-    """The conditioning of ``prompt`` (as in training: a tensor, or SDXL's dict). With ``embedding``, every
-    occurrence of its identifier gets the learned vectors; without, the prompt is encoded as the tokenizer reads it."""
-    slots = text_slots(model)
-    resolution = resolution or default_resolution(model)
-    if embedding is None:
-        return qt.encode_all(PromptEncoder.plain(model, [prompt], resolution), [None] * len(slots), 1)
-    # any in-vocabulary id can stand in for the vectors: their rows are replaced
-    fill = [[s.tokenizer.bos_token_id] * embedding.num_vectors for s in slots]
-    enc = PromptEncoder.spliced(model, [prompt], embedding.identifier, fill, resolution)
-    vectors = [embedding.vectors[s.key].to(s.text_encoder.device) for s in slots]
-    return qt.encode_all(enc, vectors, 1)
 
 
 @contextmanager

@@ -83,8 +83,9 @@ def parse_args(argv=None):
 
 def build_config(args, family: str):
     from ..backend.quicktune import QuickTuneConfig
+    from ..toyworld.methods import quicktune_config
 
-    base = QuickTuneConfig.toy(mode=args.mode) if family == "toy" else QuickTuneConfig.sd(mode=args.mode)
+    base = quicktune_config(mode=args.mode) if family == "toy" else QuickTuneConfig.sd(mode=args.mode)
     s1, s2 = base.stage1, base.stage2
     s1 = replace(s1, **{k: v for k, v in (("steps", args.stage1_steps), ("lr", args.stage1_lr),
                                             ("batch_size", args.batch_size)) if v is not None})
@@ -139,10 +140,12 @@ def main(argv=None) -> int:
     if args.method == "e4t":
         return main_e4t(args)
 
-    from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
+    from ..backend.tune import CANCELLED, DONE
+    from ..backend.files import output_paths, safe_name
     from ..backend.identifier import check_identifier
-    from ..hosts.diffusers_tune import quick_tune
-    from ..hosts.loading import default_device, load_sd
+    from ..hosts.diffusers.quicktune import quick_tune
+    from ..hosts.diffusers.loading import default_device
+    from .models import load_model
 
     check_identifier(args.identifier, args.class_noun)
     name = safe_name(args.name or args.identifier)
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     class_images = read_images(args.class_images)[0] if args.class_images else None
 
     device = default_device(args.device)
-    model = load_sd(args.model, config=args.config).to(device)
+    model = load_model(args.model, config=args.config).to(device)
     config = build_config(args, model.family)
 
     total = (config.stage1.steps if args.stages != "denoiser" else 0) + \
@@ -189,11 +192,13 @@ def main(argv=None) -> int:
 
 
 def main_e4t(args) -> int:
-    from ..backend.formats import load_e4t
+    from ..backend.e4t import load_e4t
     from ..backend.imageio import mask_path, read_image
-    from ..backend.quicktune import CANCELLED, DONE, output_paths, safe_name
-    from ..hosts.diffusers_e4t import e4t_tune
-    from ..hosts.loading import default_device, load_clip_vision, load_sd
+    from ..backend.tune import CANCELLED, DONE
+    from ..backend.files import output_paths, safe_name
+    from ..hosts.diffusers.e4t import e4t_tune
+    from ..hosts.diffusers.loading import default_device
+    from .models import load_model, load_vision
 
     name = safe_name(args.name or args.identifier)
     try:
@@ -210,8 +215,8 @@ def main_e4t(args) -> int:
         raise ValueError("--method e4t needs --e4t FILE: an E4T file pre-trained for this model's family "
                          "(`boothkit train e4t`)")
     device = default_device(args.device)
-    model = load_sd(args.model, config=args.config).to(device)
-    vision = load_clip_vision(args.clip_vision).to(device)
+    model = load_model(args.model, config=args.config).to(device)
+    vision = load_vision(args.clip_vision).to(device)
     e4t = load_e4t(e4t_path, family=model.family)
     if args.gradient_checkpointing:  # diffusers checkpoints only in training mode; the UNet has no dropout/BN
         model.unet.enable_gradient_checkpointing()

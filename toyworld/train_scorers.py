@@ -12,7 +12,7 @@ Both learn from TRAIN identities only; the held-out identities measure them at t
 Checkpoints (safetensors, written atomically) go to ``--run-dir``; ``--resume`` continues from them. The exported
 files are recorded in the weights manifest with the exact command that rebuilds them::
 
-    python -m boothkit.training.train_toy_scorers --out-dir toyworld/weights
+    python -m boothkit.toyworld.train_scorers --out-dir toyworld/weights
 """
 from __future__ import annotations
 
@@ -32,16 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..toyworld import scorers as sc
-from ..toyworld import store
+from . import scorers as sc
+from . import store
 
-logger = logging.getLogger("boothkit.train_toy_scorers")
+logger = logging.getLogger("boothkit.toyworld.train_scorers")
 
 CKPT_FORMAT = "boothkit.toyworld.scorer_checkpoint"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m boothkit.training.train_toy_scorers",
+    p = argparse.ArgumentParser(prog="python -m boothkit.toyworld.train_scorers",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=store.WEIGHTS_DIR, help="weights folder (holds MANIFEST.json)")
     p.add_argument("--run-dir", type=Path, default=Path("/work/runs/toy_scorers"), help="checkpoints and logs")
@@ -410,7 +410,7 @@ def export(args, identity_net, clip_model, tokenizer, command: str, validation: 
 def toy_tokenizer():
     """The shipped toy tokenizer, or (before the base-model trainer has shipped it) the same one built from
     ``domain.VOCAB``: ``build_tokenizer`` is deterministic."""
-    from ..toyworld import tokenizer as toy_tok
+    from . import tokenizer as toy_tok
 
     try:
         return toy_tok.load_tokenizer()
@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     # --resume changes how a run gets there, not what it makes: the recorded recipe leaves it out
-    command = "python -m boothkit.training.train_toy_scorers " + shlex.join(a for a in argv if a != "--resume")
-    from ..toyworld import domain
+    command = "python -m boothkit.toyworld.train_scorers " + shlex.join(a for a in argv if a != "--resume")
+    from . import domain
 
     args.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

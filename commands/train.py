@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import apply_overrides, build, read_config
+from ..training.config import apply_overrides, build, read_config
 
 log = logging.getLogger(__name__)
 METHODS = ("instantbooth", "e4t")
@@ -40,9 +40,9 @@ def resolve(args) -> dict:
 
 def _load(config: dict):
     """The frozen base model and CLIP vision backbone, the training and validation folders, the trainer settings."""
-    from ..hosts.loading import load_clip_vision, load_sd
-    from .data import FolderDataset
-    from .trainer import TrainSettings
+    from .models import load_model, load_vision
+    from ..training.data import FolderDataset
+    from ..training.trainer import TrainSettings
 
     m, d = config.get("model", {}), config.get("data", {})
     if "base" not in m:
@@ -50,8 +50,8 @@ def _load(config: dict):
     if "train" not in d:
         raise ValueError("the config needs [data] train = ...")
     settings = build(TrainSettings, config["train"], "train")
-    model = load_sd(m["base"], config=m.get("config"))
-    vision = load_clip_vision(m.get("clip_vision", "toy"))
+    model = load_model(m["base"], config=m.get("config"))
+    vision = load_vision(m.get("clip_vision", "toy"))
     skip = bool(d.get("skip_bad", False))
     dataset = FolderDataset(d["train"], model.resolution, skip_bad=skip)
     validation = FolderDataset(d["validation"], model.resolution, skip_bad=skip) if d.get("validation") else None
@@ -61,12 +61,12 @@ def _load(config: dict):
 def run(method_name: str, config: dict, resume: bool) -> Path:
     from accelerate import PartialState
 
-    from .trainer import Trainer
+    from ..training.trainer import Trainer
 
     if method_name == "instantbooth":
-        from .instantbooth import InstantBoothSettings as Settings, InstantBoothTraining as Training
+        from ..training.instantbooth import InstantBoothSettings as Settings, InstantBoothTraining as Training
     else:
-        from .e4t import E4TSettings as Settings, E4TTraining as Training
+        from ..training.e4t import E4TSettings as Settings, E4TTraining as Training
     model, vision, dataset, validation, settings = _load(config)
     method_settings = build(Settings, config.get("method", {}), "method")
     config = {**config, "train": dataclasses.asdict(settings), "method": dataclasses.asdict(method_settings)}

@@ -133,7 +133,7 @@ def make_clip_vision(comfy_path: str, path: str, seed: int = 1235) -> None:
 def random_e4t(model, clip_vision, host, backend, seed: int = 0, pretrained: float = 0.0, **config):
     """An untrained E4T (``backend.E4T``) for ComfyUI's ``model`` (SD1) and ``clip_vision``, sized from ComfyUI's own
     UNet: offsets on its Linear layers, named by their diffusers paths as files store them, and the widths of its
-    pooled encoder features from one forward pass (``host``: the pack's nodes.e4t_host). ``pretrained`` > 0 adds that
+    pooled encoder features from one forward pass (``host``: the pack's hosts.comfy.e4t). ``pretrained`` > 0 adds that
     much standard normal noise to every parameter: a "pre-trained" state, with a prediction and offsets that are not
     zero. ``config``: E4TConfig fields to set. Returns (E4T, {target: ComfyUI module}). Call outside inference mode."""
     import comfy.model_management as mm
@@ -148,7 +148,7 @@ def random_e4t(model, clip_vision, host, backend, seed: int = 0, pretrained: flo
     with torch.inference_mode():
         mm.load_models_gpu([model])
     with torch.no_grad():
-        feats = backend.denoiser_features(host.qh.make_predict(model), host.encoder_blocks(dm))(
+        feats = backend.denoiser_features(host.common.make_predict(model), host.encoder_blocks(dm))(
             torch.zeros(1, 4, 8, 8), torch.tensor([10]), {"context": torch.zeros(1, 77, 768)})
     layers = len(clip_vision.model.vision_model.encoder.layers)
     width = int(clip_vision.model.vision_model.embeddings.position_embedding.weight.shape[1])
@@ -168,7 +168,7 @@ def random_e4t(model, clip_vision, host, backend, seed: int = 0, pretrained: flo
 
 def random_booth(model, host, ibm, gate: float = 0.5, seed: int = 0):
     """An InstantBooth with random weights for ComfyUI's SD1 ``model``, its adapter layout read from ComfyUI's own UNet
-    (``host``: the pack's nodes.instantbooth_host, ``ibm``: backend.instantbooth) and every gate at ``gate``, so the
+    (``host``: the pack's hosts.comfy.instantbooth, ``ibm``: backend.instantbooth) and every gate at ``gate``, so the
     adapters really compute; wrapped as the Load node hands it on (``host.BoothModel``)."""
     import torch
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+import logging
+from collections.abc import Sequence
+import re
 
-from .instantbooth import FAMILIES, AdapterLayout, InstantBooth, InstantBoothConfig
+log = logging.getLogger(__name__)
 
-INSTANTBOOTH_FORMAT = "boothkit.instantbooth"
-INSTANTBOOTH_VERSION = 1
 
 
 class FormatError(ValueError):
@@ -141,109 +142,38 @@ def load_checked(path, model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     return model
 
 
-def instantbooth_metadata(config: InstantBoothConfig) -> dict[str, str]:
-    c = config
-    return {
-        "format": INSTANTBOOTH_FORMAT,
-        "version": str(INSTANTBOOTH_VERSION),
-        "method": "instantbooth",
-        "family": c.family,
-        "ctx_dim": str(c.ctx_dim),
-        "vision_global_dim": str(c.vision_global_dim),
-        "vision_token_dim": str(c.vision_token_dim),
-        "tokens_per_image": str(c.tokens_per_image),
-        "image_size": str(c.image_size),
-        "layout": json.dumps(c.layout.to_dict()),
-        "identifier": c.identifier,
-        "class_noun": c.class_noun,
-        "alpha": repr(float(c.alpha)),
-        "beta": repr(float(c.beta)),
-        "crop_margin": repr(float(c.crop_margin)),
-        "background": repr(float(c.background)),
-        "training": json.dumps(c.extra, sort_keys=True, default=str),
-    }
-
-
-def save_instantbooth(path: str | Path, model: InstantBooth) -> Path:
-    """Only the trained heads and adapters go into the file, never the base model."""
-    return write_safetensors(path, model.state_dict(), instantbooth_metadata(model.config))
-
-
-def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> InstantBoothConfig:
-    f = _Fields(path, metadata)
-    f.kind(INSTANTBOOTH_FORMAT, INSTANTBOOTH_VERSION, "instantbooth", "an InstantBooth file")
-    lay = f.json("layout")
-    try:
-        layout = AdapterLayout(**{k: [int(x) for x in lay[k]] for k in ("dims", "heads", "levels", "depths")})
-    except (KeyError, TypeError, ValueError) as e:
-        raise f.error("layout", str(lay)[:80], f"dims/heads/levels/depths lists that fit together ({e})") from None
-    try:
-        extra = json.loads(metadata.get("training", "{}"))
-    except json.JSONDecodeError:
-        raise f.error("training", metadata["training"][:80], "JSON") from None
-    family = f.str("family", set(FAMILIES))
-    ctx_dim = f.int("ctx_dim")
-    try:
-        return InstantBoothConfig(
-            vision_global_dim=f.int("vision_global_dim"), vision_token_dim=f.int("vision_token_dim"),
-            tokens_per_image=f.int("tokens_per_image"), ctx_dim=ctx_dim, layout=layout, family=family,
-            identifier=f.str("identifier"), class_noun=f.str("class_noun"), alpha=f.float("alpha"),
-            beta=f.float("beta"), image_size=f.int("image_size"), crop_margin=f.float("crop_margin"),
-            background=f.float("background"), extra=extra)
-    except ValueError as e:
-        if isinstance(e, FormatError):
-            raise
-        raise FormatError(f"{path}: inconsistent metadata: {e}") from None
-
-
-def load_instantbooth(path: str | Path, family: str | None = None, ctx_dim: int | None = None) -> InstantBooth:
-    """Load and validate an InstantBooth file. ``family``/``ctx_dim`` are those of the model it will patch."""
-    tensors, metadata = read_safetensors(path)
-    config = instantbooth_config_from_metadata(path, metadata)
-    if family is not None and family != config.family:
-        raise FormatError(f"{path}: this InstantBooth file was trained for base family '{config.family}', but the "
-                          f"model to patch is '{family}'; load an InstantBooth file made for {family}.")
-    if ctx_dim is not None and ctx_dim != config.ctx_dim:
-        raise FormatError(f"{path}: metadata field 'ctx_dim' is {config.ctx_dim}, but the model's text encoder is "
-                          f"{ctx_dim} wide; the file is for another base model.")
-    return load_checked(path, InstantBooth(config), tensors, "layout")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# E4T: the pre-trained (or tuned) domain encoder and weight offsets
-
-E4T_FORMAT = "boothkit.e4t"
-E4T_VERSION = 1
+# output names
 
 
-def save_e4t(path: str | Path, model) -> Path:
-    """Only the encoder and the offsets go into the file; the configuration is metadata."""
-    from dataclasses import asdict
-
-    config = asdict(model.config)
-    extra = config.pop("extra")
-    metadata = {"format": E4T_FORMAT, "version": str(E4T_VERSION), "method": "e4t", "family": model.config.family,
-                "identifier": model.config.identifier, "class_word": model.config.class_word,
-                "config": json.dumps(config, sort_keys=True),
-                "training": json.dumps(extra, sort_keys=True, default=str)}
-    return write_safetensors(path, model.state_dict(), metadata)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def load_e4t(path: str | Path, family: str | None = None):
-    """Load and validate an E4T file; ``family`` is that of the model it will tune."""
-    from .e4t import E4T, E4TConfig
+def safe_name(name: str) -> str:
+    """A file-name stem with no directory parts and nothing a shell or ComfyUI's ``embedding:`` syntax trips on:
+    letters, digits, '.', '_', '-'; no leading dot; at most 100 characters. Raises if nothing usable is left."""
+    base = Path(str(name).replace("\\", "/")).name  # drops any directory part, "../" included
+    if base.lower().endswith(".safetensors"):
+        base = base[: -len(".safetensors")]
+    clean = _UNSAFE.sub("_", base).strip("._-")[:100]
+    if not clean or set(clean) <= {".", "_", "-"}:
+        raise ValueError(f"output name {name!r} has no usable characters; use letters, digits, '.', '_' or '-'")
+    if clean != name:
+        log.info("output name %r sanitised to %r", name, clean)
+    return clean
 
-    tensors, metadata = read_safetensors(path)
-    f = _Fields(path, metadata)
-    f.kind(E4T_FORMAT, E4T_VERSION, "e4t", "an E4T file")
-    fam = f.str("family", set(FAMILIES))
-    if family is not None and family != fam:
-        raise FormatError(f"{path}: this E4T file was pre-trained for base family '{fam}', but the model to tune is "
-                          f"'{family}'; load an E4T file made for {family}.")
-    raw = f.json("config")
-    try:
-        extra = json.loads(metadata.get("training", "{}"))
-        config = E4TConfig(**{**raw, "extra": extra})
-    except (TypeError, ValueError) as e:
-        raise f.error("config", str(raw)[:80], f"the fields of an E4T configuration ({e})") from None
-    return load_checked(path, E4T(config), tensors, "configuration")
+
+def output_paths(out_dir: str | Path, name: str, kinds: Sequence[str], overwrite: bool = False) -> dict[str, Path]:
+    """Paths of the files a run writes: kind "embedding" -> ``<name>.safetensors`` (the name is what ComfyUI's
+    ``embedding:<name>`` and A1111's prompt word use), others -> ``<name>_<kind>.safetensors``. Refuses existing
+    files unless ``overwrite``; checked before training so a long run never ends in a refusal."""
+    stem = safe_name(name)
+    out_dir = Path(out_dir)
+    paths = {k: out_dir / (f"{stem}.safetensors" if k == "embedding" else f"{stem}_{k}.safetensors") for k in kinds}
+    for p in paths.values():
+        if out_dir.resolve() not in p.resolve().parents:
+            raise ValueError(f"output {p} would leave the output folder {out_dir}")
+        if p.exists() and not overwrite:
+            raise FileExistsError(f"{p} exists; pass --overwrite (overwrite=True) to replace it, or choose another "
+                                  f"--name")
+    return paths

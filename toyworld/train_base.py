@@ -10,10 +10,10 @@ Checkpoints (safetensors: weights, EMA, optimizer, LR-schedule state, config) go
 exported to ``--out``/base (a diffusers-style folder, fp16, with metadata) every ``--export-minutes`` and at the end,
 and every exported file is recorded in ``--out``/MANIFEST.json with its sha256 and the reproduce command.
 
-    python -m boothkit.training.train_toy_base --out toyworld/weights --steps 4000            # CPU, batch 32
-    python -m boothkit.training.train_toy_base --out toyworld/weights --steps 4000 --resume   # continue
-    python -m boothkit.training.train_toy_base --out toyworld/weights --export-from-checkpoint latest
-    python -m boothkit.training.train_toy_base --out toyworld/weights --tokenizer-only
+    python -m boothkit.toyworld.train_base --out toyworld/weights --steps 4000            # CPU, batch 32
+    python -m boothkit.toyworld.train_base --out toyworld/weights --steps 4000 --resume   # continue
+    python -m boothkit.toyworld.train_base --out toyworld/weights --export-from-checkpoint latest
+    python -m boothkit.toyworld.train_base --out toyworld/weights --tokenizer-only
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from ..toyworld import base as tb
-from ..toyworld import domain, store
-from ..toyworld.tokenizer import TOKENIZER_DIR, build_tokenizer
-from .checkpoint import list_checkpoints, load_checkpoint, optimizer_from_tensors, save_checkpoint
+from . import base as tb
+from . import domain, store
+from .tokenizer import TOKENIZER_DIR, build_tokenizer
+from ..training.checkpoint import list_checkpoints, load_checkpoint, optimizer_from_tensors, save_checkpoint
 
-log = logging.getLogger("boothkit.train_toy_base")
+log = logging.getLogger("boothkit.toyworld.train_base")
 
 DEFAULT_RUN_DIR = "/work/runs/toy_base"
 SAMPLE_PROMPTS = [
@@ -44,7 +44,7 @@ SAMPLE_PROMPTS = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m boothkit.training.train_toy_base", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m boothkit.toyworld.train_base", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(store.WEIGHTS_DIR), help="weights folder (gets base/ and tokenizer/)")
     p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="checkpoints, logs and sample grids")
@@ -73,7 +73,7 @@ def parse_args(argv=None):
 
 def reproduce_command(args) -> str:
     """The command that rebuilds the exported files (the flags that change the result, not resume/export flags)."""
-    parts = ["python", "-m", "boothkit.training.train_toy_base", "--out", "toyworld/weights",
+    parts = ["python", "-m", "boothkit.toyworld.train_base", "--out", "toyworld/weights",
              "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
              "--warmup", str(args.warmup), "--ema-decay", str(args.ema_decay), "--seed", str(args.seed)]
     if args.device != "cpu":
@@ -137,7 +137,7 @@ def ensure_tokenizer(out: Path, reproduce: str | None = None):
     tok = build_tokenizer(out / TOKENIZER_DIR)
     files = sorted(p for p in (out / TOKENIZER_DIR).iterdir() if p.is_file())
     store.record(files, weights_dir=out,
-                 reproduce=reproduce or "python -m boothkit.training.train_toy_base --out toyworld/weights "
+                 reproduce=reproduce or "python -m boothkit.toyworld.train_base --out toyworld/weights "
                                         "--tokenizer-only")
     return tok
 
@@ -192,7 +192,7 @@ def load_named(model: tb.ToyBase, weights: dict[str, torch.Tensor]) -> None:
 def record_existing(out: str | Path) -> list[Path]:
     """Re-record the files of an exported base folder (e.g. copied from another machine) with the reproduce command
     stored in their own metadata."""
-    from ..backend.formats import read_metadata
+    from ..backend.files import read_metadata
 
     out = Path(out)
     cmd = read_metadata(out / tb.BASE_DIR / tb.UNET_FILE)["command"]
