@@ -102,9 +102,10 @@ class InstantBoothApply(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 ConceptType.Input("concept"),
-                io.Float.Input("beta", default=0.3, min=0.0, max=2.0, step=0.01,
-                               tooltip="β, the adapters' weight: 0 turns them off; about 0.3 balances identity and "
-                                       "prompt (1 in training)."),
+                io.Float.Input("beta", default=0.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="β, the adapters' weight; 0 = the file's β (its trainer writes the value it "
+                                       "was chosen at; the paper's is 0.3, the toy file's 1.0). Lower keeps more of "
+                                       "the prompt, higher more of the subject."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Sampling progress at which the adapters start."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
@@ -140,8 +141,8 @@ class InstantBoothCondition(io.ComfyNode):
                 io.String.Input("text", multiline=True, default="",
                                 tooltip="The prompt that was encoded into the conditioning, with the identifier in it. "
                                         "Tip: convert it to an input and share one text with CLIPTextEncode."),
-                io.Float.Input("alpha", default=0.4, min=0.0, max=2.0, step=0.01,
-                               tooltip="α, the concept token's scale (about 0.4 at inference)."),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="α, the concept token's scale; 0 = the file's α (the paper's is 0.4)."),
             ],
             outputs=[io.Conditioning.Output()],
         )
@@ -165,8 +166,8 @@ class InstantBoothTextEncode(io.ComfyNode):
                 ConceptType.Input("concept"),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, default="a photo of a person",
                                 tooltip="The prompt."),
-                io.Float.Input("alpha", default=0.4, min=0.0, max=2.0, step=0.01,
-                               tooltip="α, the concept token's scale (about 0.4 at inference)."),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="α, the concept token's scale; 0 = the file's α (the paper's is 0.4)."),
                 io.Boolean.Input("insert_identifier", default=True,
                                  tooltip="Insert the identifier before the first class noun when the prompt lacks it."),
             ],

@@ -78,7 +78,9 @@ def test_defaults_match_the_paper(pack):
     s = schemas(pack)
     apply = {i.id: i for i in s["BoothKitInstantBoothApply"].inputs}
     cond = {i.id: i for i in s["BoothKitInstantBoothCondition"].inputs}
-    assert apply["beta"].kwargs["default"] == 0.3 and cond["alpha"].kwargs["default"] == 0.4
+    # 0 = the file's value, read one way in every node and command (the paper's 0.3 / 0.4 are the trainer's defaults)
+    assert apply["beta"].kwargs["default"] == 0 and cond["alpha"].kwargs["default"] == 0
+    assert "file's" in apply["beta"].tooltip and "file's" in cond["alpha"].tooltip
     assert (apply["start_percent"].kwargs["default"], apply["end_percent"].kwargs["default"]) == (0.0, 1.0)
     assert [i.io_type for i in s["BoothKitInstantBoothApply"].inputs[:2]] == ["MODEL", "INSTANTBOOTH_CONCEPT"]
     enc = {i.id: i for i in s["BoothKitInstantBoothEncodeConcept"].inputs}
@@ -452,9 +454,13 @@ def test_apply_clones_and_never_touches_the_input_model(pack):
     assert patches[0] == "someone else's" and isinstance(patches[1], host.InstantBoothPatch)
     assert patches[1].enabled == [False, False, False, False, False, False, False, False, True, True]
     assert patches[1].sigma_range == pytest.approx((14.6 * 0.8, 14.6 * 0.2))
-    for beta, start, end in [(0.0, 0.0, 1.0), (0.3, 0.5, 0.5)]:
-        plain = host.apply(model, concept, beta, start, end)
-        assert plain.model_options == before, "β=0 or an empty range adds no patch: the output stays exact"
+    plain = host.apply(model, concept, 0.3, 0.5, 0.5)
+    assert plain.model_options == before, "an empty range adds no patch: the output stays exact"
+    booth.model.config.beta = 0.7
+    (_, patch) = host.apply(model, concept, 0.0).model_options["transformer_options"]["patches"]["middle_patch"]
+    assert patch.beta == 0.7, "β 0 means the file's β"
+    booth.model.config.beta = 0.0
+    assert host.apply(model, concept, 0.0).model_options == before, "a file's β of 0 adds no patch"
     with pytest.raises(ValueError, match="skip_blocks: 'x' is not a number"):
         host.apply(model, concept, 0.3, skip_blocks="1, x")
     with pytest.raises(ValueError, match=r"blocks \[12\] do not exist"):
@@ -556,6 +562,9 @@ def test_condition_replaces_only_the_identifier_rows(pack):
     assert torch.equal(out[0][:, 4], 0.4 * concept.concept.f_c[None])
     keep = [i for i in range(77) if i != 4]
     assert torch.equal(out[0][:, keep], cond[:, keep]) and torch.equal(out[1]["pooled_output"], torch.ones(1, 8))
+    concept.booth.model.config.alpha = 0.25
+    (out,) = host.condition([[cond, {}]], clip, text, concept, 0.0)
+    assert torch.equal(out[0][:, 4], 0.25 * concept.concept.f_c[None]), "α 0 means the file's α"
 
 
 def test_condition_on_prompts_longer_than_one_chunk_and_with_two_encoders(pack):

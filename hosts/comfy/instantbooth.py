@@ -204,9 +204,11 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def apply(model, booth_concept: BoothConcept, beta: float, start_percent: float = 0.0, end_percent: float = 1.0,
           skip_levels: str = "", skip_blocks: str = ""):
-    """A clone of ``model`` with InstantBooth's adapters; ``model`` itself is never changed. β = 0, no enabled adapter
-    or an empty step range give a plain clone, so the output is exactly the unpatched one."""
+    """A clone of ``model`` with InstantBooth's adapters; ``model`` itself is never changed. ``beta`` 0 means the
+    file's β (as ``boothkit generate`` without ``--beta``). No enabled adapter or an empty step range give a plain
+    clone, so the output is exactly the unpatched one."""
     booth = booth_concept.booth
+    beta = beta or booth.model.config.beta
     layout = check_model(booth, model)
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
@@ -314,8 +316,9 @@ def identifier_rows(clip, text: str, identifier: str) -> tuple[list[int], int]:
 
 def condition(conditioning: list, clip, text: str, booth_concept: BoothConcept, alpha: float) -> list:
     """CONDITIONING made from ``text`` -> the same with the identifier's rows replaced by α·f_c (pooled output and
-    every other row untouched)."""
+    every other row untouched). ``alpha`` 0 means the file's α (as ``boothkit generate`` without ``--alpha``)."""
     concept = booth_concept.concept
+    alpha = alpha or booth_concept.booth.model.config.alpha
     rows, length = identifier_rows(clip, text, concept.identifier)
     if not rows:
         raise ValueError(f"the prompt {text!r} does not contain the identifier {concept.identifier!r}. Write it before "
