@@ -1,4 +1,4 @@
-"""The gated adapter of InstantBooth (seed 000, eq. 3), one per transformer block of the denoiser:
+"""The gated adapter of InstantBooth (InstantBooth paper, eq. 3), one per transformer block of the denoiser:
 
     y := y + β · tanh(γ) · S([y, f_p])[:len(y)]
 

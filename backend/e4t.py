@@ -1,4 +1,4 @@
-"""E4T, encoder-based domain tuning (seed 001): a domain encoder predicts the identifier's word embedding from one
+"""E4T, encoder-based domain tuning (the E4T paper): a domain encoder predicts the identifier's word embedding from one
 image, a set of regularised weight offsets draws the denoiser towards the domain, and both are tuned for 5-15 steps
 on the one image at use time, starting from their pre-trained state.
 

@@ -1,5 +1,5 @@
 """The identifier (the paper's \\hat{V}, "sks" by default): where it goes in a prompt, where its rows are in an
-encoded prompt, and the concept token α·f_c that replaces them (seed 000, eq. 6)."""
+encoded prompt, and the concept token α·f_c that replaces them (InstantBooth paper, eq. 6)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 DEFAULT_IDENTIFIER = "sks"
-DEFAULT_TEMPLATE = "a photo of {identifier} {class_noun}"  # the tuning methods' training prompt (seed 002)
+DEFAULT_TEMPLATE = "a photo of {identifier} {class_noun}"  # the tuning methods' training prompt (the two-stage quick-tune paper)
 TOY_TEMPLATE = "a photo of a {identifier} {class_noun}"  # the toy base's caption style ("a photo of a cat ...")
 
 # Per-category class nouns: the identifier is inserted right before the first of these in a prompt.

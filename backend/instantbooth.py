@@ -1,5 +1,5 @@
 """InstantBooth as one object: the concept encoder and patch encoder heads plus one adapter per transformer block,
-with the layout that ties adapters to a denoiser's blocks (seed 000)."""
+with the layout that ties adapters to a denoiser's blocks (the InstantBooth paper)."""
 from __future__ import annotations
 
 from collections.abc import Iterable

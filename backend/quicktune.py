@@ -1,4 +1,4 @@
-"""Two-stage quick-tune (seed 002): textual inversion of the identifier, then DreamBooth-style denoiser fine-tuning.
+"""Two-stage quick-tune (the two-stage quick-tune paper): textual inversion of the identifier, then DreamBooth-style denoiser fine-tuning.
 
 Stage 1 optimises only the identifier's *input* token vectors (initialised from a real word, ~100 steps) through the
 frozen text encoder and denoiser. Stage 2 freezes those vectors and the text encoder and fine-tunes the denoiser

@@ -1,4 +1,4 @@
-"""E4T nodes (seed 001): load a pre-trained E4T file (domain encoder + weight offsets) and tune it on one photo for
+"""E4T nodes (the E4T paper): load a pre-trained E4T file (domain encoder + weight offsets) and tune it on one photo for
 5-15 steps; the result is applied to copies of MODEL and CLIP and can be written by Save Concept. Thin: the work is
 in e4t_host.py (ComfyUI side) and backend/e4t.py. Nothing heavy is imported until a node runs."""
 from __future__ import annotations

@@ -107,7 +107,7 @@ def quicktune_config(**overrides) -> QuickTuneConfig:
 
 
 def quicktune(embedding: bool = True, denoiser: bool = True, photos: int | None = None, **overrides):
-    """Two-stage quick-tune (seed 002) with the toy defaults (100 + 200 steps); the embedding stage alone is
+    """Two-stage quick-tune (the two-stage quick-tune paper) with the toy defaults (100 + 200 steps); the embedding stage alone is
     textual inversion, the denoiser stage alone DreamBooth-style fine-tuning. ``photos`` keeps only the subject's
     first photos (1: what E4T gets). ``overrides`` go to :func:`quicktune_config`."""
     def method(env: ToyEnv, subject, seed: int):
@@ -128,7 +128,7 @@ def quicktune(embedding: bool = True, denoiser: bool = True, photos: int | None 
 
 
 def e4t(steps: int, pretrained: bool = True):
-    """E4T (seed 001) from the subject's first image alone: the pre-trained encoder's prediction, then ``steps``
+    """E4T (the E4T paper) from the subject's first image alone: the pre-trained encoder's prediction, then ``steps``
     tuning steps of the encoder and the weight offsets. ``pretrained=False`` is the ablation: the same tune from an
     untrained E4T of the shipped file's shape (prediction 0, Δ = 0), to show what the pre-training adds."""
     def method(env: ToyEnv, subject, seed: int):

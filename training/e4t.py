@@ -1,4 +1,4 @@
-"""Pre-training E4T (seed 001) on a domain: many images of one class (or a few, each image naming its class word),
+"""Pre-training E4T (the E4T paper) on a domain: many images of one class (or a few, each image naming its class word),
 prompts with the identifier before the class noun, the denoising loss plus the regularisers. The domain encoder and
 the weight offsets are trained; the denoiser, the text encoder and the CLIP backbone stay frozen. The objective is
 backend/e4t.py's — the same one a tune at use time runs for 5-15 steps."""

@@ -1,4 +1,4 @@
-"""Training InstantBooth (seed 000, sec. 3.3): the concept-encoder head, the patch-encoder head and the adapters, on
+"""Training InstantBooth (InstantBooth paper, sec. 3.3): the concept-encoder head, the patch-encoder head and the adapters, on
 top of a frozen Stable Diffusion model and a frozen CLIP vision backbone.
 
 Recipe: the identifier is inserted before the class noun; the conditioning images are the (augmented, cropped,

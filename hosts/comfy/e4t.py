@@ -1,4 +1,4 @@
-"""The ComfyUI host of E4T (seed 001): the E4T Tune node's work on ComfyUI's MODEL / CLIP / CLIP_VISION / VAE. The
+"""The ComfyUI host of E4T (the E4T paper): the E4T Tune node's work on ComfyUI's MODEL / CLIP / CLIP_VISION / VAE. The
 method is backend/e4t.py (objective, tune, concept vectors); this file hands it ComfyUI callables and reuses the
 quick-tune host for everything the two share: the text encoders and prompt encoding, the DDPM view of the UNet,
 training on inference-mode weights without changing them, images, progress, and applying the result to clones

@@ -1,4 +1,4 @@
-"""The ComfyUI host of two-stage quick-tune (seed 002): what the nodes in quicktune.py do, written against ComfyUI's
+"""The ComfyUI host of two-stage quick-tune (the two-stage quick-tune paper): what the nodes in quicktune.py do, written against ComfyUI's
 objects (a ModelPatcher MODEL, a CLIP, a VAE, IMAGE/MASK tensors). The method itself is backend/quicktune.py
 (``two_stage``); this file only hands it ComfyUI callables — encode, predict, the noise schedule, cached x0 — and
 turns the result into patched clones and files. Nothing from ComfyUI is imported at module level, so the helpers

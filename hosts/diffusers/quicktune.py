@@ -41,7 +41,7 @@ from .common import PromptEncoder, TextSlot, cache_images, default_resolution, m
 
 log = logging.getLogger(__name__)
 
-PAPER_INIT_WORD = "rare"  # seed 002 initialises "(rare)" from the word "rare"
+PAPER_INIT_WORD = "rare"  # the two-stage paper initialises "(rare)" from the word "rare"
 UNET_FORMAT = "boothkit.unet"
 
 
