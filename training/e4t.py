@@ -7,13 +7,13 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 import torch
 
 from ..backend import e4t as e4t_backend
-from ..backend.e4t import E4T
+from ..backend.e4t import E4T, E4TConfig
 from ..backend.e4t import save_e4t
 from ..backend.identifier import class_nouns_for, insert_identifier
 from ..hosts.diffusers.e4t import E4THost, class_tokens, class_vectors, new_config
@@ -25,26 +25,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class E4TSettings:
-    identifier: str = "sks"
+class _TrainerSettings:
+    """What only pre-training reads; the rest of ``[method]`` is E4TConfig's own fields (below)."""
     category: str = "person"  # picks the class-noun list (backend.identifier.CLASS_NOUNS) ...
     class_nouns: list[str] = field(default_factory=list)  # ... extended by these; the first is the file's default
     lr: float = 1.6e-5  # encoder and offsets (the public re-implementation's pre-training rate)
-    scale: float = 0.1
-    rank: int = 1
-    hidden: int = 256
-    reg_embedding: float = 0.01
-    reg_offsets: float = 0.0
-    reg_background: float = 0.0  # holds the background (off the subject's mask) to the base model's; needs masked_loss
-    tune_steps: int = 15  # defaults written into the file for the tune at use time
-    tune_lr: float = 1e-4
-    tune_encoder_lr: float | None = None  # None: tune_lr
-    tune_batch: int = 4
-    tune_flip: bool = False  # the tune also draws the mirror image of the concept's one image
-    tune_cross_kv: bool = True  # the tune moves the cross-attention keys' and values' offsets too
-    tune_targets: str = ""  # regex of the offsets the tune moves (empty: all)
-    tune_max_timestep: float = 1.0  # the tune draws t below this fraction of the schedule
-    modulation_rank: int = 0
     cache_latents: bool = True
     cache_vision: bool = True  # class tokens of each image, computed once (the backbone is frozen, no augmentation)
     gradient_checkpointing: bool = False
@@ -54,6 +39,20 @@ class E4TSettings:
     sample_steps: int = 25
     sample_guidance: float = 5.0
     validation_images: int = 4
+
+
+# E4TConfig's fields that the model fixes (dimensions, targets) or the trainer derives (class_word, extra); every
+# other field of it (identifier, scale, rank, the regularisers, the tune's defaults written into the file ...) is a
+# [method] key with E4TConfig's own default, so the two can never disagree
+_FROM_MODEL = {"family", "word_dims", "vision_dim", "vision_layers", "unet_dims", "targets", "target_shapes",
+               "class_word", "extra"}
+CONFIG_FIELDS = [f.name for f in fields(E4TConfig) if f.name not in _FROM_MODEL]
+E4TSettings = make_dataclass(
+    "E4TSettings",
+    [(f.name, f.type, field(default=f.default, default_factory=f.default_factory))
+     for f in fields(E4TConfig) if f.name in CONFIG_FIELDS],
+    bases=(_TrainerSettings,))
+E4TSettings.__doc__ = "E4T pre-training's [method] settings: E4TConfig's free fields + the trainer's own."
 
 
 class E4TTraining:
@@ -68,13 +67,8 @@ class E4TTraining:
         self.attention = freeze_base(model, vision, self.device, attention=s.attention,
                                      gradient_checkpointing=s.gradient_checkpointing)
         self.nouns = class_nouns_for(s.category, s.class_nouns)
-        self.e4t = E4T(new_config(model, vision, self.nouns[0], s.identifier, scale=s.scale, rank=s.rank,
-                                  hidden=s.hidden, reg_embedding=s.reg_embedding, reg_offsets=s.reg_offsets,
-                                  reg_background=s.reg_background, tune_steps=s.tune_steps, tune_lr=s.tune_lr,
-                                  tune_encoder_lr=s.tune_encoder_lr, tune_batch=s.tune_batch,
-                                  tune_flip=s.tune_flip, tune_cross_kv=s.tune_cross_kv, tune_targets=s.tune_targets,
-                                  tune_max_timestep=s.tune_max_timestep,
-                                  modulation_rank=s.modulation_rank)).to(self.device)
+        own = {name: getattr(s, name) for name in CONFIG_FIELDS if name != "identifier"}
+        self.e4t = E4T(new_config(model, vision, self.nouns[0], s.identifier, **own)).to(self.device)
         self.module = self.e4t
         self.train_set = self._split(dataset, s.cache_latents)
         self.val_set = self._split(validation, False) if validation is not None else None
