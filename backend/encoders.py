@@ -1,4 +1,4 @@
-"""The two image encoders of InstantBooth (InstantBooth paper, sec. 3.2): a frozen CLIP vision backbone followed by a trained
+"""The two image encoders of InstantBooth (paper, sec. 3.2): a frozen CLIP vision backbone followed by a trained
 fully-connected head each. The backbone is run by the host; these heads only see its outputs."""
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 DEFAULT_IDENTIFIER = "sks"
-DEFAULT_TEMPLATE = "a photo of {identifier} {class_noun}"  # the tuning methods' training prompt (the two-stage quick-tune paper)
+DEFAULT_TEMPLATE = "a photo of {identifier} {class_noun}"  # the tuning methods' training prompt (two-stage paper)
 TOY_TEMPLATE = "a photo of a {identifier} {class_noun}"  # the toy base's caption style ("a photo of a cat ...")
 
 # Per-category class nouns: the identifier is inserted right before the first of these in a prompt.

@@ -1,4 +1,4 @@
-"""LoRA for stage 2 of quick-tune (the two-stage quick-tune paper): low-rank weight offsets attached to a denoiser by forward hooks.
+"""LoRA for stage 2 of quick-tune: low-rank weight offsets attached to a denoiser by forward hooks.
 
 The base modules are never changed: a hook adds ``multiplier · (α / rank) · up(down(x))`` to a module's output, so
 ``detach()`` (or leaving the ``with`` block) restores the exact original outputs and the base weights stay

@@ -1,4 +1,4 @@
-"""Conditioning-image preprocessing of InstantBooth (InstantBooth paper, sec. 3.2): crop each image to its subject's mask box,
+"""Conditioning-image preprocessing of InstantBooth (paper, sec. 3.2): crop each image to its subject's mask box,
 mask out the background, resize to the backbone's input size and apply CLIP normalisation. Training adds heavy
 augmentation that moves image and mask together. Images are [N, 3, H, W] floats in [0, 1], masks [N, 1, H, W]."""
 from __future__ import annotations

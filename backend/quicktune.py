@@ -1,4 +1,4 @@
-"""Two-stage quick-tune (the two-stage quick-tune paper): textual inversion of the identifier, then DreamBooth-style denoiser fine-tuning.
+"""Two-stage quick-tune: textual inversion of the identifier, then DreamBooth-style denoiser fine-tuning.
 
 Stage 1 optimises only the identifier's *input* token vectors (initialised from a real word, ~100 steps) through the
 frozen text encoder and denoiser. Stage 2 freezes those vectors and the text encoder and fine-tunes the denoiser
@@ -19,13 +19,15 @@ cancel within one step, NaN guard that keeps the last good state) that other met
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from .tune import BatchSampler, DONE, Encode, Predict, NoiseSchedule, Progress, TrainingSet, TuneResult, _batch_len, _generators, concat, denoising_loss, encode_all, take, tune_loop
+from .tune import (BatchSampler, DONE, Encode, NoiseSchedule, Predict, Progress, TrainingSet, TuneResult, _batch_len,
+                   _generators, concat, denoising_loss, encode_all, take, tune_loop)
 
 
 
@@ -223,3 +225,25 @@ def two_stage(init_vectors: Sequence[torch.Tensor], encode: Encode, predict: Pre
             r2 = finetune_denoiser(params, predict, schedule, images, cache, config.stage2, prior_term,
                                    progress(s1), should_cancel, seed + 1, mixed_precision)
     return TwoStageResult(vectors, r1, r2)
+
+
+def training_record(config: QuickTuneConfig, out: TwoStageResult, *, run_stage1: bool, run_stage2: bool,
+                    class_noun: str, init_word: str, prompts: Sequence[str], num_images: int, num_class_images: int,
+                    resolution: int, seed: int, mixed_precision: str, masked: bool, started: float,
+                    **host_fields) -> dict:
+    """A run's settings and outcome, the ``training`` metadata of the files it writes; every host records the same
+    keys (``host_fields`` adds the host's own, e.g. the base model's name)."""
+    r1, r2 = out.stage1, out.stage2
+    return {
+        "method": "quicktune", "stages": [s for s, on in (("embedding", run_stage1), ("denoiser", run_stage2)) if on],
+        "class_noun": class_noun, "prompts": list(prompts), "init_word": init_word, "num_images": num_images,
+        "num_class_images": num_class_images, "resolution": resolution, "seed": seed,
+        "mixed_precision": mixed_precision, "gradient_checkpointing": config.gradient_checkpointing,
+        "mode": config.mode, "rank": config.rank, "alpha": config.rank if config.alpha is None else config.alpha,
+        "conv_rank": config.conv_rank, "flip": config.flip, "masked_loss": masked,
+        "stage1_steps": config.stage1.steps if run_stage1 else 0, "stage1_lr": config.stage1.lr,
+        "stage1_batch_size": config.stage1.batch_size, "stage1_steps_done": r1.steps if r1 else 0,
+        "stage2_steps": config.stage2.steps if run_stage2 else 0, "stage2_lr": config.stage2.lr,
+        "stage2_batch_size": config.stage2.batch_size, "stage2_steps_done": r2.steps if r2 else 0,
+        "status": out.status, "started_at": int(started), "finished_at": int(time.time()), **host_fields,
+    }

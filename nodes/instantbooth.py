@@ -1,4 +1,4 @@
-"""InstantBooth nodes (the InstantBooth paper): load a file, encode concept images, patch the MODEL with the adapters, put the concept
+"""InstantBooth nodes: load a file, encode concept images, patch the MODEL with the adapters, put the concept
 token into the prompt. Each node is thin: the work is in instantbooth_host.py (ComfyUI side) and backend/. Nothing
 heavy is imported until a node runs."""
 from __future__ import annotations

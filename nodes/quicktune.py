@@ -1,4 +1,4 @@
-"""Two-stage quick-tune nodes (the two-stage quick-tune paper): tune a concept from a few photos inside ComfyUI (textual inversion of the
+"""Two-stage quick-tune nodes: tune a concept from a few photos inside ComfyUI (textual inversion of the
 identifier, then a LoRA on the denoiser) and save it as files stock ComfyUI and A1111 load. Thin: the work is in
 quicktune_host.py (ComfyUI side) and backend/quicktune.py. Nothing heavy is imported until a node runs."""
 from __future__ import annotations

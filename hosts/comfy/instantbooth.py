@@ -1,4 +1,4 @@
-"""The ComfyUI host of InstantBooth (the InstantBooth paper): what the nodes in instantbooth.py do, written against ComfyUI's objects
+"""The ComfyUI host of InstantBooth: what the nodes in instantbooth.py do, written against ComfyUI's objects
 by duck typing (a ModelPatcher, a CLIP, a CLIP_VISION, CONDITIONING lists), so it imports no ComfyUI module and is
 tested without ComfyUI. The counterpart of hosts/diffusers_host.py; both must give the same result on the same
 weights.

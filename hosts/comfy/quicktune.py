@@ -1,4 +1,4 @@
-"""The ComfyUI host of two-stage quick-tune (the two-stage quick-tune paper): what the nodes in quicktune.py do, written against ComfyUI's
+"""The ComfyUI host of two-stage quick-tune: what the nodes in quicktune.py do, written against ComfyUI's
 objects (a ModelPatcher MODEL, a CLIP, a VAE, IMAGE/MASK tensors). The method itself is backend/quicktune.py
 (``two_stage``); this file only hands it ComfyUI callables — encode, predict, the noise schedule, cached x0 — and
 turns the result into patched clones and files. Nothing from ComfyUI is imported at module level, so the helpers
@@ -43,11 +43,12 @@ from ...backend.lora import LoRA, LoRATensors, lora_tensors
 from ...backend.identifier import DEFAULT_TEMPLATE, check_identifier
 from ...backend.tune import resolve_mixed_precision
 from .common import model_name
-from .common import Progress, PromptEncoder, apply_embedding, apply_lora, check_model, checkpointed, diffusers_names, encode_images, frozen, make_predict, noise_schedule, prepare, send_text, text_slots, token_ids, trainable
+from .common import (Progress, PromptEncoder, apply_embedding, apply_lora, check_model, checkpointed,
+                     diffusers_names, encode_images, frozen, make_predict, noise_schedule, prepare, send_text,
+                     text_slots, token_ids, trainable)
 
 
 log = logging.getLogger(__name__)
-METHOD = "quicktune"
 NAME_FIELDS = ("ss_output_name", "modelspec.title")  # metadata that names the file (kohya, SAI model spec)
 
 
@@ -66,28 +67,6 @@ class QuickTuneOutput:
     report: str
     stage1: tune.TuneResult | None = None
     stage2: tune.TuneResult | None = None
-
-
-def training_record(model, config: qt.QuickTuneConfig, out: qt.TwoStageResult, run_stage1: bool, run_stage2: bool,
-                    class_noun: str, init_word: str, identifier: str, num_images: int, resolution: int, seed: int,
-                    mixed_precision: str, masked: bool, started: float) -> dict:
-    """The run's settings and outcome, as the diffusers host records them (the files' ``training`` metadata)."""
-    r1, r2 = out.stage1, out.stage2
-    return {
-        "method": METHOD, "host": "comfyui", "base_model": model_name(model),
-        "stages": [s for s, on in (("embedding", run_stage1), ("denoiser", run_stage2)) if on],
-        "class_noun": class_noun, "prompts": [DEFAULT_TEMPLATE], "init_word": init_word if run_stage1 else "",
-        "num_images": num_images, "num_class_images": 0, "resolution": resolution, "seed": seed,
-        "mixed_precision": mixed_precision, "gradient_checkpointing": config.gradient_checkpointing, "mode": "lora",
-        "rank": config.rank,
-        "alpha": config.rank if config.alpha is None else config.alpha, "conv_rank": 0, "flip": False,
-        "masked_loss": masked,
-        "stage1_steps": config.stage1.steps if run_stage1 else 0, "stage1_lr": config.stage1.lr,
-        "stage1_batch_size": config.stage1.batch_size, "stage1_steps_done": r1.steps if r1 else 0,
-        "stage2_steps": config.stage2.steps if run_stage2 else 0, "stage2_lr": config.stage2.lr,
-        "stage2_batch_size": config.stage2.batch_size, "stage2_steps_done": r2.steps if r2 else 0,
-        "status": out.status, "started_at": int(started), "finished_at": int(time.time()), "name": identifier,
-    }
 
 
 def _stage_line(name: str, r: tune.TuneResult | None, steps: int) -> str:
@@ -167,8 +146,11 @@ def quick_tune(model, clip, vae, images, class_noun: str, identifier: str = DEFA
         # in the dtype of each token table (fp16 in most checkpoints): the returned CLIP's row and the saved
         # embedding then hold the same numbers, so "sks" and "embedding:<name>" encode identically
         vectors = [v.to(s.layer.weight.dtype).float() for s, v in zip(slots, out.vectors)]
-        training = training_record(model, config, out, run_stage1, run_stage2, class_noun, init_word, identifier,
-                                   len(pixels), resolution, seed, mixed, masks is not None, started)
+        training = qt.training_record(
+            config, out, run_stage1=run_stage1, run_stage2=run_stage2, class_noun=class_noun,
+            init_word=init_word if run_stage1 else "", prompts=[DEFAULT_TEMPLATE], num_images=len(pixels),
+            num_class_images=0, resolution=resolution, seed=seed, mixed_precision=mixed, masked=masks is not None,
+            started=started, host="comfyui", base_model=model_name(model), name=identifier)
         embedding = Embedding({s.key: v.detach().cpu() for s, v in zip(slots, vectors)}, family, identifier,
                               training["init_word"])
         embedding.metadata = embedding_metadata(embedding, training, prediction_type)
@@ -211,7 +193,8 @@ def save_concept(embedding: Embedding | None, lora: LoRATensors | None, name: st
     stem = files.safe_name(name)
     targets = []
     if embedding is not None:
-        targets.append((embedding, files.output_paths(embeddings_dir, stem, ["embedding"], overwrite=True)["embedding"]))
+        path = files.output_paths(embeddings_dir, stem, ["embedding"], overwrite=True)["embedding"]
+        targets.append((embedding, path))
     if lora is not None:
         targets.append((lora, files.output_paths(loras_dir, stem, ["lora"], overwrite=True)["lora"]))
     existing = [str(p) for _, p in targets if p.exists()]

@@ -36,7 +36,8 @@ from ...backend.identifier import DEFAULT_IDENTIFIER, check_identifier, training
 from ...backend.lora import LoRA, save_lora
 from ...backend.preprocess import prepare_images
 from ...backend.tune import resolve_mixed_precision
-from .common import PromptEncoder, TextSlot, cache_images, default_resolution, make_predict, schedule_of, text_slots, word_ids
+from .common import (PromptEncoder, TextSlot, cache_images, default_resolution, make_predict, schedule_of,
+                     text_slots, word_ids)
 
 
 log = logging.getLogger(__name__)
@@ -214,20 +215,11 @@ def quick_tune(model, images, class_noun: str, *, identifier: str = DEFAULT_IDEN
     embedding = Embedding({s.key: v.cpu() for s, v in zip(slots, out.vectors)}, model.family, identifier,
                           init_word if stage1 else "")
     r1, r2 = out.stage1, out.stage2
-    training = {
-        "method": "quicktune", "stages": [s for s, on in (("embedding", stage1), ("denoiser", stage2)) if on],
-        "class_noun": class_noun, "prompts": templates, "init_word": init_word, "num_images": len(pixels),
-        "num_class_images": 0 if class_images is None else len(class_images), "resolution": resolution,
-        "seed": seed, "mixed_precision": mixed, "gradient_checkpointing": config.gradient_checkpointing,
-        "mode": config.mode, "rank": config.rank, "alpha": config.alpha if config.alpha is not None else config.rank,
-        "conv_rank": config.conv_rank, "flip": config.flip, "masked_loss": masks is not None,
-        "stage1_steps": config.stage1.steps if stage1 else 0, "stage1_lr": config.stage1.lr,
-        "stage1_batch_size": config.stage1.batch_size, "stage1_steps_done": r1.steps if r1 else 0,
-        "stage2_steps": config.stage2.steps if stage2 else 0, "stage2_lr": config.stage2.lr,
-        "stage2_batch_size": config.stage2.batch_size, "stage2_steps_done": r2.steps if r2 else 0,
-        "status": out.status, "started_at": int(started), "finished_at": int(time.time()),
-        "base_model": getattr(model, "name", ""),
-    }
+    training = qt.training_record(
+        config, out, run_stage1=stage1, run_stage2=stage2, class_noun=class_noun, init_word=init_word,
+        prompts=templates, num_images=len(pixels), num_class_images=0 if class_images is None else len(class_images),
+        resolution=resolution, seed=seed, mixed_precision=mixed, masked=masks is not None, started=started,
+        base_model=getattr(model, "name", ""))
     unet_state = None
     if full_copy is not None and r2 is not None:
         unet_state = {k: v.detach().cpu() for k, v in full_copy.state_dict().items()}
