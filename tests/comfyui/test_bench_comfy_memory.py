@@ -14,7 +14,7 @@ from boothkit.bench import comfy_memory
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                  reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
-                                        "(README: 'Testing with a real ComfyUI')")]
+                                        "(docs/tests.md)")]
 
 
 @pytest.mark.parametrize("method", ["e4t", "quicktune"])

@@ -10,7 +10,7 @@ import torch
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                  reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
-                                        "(README: 'Testing with a real ComfyUI')")]
+                                        "(docs/tests.md)")]
 
 NODE_IDS = {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply",
             "BoothKitInstantBoothCondition", "BoothKitInstantBoothTextEncode", "BoothKitInstantBoothInsertIdentifier",

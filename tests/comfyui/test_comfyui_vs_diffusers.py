@@ -16,7 +16,7 @@ import torch
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                  reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
-                                        "(README: 'Testing with a real ComfyUI')")]
+                                        "(docs/tests.md)")]
 
 PROMPT = "a photo of sks person on the beach"  # driver.PROMPT
 # tests/comfyui/make_models.py UNET_CONFIG in diffusers' terms: 2 levels of 320, 1 res block + 1 transformer each

@@ -14,7 +14,7 @@ import torch
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                  reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
-                                        "(README: 'Testing with a real ComfyUI')")]
+                                        "(docs/tests.md)")]
 
 UNTOUCHED = {"unet_state_identical": True, "model_patches_identical": True, "clip_patches_identical": True,
              "token_table_identical": True, "forward_hooks_left": 0}

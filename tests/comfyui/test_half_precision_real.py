@@ -12,7 +12,7 @@ import pytest
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                  reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
-                                        "(README: 'Testing with a real ComfyUI')")]
+                                        "(docs/tests.md)")]
 
 STEPS = 2  # as in the driver
 

@@ -13,7 +13,7 @@ import torch
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                  reason="COMFYUI_PATH is not set: the real-ComfyUI tier needs a ComfyUI checkout "
-                                        "(README: 'Testing with a real ComfyUI')")]
+                                        "(docs/tests.md)")]
 
 STEPS = 3  # per stage, as in the driver
 UNTOUCHED = {"unet_state_identical": True, "model_patches_identical": True, "model_options_identical": True,
