@@ -48,11 +48,6 @@ def family_of(unet) -> str:
 
 
 def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None) -> SDModel:
-    if str(path) == "toy":
-        from ...toyworld.base import load_base
-
-        b = load_base(dtype=dtype)
-        return SDModel(b.unet, b.text_encoder, b.tokenizer, b.scheduler, None, "toy", b.resolution)
     path = Path(path)
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -112,16 +107,10 @@ def _vae_scale(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def load_clip_vision(path: str | Path | None, dtype: torch.dtype = torch.float32):
-    """A transformers CLIPVisionModelWithProjection from a local folder; ``None``/"toy" = the toy world's."""
+def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A transformers CLIPVisionModelWithProjection from a local folder."""
     from transformers import CLIPVisionModelWithProjection
 
-    if path is None or str(path) == "toy":
-        from ...toyworld.scorers import load_clip_vision as toy_clip_vision
-
-        model = toy_clip_vision()
-        model = model[0] if isinstance(model, tuple) else model
-        return model.eval()
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a CLIP vision model folder (no config.json)")
