@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import FormatError, check_version, read_safetensors, write_safetensors
+from .files import FormatError, check_finite, check_version, read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +450,7 @@ def load_lora(path: str | Path, family: str | None = None) -> LoRAFile:
 
     ``family`` is that of the model it will be attached to; a BoothKit file made for another family is refused."""
     tensors, meta = read_safetensors(path)
+    check_finite(path, tensors)
     fmt = meta.get("format")
     if fmt is None and meta.get("ss_network_module", "").endswith("lora"):
         log.info("%s: a kohya LoRA without BoothKit metadata; reading its layers only", path)
