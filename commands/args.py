@@ -12,6 +12,13 @@ from __future__ import annotations
 import argparse
 import math
 
+class Parser(argparse.ArgumentParser):
+    """argparse with errors on one line: ``boothkit CMD: error: ...`` (exit 2), the usage left to ``--help``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 # upper bounds that no sensible run reaches and that keep a typo from allocating gigabytes
 MAX_STEPS = 100_000
 MAX_COUNT = 10_000
