@@ -301,6 +301,9 @@ def output_paths(out_dir: str | Path, name: str, kinds: Sequence[str], overwrite
     files unless ``overwrite``; checked before training so a long run never ends in a refusal."""
     stem = safe_name(name)
     out_dir = Path(out_dir)
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"output folder {out_dir}: {folder} is a file, not a folder")
     paths = {k: out_dir / (f"{stem}.safetensors" if k == "embedding" else f"{stem}_{k}.safetensors") for k in kinds}
     for p in paths.values():
         if out_dir.resolve() not in p.resolve().parents:

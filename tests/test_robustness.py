@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -104,3 +105,179 @@ def test_written_files_honour_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# commands: one-line errors, exit 2, nothing written
+
+
+def run_cli(argv, capsys):
+    """(exit code, stderr lines) of `boothkit ARGV` run in-process."""
+    from boothkit.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, err
+
+
+def one_line_error(argv, capsys, *needles):
+    code, err = run_cli(argv, capsys)
+    errors = [line for line in err if line.startswith(f"boothkit {argv[0]}") and ": error: " in line]
+    assert code == 2 and len(errors) == 1, (code, err)
+    assert "Traceback" not in "\n".join(err)
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+GEN = ["generate", "--images", "x.png", "--prompt", "a photo of a cat"]
+TUNE = ["tune", "--images", "d", "--class-noun", "cat", "--out", "o"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (GEN + ["--steps", "0"], "--steps"), (GEN + ["--steps", "-3"], "--steps"),
+    (GEN + ["--num-images", "0"], "--num-images"), (GEN + ["--alpha", "nan"], "--alpha"),
+    (GEN + ["--beta", "inf"], "--beta"), (GEN + ["--guidance", "-1"], "--guidance"),
+    (["eval", "--steps", "0"], "--steps"), (["eval", "--subjects", "0"], "--subjects"),
+    (["eval", "--subjects", "-2"], "--subjects"), (["eval", "--beta", "nan"], "--beta"),
+    (["demo", "--subject", "-1"], "--subject"), (["demo", "--steps", "0"], "--steps"),
+    (TUNE + ["--alpha", "nan"], "--alpha"), (TUNE + ["--stage1-lr", "inf"], "--stage1-lr"),
+    (TUNE + ["--rank", "0"], "--rank"), (TUNE + ["--stage2-steps", "-1"], "--stage2-steps"),
+    (["train", "instantbooth", "--config", "c.toml", "--steps", "0"], "--steps"),
+    (["toyworld", "export", "--out", "o", "--n", "0"], "--n"),
+])
+def test_numeric_options_are_checked_when_parsed(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(argv, capsys, f"argument {needle}")
+    assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+def test_generate_out_is_not_replaced_and_not_written_under_a_file(tmp_path, capsys):
+    existing = tmp_path / "out.png"
+    existing.write_bytes(b"keep")
+    one_line_error(GEN + ["--out", str(existing)], capsys, str(existing), "--overwrite")
+    assert existing.read_bytes() == b"keep"
+    one_line_error(GEN + ["--out", str(existing / "x.png")], capsys, "is a file")
+
+
+def test_tune_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_line_error(["tune", "--images", str(tmp_path), "--class-noun", "cat", "--out", str(f)], capsys,
+                   str(f), "is a file")
+
+
+def test_eval_tables_are_read_before_the_evaluation(tmp_path, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "eval.json").write_text("{not json")
+    one_line_error(["eval", "--methods", "base", "--update", "--out", str(out)], capsys, "eval.json", "not an eval")
+    assert (out / "eval.json").read_text() == "{not json", "the table is left as it was"
+    (out / "eval.json").write_text(json.dumps({"settings": {}, "methods": {}}))
+    one_line_error(["eval", "--methods", "base", "--out", str(out)], capsys, "exists", "--update", "--overwrite")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"settings": {"subject_ids": [1, 2]}, "methods": {"a": {"identity_per_subject": [0.1]}}}))
+    one_line_error(["eval", "--paired", "a", "b", "--tables", str(bad)], capsys, str(bad), "identity_per_subject")
+
+
+def test_eval_refuses_to_write_non_finite_scores():
+    from boothkit.commands.eval import nonfinite_fields
+
+    assert nonfinite_fields({"methods": {"a": {"identity": float("nan"), "per": [0.1, float("inf")]}}}) == \
+        ["methods.a.identity", "methods.a.per[1]"]
+    assert nonfinite_fields({"a": 1.0, "b": [0, 2.5], "c": "x"}) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images
+
+
+def png_header_only(path, width, height):
+    """A PNG whose header claims width x height (1-bit greyscale) with a few bytes of data: an image bomb that costs
+    nothing to write."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [5000, 12000, 30000])
+def test_image_bombs_are_refused_before_decoding(tmp_path, side):
+    from boothkit.backend.imageio import read_images_and_masks
+
+    bomb = png_header_only(tmp_path / "bomb.png", side, side)
+    with pytest.raises(ValueError, match=rf"bomb\.png: image (is {side}x{side}|too large)"):
+        read_images_and_masks(tmp_path)
+
+
+def test_an_image_bomb_in_a_training_folder_is_skipped_with_skip_bad(tmp_path):
+    from PIL import Image
+
+    from boothkit.training.data import DataError, FolderDataset
+
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a cat")
+    png_header_only(tmp_path / "2.png", 30000, 30000)
+    (tmp_path / "2.txt").write_text("a cat")
+    with pytest.raises(DataError, match=r"(?s)1 bad item.*--set data\.skip_bad=true.*2\.png: image too large"):
+        FolderDataset(tmp_path, 32)
+    ds = FolderDataset(tmp_path, 32, skip_bad=True)
+    assert len(ds) == 2
+
+
+def test_16_bit_png_keeps_its_values(tmp_path):
+    from PIL import Image
+
+    from boothkit.backend.imageio import read_images_and_masks
+
+    values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(values).save(tmp_path / "a.png")
+    images, _ = read_images_and_masks(tmp_path)
+    assert images.shape == (1, 3, 32, 32)
+    assert torch.allclose(images[0, 0], torch.from_numpy(values / 65535.0).float(), atol=1e-6)
+    assert torch.equal(images[0, 0], images[0, 2]) and float(images.mean()) < 0.6, "not clipped to white"
+
+
+def test_alpha_is_the_mask_where_no_mask_file_is_given(tmp_path, caplog):
+    from PIL import Image
+
+    from boothkit.backend.imageio import read_images_and_masks
+
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 1] = 200
+    rgba[4:20, 8:24, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    with caplog.at_level("INFO"):
+        images, masks = read_images_and_masks(tmp_path)
+    assert "alpha channel as the subject's mask" in caplog.text
+    want = torch.zeros(32, 32)
+    want[4:20, 8:24] = 1
+    assert torch.equal(masks[0, 0], want)
+    assert torch.allclose(images[0, 1], torch.full((32, 32), 200 / 255))
+    # a mask file wins over the alpha
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "a_mask.png")
+    _, masks = read_images_and_masks(tmp_path)
+    assert bool((masks == 1).all())
+
+
+def test_tiny_photo_and_non_finite_png_are_refused(tmp_path):
+    from PIL import Image
+
+    from boothkit.backend.imageio import read_images_and_masks, save_png
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"a\.png: image is 1x1, expected at least 8x8"):
+        read_images_and_masks(tmp_path)
+    with pytest.raises(NonFiniteError, match=r"out\.png.*holds 3 NaN"):
+        save_png(torch.tensor([[[0.5, float("nan")]]]).expand(3, 1, 2), tmp_path / "out.png")
+    assert not (tmp_path / "out.png").exists()
