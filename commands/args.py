@@ -77,3 +77,4 @@ finite_float = float_range()                     # any finite number
 positive_float = float_range(0.0, None, lo_open=True)
 nonneg_float = float_range(0.0, None)
 fraction = float_range(0.0, 1.0)                 # 0 <= x <= 1
+learning_rate = float_range(0.0, 10.0, lo_open=True)  # 0 < x <= 10: above, Adam's step overflows float32

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from .args import Parser, finite_float, int_range, nonneg_int, positive_float
+from .args import Parser, finite_float, int_range, nonneg_int, learning_rate
 from ..toyworld.evaluate import __doc__ as METRICS, evaluate, merge, paired, to_markdown
 
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for eval.json and eval.md")
     p.add_argument("--beta", type=finite_float, help="InstantBooth's adapter weight β instead of the shipped file's")
-    p.add_argument("--e4t-lr", type=positive_float, help="E4T's tune learning rate instead of the shipped file's")
+    p.add_argument("--e4t-lr", type=learning_rate, help="E4T's tune learning rate instead of the shipped file's")
     p.add_argument("--e4t", metavar="FILE", help="a pre-trained E4T file instead of the shipped one")
     p.add_argument("--dev", action="store_true",
                    help="score the last held-out identities instead of the first: a development set on which to "

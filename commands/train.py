@@ -67,15 +67,15 @@ def run(method_name: str, config: dict, resume: bool, overwrite: bool = False) -
 
     from ..training.trainer import Trainer, TrainSettings, check_output_dir
 
-    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:  # before a minute of loading, not after
-        settings = build(TrainSettings, config.get("train", {}), "train")
-        check_output_dir(settings.output_dir, method_name, resume, overwrite)
-
     if method_name == "instantbooth":
         from ..training.instantbooth import InstantBoothSettings as Settings, InstantBoothTraining as Training
     else:
         from ..training.e4t import E4TSettings as Settings, E4TTraining as Training
-    method_settings = build(Settings, config.get("method", {}), "method")  # its values checked before loading
+    # every value checked, and the output folder, before a minute of loading, not after
+    method_settings = build(Settings, config.get("method", {}), "method")
+    settings = build(TrainSettings, config.get("train", {}), "train")
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        check_output_dir(settings.output_dir, method_name, resume, overwrite)
     model, vision, dataset, validation, settings = _load(config)
     config = {**config, "train": dataclasses.asdict(settings), "method": dataclasses.asdict(method_settings)}
     torch.manual_seed(settings.seed)  # the trained modules' initial weights are part of the run's seed

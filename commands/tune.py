@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .args import Parser, int_range, MAX_STEPS, nonneg_float, nonneg_int, positive_float, positive_int
+from .args import Parser, learning_rate, int_range, MAX_STEPS, nonneg_float, nonneg_int, positive_float, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--e4t", help="e4t: the pre-trained E4T .safetensors (default with --model toy: the shipped one)")
     p.add_argument("--clip-vision", default="toy", help="e4t: CLIP vision folder (default: the toy world's)")
     p.add_argument("--steps", type=positive_int, help="e4t: tuning steps (default: the file's, 15)")
-    p.add_argument("--lr", type=positive_float, help="e4t: tuning learning rate (default: the file's)")
+    p.add_argument("--lr", type=learning_rate, help="e4t: tuning learning rate (default: the file's)")
     p.add_argument("--class-noun", required=True, help="what the subject is: cat, dog, person, backpack ...")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default="toy", help="diffusers model folder, a .safetensors checkpoint (with --config), "
@@ -52,9 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=positive_float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument("--conv-rank", type=int_range(0, 4096), help="LoRA rank of the 3x3 convolutions (0 = attention layers only)")
     p.add_argument("--stage1-steps", type=int_range(0, MAX_STEPS))
-    p.add_argument("--stage1-lr", type=positive_float)
+    p.add_argument("--stage1-lr", type=learning_rate)
     p.add_argument("--stage2-steps", type=int_range(0, MAX_STEPS))
-    p.add_argument("--stage2-lr", type=positive_float)
+    p.add_argument("--stage2-lr", type=learning_rate)
     p.add_argument("--batch-size", type=int_range(1, 1024), help="batch size of both stages")
     p.add_argument("--class-images", help="folder of class images: switches on prior preservation (not the paper's "
                                           "default)")

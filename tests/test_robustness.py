@@ -281,3 +281,179 @@ def test_tiny_photo_and_non_finite_png_are_refused(tmp_path):
     with pytest.raises(NonFiniteError, match=r"out\.png.*holds 3 NaN"):
         save_png(torch.tensor([[[0.5, float("nan")]]]).expand(3, 1, 2), tmp_path / "out.png")
     assert not (tmp_path / "out.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tune loop and trainer guards
+
+
+def test_tune_loop_undoes_a_step_that_makes_the_parameters_non_finite():
+    from boothkit.backend.tune import NAN, tune_loop
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    seen = []
+
+    def loss(step):
+        seen.append(p.detach().clone())
+        return p.sum()  # gradient 1: Adam moves p by about -lr per step, finite loss until p is -inf
+
+    r = tune_loop([p], loss, steps=40, lr=3e37, max_grad_norm=0)
+    assert r.status == NAN and "parameters became non-finite" in r.message
+    assert bool(torch.isfinite(p).all()), "the last finite state is kept"
+    assert torch.equal(p.detach(), seen[-1]) and r.steps == len(seen) - 1 >= 2
+    with pytest.raises(ValueError, match="NaN or infinity before the first step"):
+        tune_loop([torch.nn.Parameter(torch.tensor([float("inf")]))], lambda s: p.sum(), steps=1, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    from tiny_models import tiny_clip_vision, tiny_sd_folder, write_image_folder
+
+    root = tmp_path_factory.mktemp("robust_train")
+    sd = tiny_sd_folder(root / "sd", with_vae=True)
+    tiny_clip_vision().save_pretrained(root / "vision")
+    data = write_image_folder(root / "data", 4, 32, (4, 24, 6, 28), ["a photo of a cat on grass"])
+    cfg = root / "ib.toml"
+    cfg.write_text(f"""
+[model]
+base = "{sd}"
+clip_vision = "{root / 'vision'}"
+[data]
+train = "{data}"
+[method]
+category = "cat"
+lr_adapters = 1e-3
+sample_steps = 1
+[train]
+batch_size = 2
+steps = 2
+checkpoint_every = 1
+keep_last = 5
+""")
+    return root, cfg
+
+
+def test_a_fresh_run_refuses_a_folder_of_another_run(train_setup, tmp_path, capsys):
+    from boothkit.training.checkpoint import list_checkpoints
+
+    root, cfg = train_setup
+    out = tmp_path / "run"
+    base = ["train", "instantbooth", "--config", str(cfg), "--output-dir", str(out)]
+    assert run_cli(base + ["--steps", "3"], capsys)[0] == 0
+    old = read_safetensors(out / "instantbooth.safetensors")[0]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "checkpoint-0000003.safetensors"
+    # a fresh run there: refused before anything is loaded, the old run's files untouched
+    one_line_error(base + ["--steps", "2"], capsys, str(out), "3 checkpoint(s)", "--resume", "--overwrite")
+    assert len(list_checkpoints(out / "checkpoints")) == 3
+    one_line_error(base + ["--set", "method.lr_heads=NaN"], capsys, "lr_heads", "finite")
+    one_line_error(base + ["--set", "train.warmup_steps=nan"], capsys, "warmup_steps", "expected a number")
+    # --overwrite: the old checkpoints go, so keep_last and --resume see this run only
+    assert run_cli(base + ["--steps", "2", "--overwrite"], capsys)[0] == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-0000001.safetensors",
+                                                                      "checkpoint-0000002.safetensors"]
+    new = read_safetensors(out / "instantbooth.safetensors")[0]
+    assert any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_weights_going_non_finite_stop_the_run_and_no_checkpoint_holds_them(train_setup, tmp_path, monkeypatch):
+    from boothkit.commands.train import main as train_main
+    from boothkit.training.checkpoint import list_checkpoints, load_checkpoint
+    from boothkit.training.trainer import TrainingStopped
+
+    root, cfg = train_setup
+    real = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):  # the loss stays finite; the step writes NaN into one weight at step 2
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingStopped, match=r"weights became non-finite at step 2.*checkpoint-0000001"):
+        train_main(["instantbooth", "--config", str(cfg), "--output-dir", str(out), "--steps", "3"])
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-0000001.safetensors"]
+    assert not (out / "instantbooth.safetensors").exists()
+    step, weights, *_ = load_checkpoint(out / "checkpoints" / "checkpoint-0000001.safetensors")
+    assert step == 1 and all(bool(torch.isfinite(v).all()) for v in weights.values())
+
+
+def test_checkpoint_errors_name_the_file_and_field(train_setup, tmp_path, capsys):
+    from boothkit.training.checkpoint import load_checkpoint
+
+    root, cfg = train_setup
+    out = tmp_path / "run"
+    base = ["train", "instantbooth", "--config", str(cfg), "--output-dir", str(out)]
+    assert run_cli(base + ["--steps", "1"], capsys)[0] == 0
+    ck = out / "checkpoints" / "checkpoint-0000001.safetensors"
+    tensors, meta = read_safetensors(ck)
+    cases = {
+        "step": ({k: v for k, v in meta.items() if k != "step"}, tensors, "'step' is None"),
+        "absurd": ({**meta, "step": "99999999999"}, tensors, "'step' is 99999999999"),
+        "json": ({**meta, "optimizer": "{oops"}, tensors, "'optimizer' is not JSON"),
+        "no optimizer": (meta, {k: v for k, v in tensors.items() if not k.startswith("optimizer.")},
+                         "no optimizer state"),
+    }
+    for name, (m, t, needle) in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        save_file(t, str(bad), metadata=m)
+        with pytest.raises(FormatError) as e:
+            load_checkpoint(bad)
+        assert str(e.value).startswith(str(bad)) and needle in str(e.value), (name, str(e.value))
+    # a weight of the wrong shape, through --resume
+    key = next(k for k in tensors if k.startswith("weights.") and tensors[k].ndim == 2)
+    t = dict(tensors)
+    t[key] = torch.zeros(*tensors[key].shape[:-1], tensors[key].shape[-1] + 1)
+    save_file(t, str(ck), metadata=meta)
+    one_line_error(base + ["--steps", "2", "--resume"], capsys, str(ck), key[len("weights."):], "shape")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# node loaders and model folders
+
+
+def test_node_loaders_refuse_lying_and_non_finite_files_naming_them(tmp_path):
+    from comfy_stubs import stubbed_comfy
+
+    models = tmp_path / "models"
+    (models / "instantbooth").mkdir(parents=True)
+    (models / "e4t").mkdir(parents=True)
+    _mutate(verified("instantbooth.safetensors"), models / "instantbooth" / "bomb.safetensors",
+            vision_token_dim="65536")
+    src = verified("e4t.safetensors")
+    t = load_file(str(src))
+    key = sorted(t)[0]
+    t[key] = torch.full_like(t[key], float("inf"))
+    _mutate(src, models / "e4t" / "inf.safetensors", tensors=t)
+    with stubbed_comfy(models, folders=("instantbooth", "e4t")):
+        import boothkit.nodes.e4t as e4t_nodes
+        import boothkit.nodes.instantbooth as ib_nodes
+
+        with pytest.raises(FormatError, match=r"bomb\.safetensors: tensor '.*' has shape .* implies"):
+            ib_nodes.LoadInstantBooth.execute(instantbooth_name="bomb.safetensors")
+        with pytest.raises(NonFiniteError, match=rf"inf\.safetensors: .*{key}"):
+            e4t_nodes.LoadE4T.execute(e4t_name="inf.safetensors")
+
+
+def test_model_folders_load_safetensors_only_and_errors_are_one_line(tmp_path):
+    from tiny_models import tiny_clip_vision
+
+    from boothkit.hosts.diffusers.loading import load_clip_vision, load_sd
+
+    folder = tmp_path / "vision"
+    m = tiny_clip_vision()
+    m.save_pretrained(folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    torch.save(m.state_dict(), folder / "pytorch_model.bin")  # a pickle: never to be loaded
+    with pytest.raises(ValueError) as e:
+        load_clip_vision(folder)
+    assert str(e.value).startswith(str(folder)) and "safetensors" in str(e.value) and "\n" not in str(e.value)
+    corrupt = tmp_path / "model.safetensors"
+    corrupt.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_sd(corrupt, config=tmp_path)

@@ -78,8 +78,8 @@ def check_value(where: str, key: str, value, hint) -> None:
             raise ValueError(f"{name} is {value!r}, expected a finite number")
         if value < 0 and key not in SIGNED:
             raise ValueError(f"{name} is {value!r}, expected a number >= 0")
-        if (key == "lr" or key.startswith("lr_") or key.endswith("_lr")) and value <= 0:
-            raise ValueError(f"{name} is {value!r}, expected a learning rate > 0")
+        if (key == "lr" or key.startswith("lr_") or key.endswith("_lr")) and not 0 < value <= 10:
+            raise ValueError(f"{name} is {value!r}, expected a learning rate with 0 < lr <= 10")
         return
     if int in args or float in args:
         raise ValueError(f"{name} is {value!r}, expected a number")
