@@ -119,8 +119,8 @@ def read_mask(image_path: Path, size: tuple[int, int]) -> torch.Tensor | None:
         return None
     m = read_image(path, "L")
     if tuple(m.shape[-2:]) != tuple(size):
-        raise ValueError(f"{path}: mask is {m.shape[-1]}x{m.shape[-2]} but its image {image_path.name} is "
-                         f"{size[1]}x{size[0]}; masks must have their image's size")
+        raise ValueError(f"{path}: mask is {m.shape[-1]}x{m.shape[-2]} but its image is {size[1]}x{size[0]} "
+                         f"({image_path.name}); masks must have their image's size")
     return (m > 0.5).float()
 
 

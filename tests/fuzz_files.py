@@ -24,7 +24,7 @@ from boothkit.backend.e4t import load_e4t  # noqa: E402
 from boothkit.backend.instantbooth import load_instantbooth  # noqa: E402
 from boothkit.toyworld.store import verified  # noqa: E402
 
-TOP_VALUES = ["0", "-1", "65536", "1e7", "nan", "inf", "", "[]", "1" * 40]
+TOP_VALUES = ["-1", "65536", "1e7", "nan", "", "[]"]
 LEAF_VALUES = [0, -1, 65536, 4096, 1e308, None, "x", [], 2 ** 62]
 
 
@@ -70,7 +70,7 @@ def mutations(meta: dict[str, str], json_field: str, rng: random.Random, max_lea
             yield f"{json_field}{list(path)}", v, {**meta, json_field: json.dumps(set_leaf(tree, path, v))}
 
 
-def main(out: str, limit_mb: int, max_leaf: int = 10) -> None:
+def main(out: str, limit_mb: int, max_leaf: int = 8) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sources = [(verified("instantbooth.safetensors"), "layout", lambda p: load_instantbooth(p, family="toy")),

@@ -35,7 +35,7 @@ def test_fuzzed_metadata_of_the_shipped_files_is_refused_cleanly_within_2gb(tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["failures"] == []
-    assert report["tried"] > 300 and report["refused"] > report["tried"] // 2
+    assert report["tried"] > 200 and report["refused"] > report["tried"] // 2
 
 
 def _mutate(src, dst, tensors=None, **meta_changes):

@@ -67,10 +67,15 @@ SIGNED = {"background"}  # the only numeric settings that may be negative
 def check_value(where: str, key: str, value, hint) -> None:
     """A config value of the type its dataclass field declares; numbers finite, non-negative (except SIGNED), and
     learning rates positive: ``--set method.lr_heads=NaN`` is refused before any model is loaded."""
+    name = f"[{where}] {key}"
+    origin = typing.get_origin(hint)
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ValueError(f"{name} is {value!r}, expected a {origin.__name__}")
+        return
     args = set(typing.get_args(hint)) or {hint}
     if value is None and type(None) in args:
         return
-    name = f"[{where}] {key}"
     if (int in args or float in args) and not isinstance(value, bool) and isinstance(value, (int, float)):
         if float not in args and not isinstance(value, int):
             raise ValueError(f"{name} is {value!r}, expected an integer")
@@ -87,6 +92,3 @@ def check_value(where: str, key: str, value, hint) -> None:
         raise ValueError(f"{name} is {value!r}, expected true or false")
     if str in args and not isinstance(value, str):
         raise ValueError(f"{name} is {value!r}, expected a string")
-    origin = typing.get_origin(hint)
-    if origin in (list, dict) and not isinstance(value, origin):
-        raise ValueError(f"{name} is {value!r}, expected a {origin.__name__}")
