@@ -74,8 +74,8 @@ def run(method_name: str, config: dict, resume: bool, overwrite: bool = False) -
     # every value checked, and the output folder, before a minute of loading, not after
     method_settings = build(Settings, config.get("method", {}), "method")
     settings = build(TrainSettings, config.get("train", {}), "train")
-    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-        check_output_dir(settings.output_dir, method_name, resume, overwrite)
+    check_output_dir(settings.output_dir, method_name, resume, overwrite,
+                     delete=PartialState(cpu=not torch.cuda.is_available()).is_main_process)
     model, vision, dataset, validation, settings = _load(config)
     config = {**config, "train": dataclasses.asdict(settings), "method": dataclasses.asdict(method_settings)}
     torch.manual_seed(settings.seed)  # the trained modules' initial weights are part of the run's seed

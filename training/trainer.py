@@ -25,7 +25,7 @@ class TrainingStopped(RuntimeError):
     """Training stopped early (non-finite loss or weights); the message names the last good checkpoint."""
 
 
-def check_output_dir(out: str | Path, name: str, resume: bool, overwrite: bool) -> None:
+def check_output_dir(out: str | Path, name: str, resume: bool, overwrite: bool, delete: bool = True) -> None:
     """A fresh run refuses a folder that holds another run's checkpoints or export (the new run's checkpoints would
     be deleted by keep_last while the old run's stay, and a later --resume would continue the old run), unless told:
     ``resume`` continues that run; ``overwrite`` deletes its checkpoints and lets the export be replaced. Checked
@@ -43,9 +43,10 @@ def check_output_dir(out: str | Path, name: str, resume: bool, overwrite: bool) 
         raise ValueError(f"output folder {out} holds another run ({' and '.join(held)}); pass --resume to continue "
                          f"it, --overwrite to start afresh there (its checkpoints are deleted), or choose another "
                          f"--output-dir")
-    for p in found:
-        p.unlink()
-    log.info("--overwrite: deleted %d checkpoint(s) of the earlier run in %s", len(found), out / "checkpoints")
+    if delete:  # the main process; every process checks, so none goes on alone to wait at a barrier
+        for p in found:
+            p.unlink(missing_ok=True)
+        log.info("--overwrite: deleted %d checkpoint(s) of the earlier run in %s", len(found), out / "checkpoints")
 
 
 def _nonfinite_names(names, tensors) -> list[str]:
@@ -232,8 +233,7 @@ class Trainer:
 
     def train(self, resume: bool = False, overwrite: bool = False) -> Path:
         acc, s = self.acc, self.s
-        if acc.is_main_process:
-            check_output_dir(self.out, self.method.name, resume, overwrite)
+        check_output_dir(self.out, self.method.name, resume, overwrite, delete=acc.is_main_process)
         acc.wait_for_everyone()
         if resume:
             self.resume()
