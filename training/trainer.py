@@ -213,8 +213,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # the guard checks the weights too: a finite loss with a NaN/inf learning rate or an overflow still poisons
         # them, and no checkpoint may be called good without its tensors checked (write_safetensors refuses them too)
-        bad = torch.tensor([float(len(_nonfinite_names(self.names, self.params)))], device=acc.device)
-        if acc.gather(bad).sum() > 0:
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all()  # one sync, not one each
+        if acc.gather((~finite).float().reshape(1).to(acc.device)).sum() > 0:
             names = _nonfinite_names(self.names, self.params)
             where = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "on another process"
             self._stop(f"weights became non-finite at step {self.step + 1} ({where})")
