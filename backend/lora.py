@@ -262,6 +262,9 @@ class LoRA(nn.Module):
                                   f"{tuple(up.shape)}, expected [r, in] + [out, r] or [r, in, k, k] + [out, r, 1, 1]")
             ranks[name] = rank
             a = tensors.get(f"{name}.alpha")
+            if a is not None and (a.numel() != 1 or not bool(torch.isfinite(a.float()).all())):
+                raise FormatError(f"{source}: tensor '{name}.alpha' is {a.flatten()[:3].tolist()} (shape "
+                                  f"{tuple(a.shape)}), expected one finite number")
             alphas[name] = float(a.item()) if a is not None else float(rank)  # kohya: no alpha means scale 1
         lora = cls(specs, ranks, alphas)
         with torch.no_grad():

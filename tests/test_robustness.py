@@ -457,3 +457,26 @@ def test_model_folders_load_safetensors_only_and_errors_are_one_line(tmp_path):
     corrupt.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\0" * 64)
     with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
         load_sd(corrupt, config=tmp_path)
+
+
+def test_embeddings_and_loras_with_non_finite_or_malformed_tensors_are_refused(tmp_path):
+    from boothkit.backend.embedding import load_embedding
+    from boothkit.backend.lora import load_lora
+
+    emb = tmp_path / "emb.safetensors"
+    save_file({"emb_params": torch.tensor([[0.1] * 767 + [float("inf")]])}, str(emb))
+    with pytest.raises(NonFiniteError, match=r"emb\.safetensors: 1 tensor\(s\) hold NaN or infinity \(emb_params\)"):
+        load_embedding(emb)
+    kohya = {"ss_network_module": "networks.lora"}
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    good = {f"{layer}.lora_down.weight": torch.randn(4, 8), f"{layer}.lora_up.weight": torch.randn(8, 4)}
+    nan = tmp_path / "nan.safetensors"
+    save_file({**good, f"{layer}.alpha": torch.tensor(float("nan"))}, str(nan), metadata=kohya)
+    with pytest.raises(NonFiniteError, match=rf"nan\.safetensors: .*{layer}\.alpha"):
+        load_lora(nan)
+    vec = tmp_path / "vec.safetensors"
+    save_file({**good, f"{layer}.alpha": torch.ones(3)}, str(vec), metadata=kohya)
+    with pytest.raises(FormatError, match=rf"vec\.safetensors: tensor '{layer}\.alpha' .*expected one finite number"):
+        load_lora(vec)
+    save_file({**good, f"{layer}.alpha": torch.tensor(2.0)}, str(vec), metadata=kohya)
+    assert load_lora(vec).lora.pairs  # the same file, well-formed, loads
