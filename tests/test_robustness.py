@@ -99,12 +99,16 @@ def test_write_safetensors_refuses_non_finite_and_keeps_the_old_file(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_written_files_honour_the_umask(tmp_path, umask):
+    from boothkit.backend.imageio import save_png
+
     old = os.umask(umask)
     try:
         path = write_safetensors(tmp_path / "x.safetensors", {"w": torch.ones(2)}, {})
+        png = save_png(torch.zeros(3, 8, 8), tmp_path / "x.png")
     finally:
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o666 & ~umask
+    assert (png.stat().st_mode & 0o777) == 0o666 & ~umask
 
 
 # ----------------------------------------------------------------------------------------------------------------
