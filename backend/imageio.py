@@ -34,9 +34,13 @@ def list_images(source: str | Path | list) -> list[Path]:
     return paths
 
 
-# The largest image decoded: 4096x4096 (16.8 MP, about 200 MB as float RGB). The size is read from the file's header
-# before anything is decoded, so a small file that claims a huge canvas (an "image bomb") costs nothing.
-MAX_PIXELS = 4096 * 4096
+# Image sizes, read from the file's header before anything is decoded, so a small file that claims a huge canvas (an
+# "image bomb") costs nothing:
+# - above MAX_PIXELS (8192x8192, 67 MP) an image is refused;
+# - above MAX_KEPT (4096x4096, 16.8 MP; a 48 MP phone photo, say) it is reduced on load to fit within MAX_KEPT,
+#   keeping its aspect (JPEGs are decoded at a reduced scale directly), so at most ~200 MB of float RGB is kept.
+MAX_PIXELS = 8192 * 8192
+MAX_KEPT = 4096 * 4096
 MIN_SIDE = 8  # a photo of the subject smaller than this carries nothing to encode (a 1x1 one gave NaN features)
 
 
@@ -48,22 +52,49 @@ def _open_checked(path: Path):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)  # reads the header only
     except Image.DecompressionBombError as e:  # PIL's own guard, above 2x its MAX_IMAGE_PIXELS
-        raise ValueError(f"{path}: image too large to decode ({e}); the limit is {MAX_PIXELS} pixels "
-                         f"(4096x4096)") from None
+        raise ValueError(f"{path}: image too large to decode ({e}); the limit is {MAX_PIXELS / 1e6:.0f} MP "
+                         f"(8192x8192)") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path}: cannot read the image ({e})") from None
     w, h = im.size
     if w * h > MAX_PIXELS:
         im.close()
         raise ValueError(f"{path}: image is {w}x{h} ({w * h / 1e6:.1f} MP), above the limit of {MAX_PIXELS / 1e6:.1f} "
-                         f"MP (4096x4096); downscale it first")
+                         f"MP (8192x8192); downscale it first")
     if w < 1 or h < 1:
         im.close()
         raise ValueError(f"{path}: image is {w}x{h}, expected at least 1x1")
     return im
 
 
-def _to_float(im, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
+def kept_size(w: int, h: int) -> tuple[int, int]:
+    """The size an image of w x h is kept at: itself up to MAX_KEPT pixels, else scaled down to fit, aspect kept."""
+    if w * h <= MAX_KEPT:
+        return w, h
+    k = (MAX_KEPT / (w * h)) ** 0.5
+    return max(1, int(w * k)), max(1, int(h * k))
+
+
+def _reduced(im, path: Path):
+    """``im`` reduced on load to kept_size (said in the log); 16-bit greyscale stays 16-bit (as "I")."""
+    from PIL import Image
+
+    w, h = im.size
+    target = kept_size(w, h)
+    if target == (w, h):
+        return im
+    if im.format == "JPEG":
+        im.draft("RGB" if im.mode not in ("L", "RGB") else im.mode, target)  # DCT scaling: decodes at >= target
+    if im.mode.startswith("I;16"):
+        im = im.convert("I")
+    elif im.mode in ("P", "1", "PA", "LA", "La", "CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+    log.info("%s is %dx%d (%.1f MP); reduced on load to %dx%d (the limit kept is %.1f MP)", path, w, h, w * h / 1e6,
+             *target, MAX_KEPT / 1e6)
+    return im.resize(target, Image.LANCZOS, reducing_gap=3.0)
+
+
+def _to_float(im, mode: str, sixteen: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """(pixels in [0, 1] as float32 HxWxC (or HxW for "L"), alpha in [0, 1] or None) with the bit depth respected:
     16-bit and 32-bit greyscale ("I;16", "I") and float ("F") images are scaled, not clipped at 255."""
     alpha = None
@@ -71,7 +102,7 @@ def _to_float(im, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
         arr = np.asarray(im, dtype=np.float64)
         if im.mode == "F":
             top = 1.0 if arr.size == 0 or np.nanmax(arr) <= 1.0 else float(np.nanmax(arr))
-        elif im.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+        elif sixteen or im.mode.startswith("I;16") or (arr.size and arr.max() > 255):
             top = 65535.0
         else:
             top = 255.0
@@ -90,12 +121,15 @@ def _to_float(im, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 def read_image_alpha(path: Path, mode: str = "RGB") -> tuple[torch.Tensor, torch.Tensor | None]:
     """An image as [3, H, W] ("RGB") or [1, H, W] ("L") in [0, 1], and its alpha [1, H, W] when it has one that is
-    not fully opaque. The decoded size is bounded (MAX_PIXELS) before decoding."""
+    not fully opaque. The size is checked before decoding: refused above MAX_PIXELS, reduced on load above
+    MAX_KEPT."""
     path = Path(path)
     im = _open_checked(path)
     try:
         with im:
-            arr, alpha = _to_float(im, mode)
+            sixteen = im.mode.startswith("I;16")
+            small = _reduced(im, path)
+            arr, alpha = _to_float(small, mode, sixteen)
     except (OSError, ValueError, SyntaxError) as e:  # truncated data and decoder errors surface here
         raise ValueError(f"{path}: cannot read the image ({e})") from None
     t = torch.from_numpy(np.ascontiguousarray(arr))

@@ -214,13 +214,35 @@ def png_header_only(path, width, height):
     return path
 
 
-@pytest.mark.parametrize("side", [5000, 12000, 30000])
+@pytest.mark.parametrize("side", [8193, 12000, 30000])
 def test_image_bombs_are_refused_before_decoding(tmp_path, side):
     from boothkit.backend.imageio import read_images_and_masks
 
     bomb = png_header_only(tmp_path / "bomb.png", side, side)
     with pytest.raises(ValueError, match=rf"bomb\.png: image (is {side}x{side}|too large)"):
         read_images_and_masks(tmp_path)
+
+
+def test_large_photos_are_reduced_on_load_keeping_their_aspect_and_values(tmp_path, caplog, monkeypatch):
+    from PIL import Image
+
+    from boothkit.backend import imageio
+
+    monkeypatch.setattr(imageio, "MAX_KEPT", 60 * 40)  # the 16.8 MP kept, scaled down so that the test is small
+    Image.new("L", (300, 200), 77).save(tmp_path / "big.png")
+    with caplog.at_level("INFO"):
+        t, alpha = imageio.read_image_alpha(tmp_path / "big.png")
+    assert tuple(t.shape) == (3, 40, 60), "reduced to fit, aspect kept"
+    assert torch.allclose(t, torch.full_like(t, 77 / 255), atol=1e-6) and alpha is None
+    assert "reduced on load to 60x40" in caplog.text
+    Image.fromarray(np.full((200, 300), 40000, np.uint16)).save(tmp_path / "big16.png")
+    t, _ = imageio.read_image_alpha(tmp_path / "big16.png")
+    assert tuple(t.shape) == (3, 40, 60) and torch.allclose(t, torch.full_like(t, 40000 / 65535), atol=1e-4)
+    rgba = np.zeros((200, 300, 4), np.uint8)
+    rgba[:100, :, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "cut.png")
+    _, alpha = imageio.read_image_alpha(tmp_path / "cut.png")
+    assert tuple(alpha.shape) == (1, 40, 60) and float(alpha[0, :18].min()) > 0.99 and float(alpha[0, 22:].max()) < 0.01
 
 
 def test_an_image_bomb_in_a_training_folder_is_skipped_with_skip_bad(tmp_path):
