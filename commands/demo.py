@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv=None):
     p = Parser(prog="boothkit demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subject", type=int_range(0, 10_000), default=0, help="which held-out subject (0..)")
     p.add_argument("--method", default=None, help="personalization method (default: the best one that is trained)")
     p.add_argument("--prompts", type=int_range(1, 64), default=4, help="how many prompts (contexts)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--steps", type=int_range(1, 1000), default=25, help="DDIM steps")
-    p.add_argument("--scale", type=int_range(1, 32), default=4, help="pixel upscaling of the 32x32 toy images in the grid")
+    p.add_argument("--scale", type=int_range(1, 32), default=4,
+                   help="pixel upscaling of the 32x32 toy images in the grid")
     p.add_argument("--out", default="out/demo.png", help="the PNG to write, or a folder (then FOLDER/demo.png)")
     args = p.parse_args(argv)
     out = Path(args.out)

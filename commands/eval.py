@@ -15,7 +15,7 @@ def parse_args(argv=None):
     from ..toyworld.methods import DEFAULT_METHODS, METHODS
 
     p = Parser(prog="boothkit eval", description=METRICS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", help=f"any of: {', '.join(METHODS)} (default: "
                                                 f"{' '.join(DEFAULT_METHODS)}, those that are trained)")
     p.add_argument("--subjects", type=int_range(1, 10_000), default=8, help="held-out identities to score")

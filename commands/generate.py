@@ -2,7 +2,6 @@
 optional masks, and a prompt with the identifier."""
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 

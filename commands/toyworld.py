@@ -13,7 +13,7 @@ from .args import Parser, int_range, nonneg_int
 
 def parse_args(argv=None):
     p = Parser(prog="boothkit toyworld", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a dataset folder")
     e.add_argument("--split", choices=["train", "heldout"], default="train")

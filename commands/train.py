@@ -3,7 +3,6 @@
 Works unchanged under `accelerate launch` (multi-GPU, multi-node, or several CPU processes with gloo)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 from pathlib import Path

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv=None):
     p = Parser(prog="boothkit tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=("quicktune", "e4t"), default="quicktune",
                    help="quicktune (default): two stages on 4-6 images; e4t: a pre-trained E4T file, one image")
     p.add_argument("--images", help="quicktune: folder of 4-6 images of the subject (NAME_mask.png beside an image "
@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("lora", "full"), default="lora", help="stage 2: LoRA (default) or every weight")
     p.add_argument("--rank", type=int_range(1, 4096), help="LoRA rank")
     p.add_argument("--alpha", type=positive_float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--conv-rank", type=int_range(0, 4096), help="LoRA rank of the 3x3 convolutions (0 = attention layers only)")
+    p.add_argument("--conv-rank", type=int_range(0, 4096),
+                   help="LoRA rank of the 3x3 convolutions (0 = attention layers only)")
     p.add_argument("--stage1-steps", type=int_range(0, MAX_STEPS))
     p.add_argument("--stage1-lr", type=learning_rate)
     p.add_argument("--stage2-steps", type=int_range(0, MAX_STEPS))

@@ -64,7 +64,8 @@ class FolderDataset:
         if problems:
             report = "\n  ".join(problems)
             if not skip_bad:
-                raise DataError(f"{len(problems)} bad item(s) in {folder} (pass --set data.skip_bad=true to skip them):\n  {report}")
+                raise DataError(f"{len(problems)} bad item(s) in {folder} (pass --set data.skip_bad=true to skip "
+                                f"them):\n  {report}")
             log.warning("skipping %d bad item(s) in %s:\n  %s", len(problems), folder, report)
         if not items:
             raise DataError(f"no usable images in {folder}")
