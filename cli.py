@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(module.main(rest) or 0)
-    except (ValueError, FileNotFoundError, WeightsError, TrainingStopped) as e:  # one clear line, no traceback
-        print(f"boothkit {name}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, WeightsError, TrainingStopped) as e:  # one clear line, no traceback
+        # OSError: a file where a folder goes, an output that exists, no permission; its text names the path
+        print(f"boothkit {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

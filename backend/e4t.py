@@ -37,7 +37,7 @@ from .tune import NoiseSchedule, TuneResult, tune_loop
 from pathlib import Path
 import json
 from .instantbooth import FAMILIES
-from .files import FormatError, _Fields, load_checked, read_safetensors, write_safetensors
+from .files import FormatError, _Fields, check_bounds, load_module, write_safetensors
 
 # every attention projection of a transformer block: self- and cross-attention q, k, v and out
 ATTENTION_PROJECTION = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -538,17 +538,27 @@ def load_e4t(path: str | Path, family: str | None = None):
     """Load and validate an E4T file; ``family`` is that of the model it will tune."""
     from .e4t import E4T, E4TConfig
 
-    tensors, metadata = read_safetensors(path)
-    f = _Fields(path, metadata)
-    f.kind(E4T_FORMAT, E4T_VERSION, "e4t", "an E4T file")
-    fam = f.str("family", set(FAMILIES))
-    if family is not None and family != fam:
-        raise FormatError(f"{path}: this E4T file was pre-trained for base family '{fam}', but the model to tune is "
-                          f"'{family}'; load an E4T file made for {family}.")
-    raw = f.json("config")
-    try:
-        extra = json.loads(metadata.get("training", "{}"))
-        config = E4TConfig(**{**raw, "extra": extra})
-    except (TypeError, ValueError) as e:
-        raise f.error("config", str(raw)[:80], f"the fields of an E4T configuration ({e})") from None
-    return load_checked(path, E4T(config), tensors, "configuration")
+    def config_from_metadata(metadata: dict[str, str]) -> E4TConfig:
+        f = _Fields(path, metadata)
+        f.kind(E4T_FORMAT, E4T_VERSION, "e4t", "an E4T file")
+        fam = f.str("family", set(FAMILIES))
+        if family is not None and family != fam:
+            raise FormatError(f"{path}: this E4T file was pre-trained for base family '{fam}', but the model to tune "
+                              f"is '{family}'; load an E4T file made for {family}.")
+        raw = f.json("config")
+        if not isinstance(raw, dict):
+            raise f.error("config", str(raw)[:80], "a JSON object")
+        check_bounds(path, "config", raw)
+        try:
+            extra = json.loads(metadata.get("training", "{}"))
+        except json.JSONDecodeError:
+            raise f.error("training", metadata["training"][:80], "JSON") from None
+        try:
+            config = E4TConfig(**{**raw, "extra": extra})
+        except (TypeError, ValueError) as e:
+            raise f.error("config", str(raw)[:80], f"the fields of an E4T configuration ({e})") from None
+        if config.family != fam:
+            raise f.error("config", f"family {config.family!r}", f"the file's family {fam!r}")
+        return config
+
+    return load_module(path, config_from_metadata, E4T, "configuration")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .files import FormatError, check_version, read_safetensors, write_safetensors
+from .files import FormatError, check_finite, check_version, read_safetensors, write_safetensors
 from .lora import modelspec_metadata, ss_metadata
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ def load_embedding(path: str | Path, family: str | None = None, widths: Mapping[
     BoothKit files are validated field by field; a stock embedding without our metadata (kohya/A1111 safetensors
     with ``emb_params`` or ``clip_l``/``clip_g``) is accepted for its vectors."""
     tensors, meta = read_safetensors(path)
+    check_finite(path, tensors)
     fmt = meta.get("format")
     if fmt is None:
         found = _guess_family(path, tensors)

@@ -13,7 +13,7 @@ from .encoders import ConceptEncoder, PatchEncoder
 from .identifier import class_nouns_for
 from pathlib import Path
 import json
-from .files import FormatError, _Fields, load_checked, read_safetensors, write_safetensors
+from .files import FormatError, _Fields, check_bounds, load_module, write_safetensors
 
 FAMILIES = {
     # base-model family -> text-encoder width (the concept token's width); "toy" is the project's own toy world
@@ -144,6 +144,8 @@ class InstantBooth(nn.Module):
 
 
 INSTANTBOOTH_FORMAT = "boothkit.instantbooth"
+MAX_TOKENS = 4096  # tokens per image of a vision backbone (ViT-L/14 at 224 px: 257)
+MAX_IMAGE_SIZE = 4096  # the backbone's input size (224 for CLIP)
 INSTANTBOOTH_VERSION = 1
 
 
@@ -179,22 +181,28 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
     f = _Fields(path, metadata)
     f.kind(INSTANTBOOTH_FORMAT, INSTANTBOOTH_VERSION, "instantbooth", "an InstantBooth file")
     lay = f.json("layout")
+    check_bounds(path, "layout", lay)
     try:
         layout = AdapterLayout(**{k: [int(x) for x in lay[k]] for k in ("dims", "heads", "levels", "depths")})
+        for k, low in (("dims", 1), ("heads", 1), ("levels", 0), ("depths", 0)):
+            if any(x < low for x in getattr(layout, k)):
+                raise ValueError(f"{k} must be integers >= {low}")
     except (KeyError, TypeError, ValueError) as e:
         raise f.error("layout", str(lay)[:80], f"dims/heads/levels/depths lists that fit together ({e})") from None
     try:
         extra = json.loads(metadata.get("training", "{}"))
     except json.JSONDecodeError:
         raise f.error("training", metadata["training"][:80], "JSON") from None
+    if not isinstance(extra, dict):
+        raise f.error("training", str(extra)[:80], "a JSON object")
     family = f.str("family", set(FAMILIES))
     ctx_dim = f.int("ctx_dim")
     try:
         return InstantBoothConfig(
             vision_global_dim=f.int("vision_global_dim"), vision_token_dim=f.int("vision_token_dim"),
-            tokens_per_image=f.int("tokens_per_image"), ctx_dim=ctx_dim, layout=layout, family=family,
+            tokens_per_image=f.int("tokens_per_image", hi=MAX_TOKENS), ctx_dim=ctx_dim, layout=layout, family=family,
             identifier=f.str("identifier"), class_noun=f.str("class_noun"), alpha=f.float("alpha"),
-            beta=f.float("beta"), image_size=f.int("image_size"), crop_margin=f.float("crop_margin"),
+            beta=f.float("beta"), image_size=f.int("image_size", hi=MAX_IMAGE_SIZE), crop_margin=f.float("crop_margin"),
             background=f.float("background"), extra=extra)
     except ValueError as e:
         if isinstance(e, FormatError):
@@ -203,13 +211,16 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
 
 
 def load_instantbooth(path: str | Path, family: str | None = None, ctx_dim: int | None = None) -> InstantBooth:
-    """Load and validate an InstantBooth file. ``family``/``ctx_dim`` are those of the model it will patch."""
-    tensors, metadata = read_safetensors(path)
-    config = instantbooth_config_from_metadata(path, metadata)
-    if family is not None and family != config.family:
-        raise FormatError(f"{path}: this InstantBooth file was trained for base family '{config.family}', but the "
-                          f"model to patch is '{family}'; load an InstantBooth file made for {family}.")
-    if ctx_dim is not None and ctx_dim != config.ctx_dim:
-        raise FormatError(f"{path}: metadata field 'ctx_dim' is {config.ctx_dim}, but the model's text encoder is "
-                          f"{ctx_dim} wide; the file is for another base model.")
-    return load_checked(path, InstantBooth(config), tensors, "layout")
+    """Load and validate an InstantBooth file. ``family``/``ctx_dim`` are those of the model it will patch. The
+    metadata is bounded and checked against the tensors' shapes (read from the header) before anything is built,
+    and the tensors must be finite (backend/files.load_module)."""
+    def check(config: InstantBoothConfig) -> None:
+        if family is not None and family != config.family:
+            raise FormatError(f"{path}: this InstantBooth file was trained for base family '{config.family}', but the "
+                              f"model to patch is '{family}'; load an InstantBooth file made for {family}.")
+        if ctx_dim is not None and ctx_dim != config.ctx_dim:
+            raise FormatError(f"{path}: metadata field 'ctx_dim' is {config.ctx_dim}, but the model's text encoder "
+                              f"is {ctx_dim} wide; the file is for another base model.")
+
+    return load_module(path, lambda meta: instantbooth_config_from_metadata(path, meta), InstantBooth, "layout",
+                       check)

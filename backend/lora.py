@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import FormatError, check_version, read_safetensors, write_safetensors
+from .files import FormatError, check_finite, check_version, read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,9 @@ class LoRA(nn.Module):
                                   f"{tuple(up.shape)}, expected [r, in] + [out, r] or [r, in, k, k] + [out, r, 1, 1]")
             ranks[name] = rank
             a = tensors.get(f"{name}.alpha")
+            if a is not None and (a.numel() != 1 or not bool(torch.isfinite(a.float()).all())):
+                raise FormatError(f"{source}: tensor '{name}.alpha' is {a.flatten()[:3].tolist()} (shape "
+                                  f"{tuple(a.shape)}), expected one finite number")
             alphas[name] = float(a.item()) if a is not None else float(rank)  # kohya: no alpha means scale 1
         lora = cls(specs, ranks, alphas)
         with torch.no_grad():
@@ -450,6 +453,7 @@ def load_lora(path: str | Path, family: str | None = None) -> LoRAFile:
 
     ``family`` is that of the model it will be attached to; a BoothKit file made for another family is refused."""
     tensors, meta = read_safetensors(path)
+    check_finite(path, tensors)
     fmt = meta.get("format")
     if fmt is None and meta.get("ss_network_module", "").endswith("lora"):
         log.info("%s: a kohya LoRA without BoothKit metadata; reading its layers only", path)

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 
 DONE, CANCELLED, NAN = "done", "cancelled", "nan"
+# parameters up to this many elements (a LoRA, an embedding, E4T's encoder and offsets) are copied before each step,
+# so a step that makes them non-finite is undone; a full fine-tune above it stops with nothing to write
+SNAPSHOT_LIMIT = 50_000_000
 
 Encode = Callable[[Sequence[torch.Tensor], torch.Tensor], Any]
 Predict = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -66,6 +69,10 @@ def tune_loop(params: Iterable[torch.Tensor | dict], loss_fn: Callable[[int], to
     for p in params:
         if not (p.is_leaf and p.requires_grad and p.is_floating_point()):
             raise ValueError("tune_loop parameters must be floating-point leaf tensors with requires_grad=True")
+    bad = [i for i, p in enumerate(params) if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise ValueError(f"tune_loop: {len(bad)} parameter tensor(s) hold NaN or infinity before the first step; "
+                         f"the starting state (a loaded file?) is not finite")
     if steps < 0 or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"tune_loop needs steps >= 0 and a positive finite learning rate, got steps={steps}, lr={lr}")
     if mixed_precision not in ("no", "bf16"):
@@ -93,7 +100,23 @@ def tune_loop(params: Iterable[torch.Tensor | dict], loss_fn: Callable[[int], to
                 result.status = NAN
                 result.message = f"{what} at step {step + 1}; kept the state after step {step}"
                 break
+            # the guard checks the parameters too: a finite gradient can still step them to inf (a huge rate); the
+            # step is taken on a copy's behalf only when the parameters are small enough to copy cheaply
+            keep = ([p.detach().clone() for p in params] if sum(p.numel() for p in params) <= SNAPSHOT_LIMIT
+                    else None)
             optimizer.step()
+            if not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+                result.status = NAN
+                if keep is not None:
+                    with torch.no_grad():
+                        for p, k in zip(params, keep):
+                            p.copy_(k)
+                    result.message = (f"parameters became non-finite at step {step + 1}; kept the state after step "
+                                      f"{step}")
+                else:
+                    result.message = (f"parameters became non-finite at step {step + 1}; nothing finite is left to "
+                                      f"keep (too large to copy every step): nothing is written")
+                break
             result.steps += 1
             result.losses.append(value)
             if on_progress is not None:

@@ -12,18 +12,21 @@ from pathlib import Path
 
 import torch
 
+from .args import Parser, int_range, nonneg_int
+
 log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="boothkit demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--subject", type=int, default=0, help="which held-out subject (0..)")
+    p = Parser(prog="boothkit demo", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subject", type=int_range(0, 10_000), default=0, help="which held-out subject (0..)")
     p.add_argument("--method", default=None, help="personalization method (default: the best one that is trained)")
-    p.add_argument("--prompts", type=int, default=4, help="how many prompts (contexts)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the 32x32 toy images in the grid")
+    p.add_argument("--prompts", type=int_range(1, 64), default=4, help="how many prompts (contexts)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--steps", type=int_range(1, 1000), default=25, help="DDIM steps")
+    p.add_argument("--scale", type=int_range(1, 32), default=4,
+                   help="pixel upscaling of the 32x32 toy images in the grid")
     p.add_argument("--out", default="out/demo.png", help="the PNG to write, or a folder (then FOLDER/demo.png)")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -31,6 +34,12 @@ def parse_args(argv=None):
         args.out = str(out / "demo.png")
     elif out.suffix.lower() != ".png":  # checked before the minute of work, not after
         p.error(f"--out {args.out}: the grid is written as PNG; give a .png file or a folder")
+    from ..backend.files import refuse_existing
+
+    try:
+        refuse_existing(args.out, overwrite=True)  # the demo's grid is replaced; a file in the way is refused
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     return args
 
 

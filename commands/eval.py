@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
+from .args import Parser, finite_float, int_range, nonneg_int, learning_rate
 from ..toyworld.evaluate import __doc__ as METRICS, evaluate, merge, paired, to_markdown
 
 
 def parse_args(argv=None):
     from ..toyworld.methods import DEFAULT_METHODS, METHODS
 
-    p = argparse.ArgumentParser(prog="boothkit eval", description=METRICS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="boothkit eval", description=METRICS,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", help=f"any of: {', '.join(METHODS)} (default: "
                                                 f"{' '.join(DEFAULT_METHODS)}, those that are trained)")
-    p.add_argument("--subjects", type=int, default=8, help="held-out identities to score")
-    p.add_argument("--references", type=int, default=3, help="reference images per subject")
-    p.add_argument("--contexts", type=int, default=4, help="prompts (contexts) per subject")
-    p.add_argument("--samples", type=int, default=2, help="images per prompt")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subjects", type=int_range(1, 10_000), default=8, help="held-out identities to score")
+    p.add_argument("--references", type=int_range(1, 64), default=3, help="reference images per subject")
+    p.add_argument("--contexts", type=int_range(1, 256), default=4, help="prompts (contexts) per subject")
+    p.add_argument("--samples", type=int_range(1, 64), default=2, help="images per prompt")
+    p.add_argument("--steps", type=int_range(1, 1000), default=25, help="DDIM steps")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for eval.json and eval.md")
-    p.add_argument("--beta", type=float, help="InstantBooth's adapter weight β instead of the shipped file's")
-    p.add_argument("--e4t-lr", type=float, help="E4T's tune learning rate instead of the shipped file's")
+    p.add_argument("--beta", type=finite_float, help="InstantBooth's adapter weight β instead of the shipped file's")
+    p.add_argument("--e4t-lr", type=learning_rate, help="E4T's tune learning rate instead of the shipped file's")
     p.add_argument("--e4t", metavar="FILE", help="a pre-trained E4T file instead of the shipped one")
     p.add_argument("--dev", action="store_true",
                    help="score the last held-out identities instead of the first: a development set on which to "
@@ -34,29 +36,85 @@ def parse_args(argv=None):
     p.add_argument("--paired", nargs=2, metavar=("A", "B"),
                    help="evaluate nothing: compare method A with B subject by subject over existing tables (--tables, "
                         "default --out's eval.json): the mean difference in identity and its standard error")
+    p.add_argument("--overwrite", action="store_true", help="replace the table already in --out")
     p.add_argument("--tables", nargs="+", metavar="FILE", help="eval.json files for --paired (distinct subjects)")
     return p.parse_args(argv)
+
+
+def read_table(path: Path) -> dict:
+    """An eval.json, checked enough that --paired and --update fail on one line naming the file, not in the middle."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such table (write one with `boothkit eval --out FOLDER`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not an eval.json table ({e})") from None
+    if not (isinstance(table, dict) and isinstance(table.get("settings"), dict)
+            and isinstance(table.get("methods"), dict)
+            and isinstance(table["settings"].get("subject_ids"), list)):
+        raise ValueError(f"{path}: not an eval.json table; expected an object with 'settings' (with 'subject_ids') "
+                         f"and 'methods'")
+    for name, row in table["methods"].items():
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: method {name!r} is {str(row)[:40]!r}, expected an object of scores")
+        per = row.get("identity_per_subject")
+        if not (isinstance(per, list) and len(per) == len(table["settings"]["subject_ids"])
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in per)):
+            raise ValueError(f"{path}: method {name!r} has no finite 'identity_per_subject' list, one number per "
+                             f"subject")
+    return table
+
+
+def nonfinite_fields(obj, where="") -> list[str]:
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [where or "(value)"]
+    if isinstance(obj, dict):
+        return [f for k, v in obj.items() for f in nonfinite_fields(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, list):
+        return [f for i, v in enumerate(obj) for f in nonfinite_fields(v, f"{where}[{i}]")]
+    return []
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.paired:
-        tables = [json.loads(Path(f).read_text()) for f in args.tables or [Path(args.out) / "eval.json"]]
+        tables = [read_table(Path(f)) for f in args.tables or [Path(args.out) / "eval.json"]]
         r = paired(tables, *args.paired)
         print(f"{r['a']} against {r['b']}, paired over {r['subjects']} subjects: identity {r['identity_a']:.3f} vs "
               f"{r['identity_b']:.3f}, difference {r['difference']:+.3f} ± {r['difference_se']:.3f} (standard error), "
               f"{r['a']} above on {r['a_above']}")
         print(json.dumps(r))
         return 0
+    out = Path(args.out)
+    table = out / "eval.json"
+    # checked before the evaluation, not after it: the folder, the table to update, a table not to replace
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for eval.json and eval.md")
+    old = None
+    if args.update and table.exists():
+        old = read_table(table)
+    elif table.exists() and not args.overwrite:
+        raise FileExistsError(f"{table} exists; pass --update to add rows to it, --overwrite to replace it, or "
+                              f"choose another --out")
     result = evaluate(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
                       args.steps, {"beta": args.beta, "e4t_lr": args.e4t_lr, "e4t": args.e4t}, args.dev)
-    out = Path(args.out)
+    bad = nonfinite_fields(result)
+    if bad:
+        raise ValueError(f"the evaluation produced non-finite scores ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); nothing written (check --beta / --e4t-lr / --e4t)")
     out.mkdir(parents=True, exist_ok=True)
-    if args.update and (out / "eval.json").exists():
-        result = merge(json.loads((out / "eval.json").read_text()), result)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    if old is not None:
+        result = merge(old, result)
+    write_text(table, json.dumps(result, indent=2, allow_nan=False) + "\n")
     md = to_markdown(result)
-    (out / "eval.md").write_text(md)
+    write_text(out / "eval.md", md)
     print(md)
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    print(f"wrote {table} and {out / 'eval.md'}")
     return 0
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically (temp file + rename), so an interrupted write never leaves half a table."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

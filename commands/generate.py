@@ -2,17 +2,18 @@
 optional masks, and a prompt with the identifier."""
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 import torch
 
+from .args import Parser, finite_float, int_range, nonneg_float, nonneg_int
+
 log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="boothkit generate", description=__doc__)
+    p = Parser(prog="boothkit generate", description=__doc__)
     p.add_argument("--model", default="toy", help="diffusers folder, single-file .safetensors (with --config), or "
                                                   "'toy' for the shipped toy-world model (default)")
     p.add_argument("--config", help="local diffusers folder whose configs a single-file checkpoint uses")
@@ -21,16 +22,17 @@ def parse_args(argv=None):
     p.add_argument("--images", required=True, nargs="+", help="image files or one folder; NAME_mask.png masks beside")
     p.add_argument("--prompt", required=True, help="prompt; the identifier is inserted before the class noun if absent")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--alpha", type=float, help="concept-token scale α (default: the file's, 0.4 in the paper)")
-    p.add_argument("--beta", type=float, help="adapter weight β (default: the file's, 0.3 in the paper)")
-    p.add_argument("--skip-levels", type=int, nargs="*", default=[], help="resolution levels without adapters")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float,
+    p.add_argument("--alpha", type=finite_float, help="concept-token scale α (default: the file's, 0.4 in the paper)")
+    p.add_argument("--beta", type=finite_float, help="adapter weight β (default: the file's, 0.3 in the paper)")
+    p.add_argument("--skip-levels", type=nonneg_int, nargs="*", default=[], help="resolution levels without adapters")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--num-images", type=int_range(1, 64), default=1)
+    p.add_argument("--steps", type=int_range(1, 1000), default=30)
+    p.add_argument("--guidance", type=nonneg_float,
                    help="classifier-free guidance (default 5.0; the toy world's own 3.0 with --model toy)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default="out/generate.png")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
 
 
@@ -42,6 +44,9 @@ def default_instantbooth() -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from ..backend.files import refuse_existing
+
+    refuse_existing(args.out, args.overwrite)  # before the model is loaded, not after the sampling
     from ..backend.instantbooth import load_instantbooth
     from ..backend.identifier import insert_identifier
     from ..backend.imageio import read_images_and_masks, save_png

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 
+from .args import Parser, int_range, nonneg_int
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="boothkit toyworld", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="boothkit toyworld", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a dataset folder")
     e.add_argument("--split", choices=["train", "heldout"], default="train")
-    e.add_argument("--n", type=int, default=20000, help="number of samples")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--n", type=int_range(1, 10_000_000), default=20000, help="number of samples")
+    e.add_argument("--seed", type=nonneg_int, default=0)
     e.add_argument("--out", required=True)
     sub.add_parser("verify", help="check the shipped weights' sha256")
     return p.parse_args(argv)

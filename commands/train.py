@@ -1,9 +1,8 @@
-"""`boothkit train METHOD --config FILE [--set section.key=value ...] [--resume]`.
+"""`boothkit train METHOD --config FILE [--set section.key=value ...] [--resume | --overwrite]`.
 
 Works unchanged under `accelerate launch` (multi-GPU, multi-node, or several CPU processes with gloo)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 from pathlib import Path
@@ -11,20 +10,24 @@ from pathlib import Path
 import torch
 
 from ..training.config import apply_overrides, build, read_config
+from .args import Parser, positive_int
 
 log = logging.getLogger(__name__)
 METHODS = ("instantbooth", "e4t")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="boothkit train", description=__doc__)
+    p = Parser(prog="boothkit train", description=__doc__)
     p.add_argument("method", choices=METHODS)
     p.add_argument("--config", required=True, help="TOML or YAML file with [model], [data], [method], [train]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable)")
     p.add_argument("--output-dir", help="shorthand for --set train.output_dir=...")
-    p.add_argument("--steps", type=int, help="shorthand for --set train.steps=...")
+    p.add_argument("--steps", type=positive_int, help="shorthand for --set train.steps=...")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output folder that holds another run (its checkpoints are deleted and "
+                        "its export replaced); without it, or --resume, such a folder is refused")
     return p.parse_args(argv)
 
 
@@ -58,28 +61,32 @@ def _load(config: dict):
     return model, vision, dataset, validation, settings
 
 
-def run(method_name: str, config: dict, resume: bool) -> Path:
+def run(method_name: str, config: dict, resume: bool, overwrite: bool = False) -> Path:
     from accelerate import PartialState
 
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, TrainSettings, check_output_dir
 
     if method_name == "instantbooth":
         from ..training.instantbooth import InstantBoothSettings as Settings, InstantBoothTraining as Training
     else:
         from ..training.e4t import E4TSettings as Settings, E4TTraining as Training
-    model, vision, dataset, validation, settings = _load(config)
+    # every value checked, and the output folder, before a minute of loading, not after
     method_settings = build(Settings, config.get("method", {}), "method")
+    settings = build(TrainSettings, config.get("train", {}), "train")
+    check_output_dir(settings.output_dir, method_name, resume, overwrite,
+                     delete=PartialState(cpu=not torch.cuda.is_available()).is_main_process)
+    model, vision, dataset, validation, settings = _load(config)
     config = {**config, "train": dataclasses.asdict(settings), "method": dataclasses.asdict(method_settings)}
     torch.manual_seed(settings.seed)  # the trained modules' initial weights are part of the run's seed
     device = PartialState(cpu=not torch.cuda.is_available()).device
     method = Training(model, vision, dataset, method_settings, validation, device=device)
-    return Trainer(method, dataset, settings, config).train(resume=resume)
+    return Trainer(method, dataset, settings, config).train(resume=resume, overwrite=overwrite)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = resolve(args)
-    path = run(args.method, config, args.resume)
+    path = run(args.method, config, args.resume, args.overwrite)
     if path is not None:
         print(f"wrote {path}")
     return 0

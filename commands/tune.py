@@ -16,12 +16,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .args import Parser, learning_rate, int_range, MAX_STEPS, nonneg_float, nonneg_int, positive_float, positive_int
+
 log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="boothkit tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="boothkit tune", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=("quicktune", "e4t"), default="quicktune",
                    help="quicktune (default): two stages on 4-6 images; e4t: a pre-trained E4T file, one image")
     p.add_argument("--images", help="quicktune: folder of 4-6 images of the subject (NAME_mask.png beside an image "
@@ -29,8 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--image", help="e4t: the one image of the subject (NAME_mask.png beside it is used as its mask)")
     p.add_argument("--e4t", help="e4t: the pre-trained E4T .safetensors (default with --model toy: the shipped one)")
     p.add_argument("--clip-vision", default="toy", help="e4t: CLIP vision folder (default: the toy world's)")
-    p.add_argument("--steps", type=int, help="e4t: tuning steps (default: the file's, 15)")
-    p.add_argument("--lr", type=float, help="e4t: tuning learning rate (default: the file's)")
+    p.add_argument("--steps", type=positive_int, help="e4t: tuning steps (default: the file's, 15)")
+    p.add_argument("--lr", type=learning_rate, help="e4t: tuning learning rate (default: the file's)")
     p.add_argument("--class-noun", required=True, help="what the subject is: cat, dog, person, backpack ...")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default="toy", help="diffusers model folder, a .safetensors checkpoint (with --config), "
@@ -46,23 +48,24 @@ def parse_args(argv=None):
     p.add_argument("--stages", choices=("both", "embedding", "denoiser"), default="both",
                    help="both (default); embedding = textual inversion alone; denoiser = DreamBooth-style alone")
     p.add_argument("--mode", choices=("lora", "full"), default="lora", help="stage 2: LoRA (default) or every weight")
-    p.add_argument("--rank", type=int, help="LoRA rank")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--conv-rank", type=int, help="LoRA rank of the 3x3 convolutions (0 = attention layers only)")
-    p.add_argument("--stage1-steps", type=int)
-    p.add_argument("--stage1-lr", type=float)
-    p.add_argument("--stage2-steps", type=int)
-    p.add_argument("--stage2-lr", type=float)
-    p.add_argument("--batch-size", type=int, help="batch size of both stages")
+    p.add_argument("--rank", type=int_range(1, 4096), help="LoRA rank")
+    p.add_argument("--alpha", type=positive_float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--conv-rank", type=int_range(0, 4096),
+                   help="LoRA rank of the 3x3 convolutions (0 = attention layers only)")
+    p.add_argument("--stage1-steps", type=int_range(0, MAX_STEPS))
+    p.add_argument("--stage1-lr", type=learning_rate)
+    p.add_argument("--stage2-steps", type=int_range(0, MAX_STEPS))
+    p.add_argument("--stage2-lr", type=learning_rate)
+    p.add_argument("--batch-size", type=int_range(1, 1024), help="batch size of both stages")
     p.add_argument("--class-images", help="folder of class images: switches on prior preservation (not the paper's "
                                           "default)")
-    p.add_argument("--prior-weight", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, help="training resolution in pixels (default: the model's)")
+    p.add_argument("--prior-weight", type=nonneg_float, default=1.0)
+    p.add_argument("--resolution", type=int_range(8, 4096), help="training resolution in pixels (default: the model's)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
                    help="auto: bf16 for quick-tune on a GPU that has it, fp32 for E4T and on a CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade speed for memory")
     p.add_argument("--flip", action="store_true", help="also train on mirrored images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = p.parse_args(argv)
@@ -102,7 +105,8 @@ def read_images(folder):
     from ..backend.imageio import list_images, mask_path, read_images_and_masks
 
     images, masks = read_images_and_masks(folder)
-    has_mask = any(mask_path(p).exists() for p in list_images(folder))
+    # a NAME_mask.png beside an image, or an image's own alpha channel (read_images_and_masks used it)
+    has_mask = any(mask_path(p).exists() for p in list_images(folder)) or not bool((masks > 0.5).all())
     return images, (masks if has_mask else None)
 
 
@@ -193,7 +197,7 @@ def main(argv=None) -> int:
 
 def main_e4t(args) -> int:
     from ..backend.e4t import load_e4t
-    from ..backend.imageio import mask_path, read_image
+    from ..backend.imageio import read_image_and_mask
     from ..backend.tune import CANCELLED, DONE
     from ..backend.files import output_paths, safe_name
     from ..hosts.diffusers.e4t import e4t_tune
@@ -223,8 +227,7 @@ def main_e4t(args) -> int:
         model.unet.train()
     e4t.config.identifier = args.identifier  # only a prompt word: the file's encoder works with any
     image_path = Path(args.image)
-    image = read_image(image_path)
-    mask = read_image(mask_path(image_path), mode="L") if mask_path(image_path).exists() else None
+    image, mask = read_image_and_mask(image_path)  # NAME_mask.png, else the image's alpha, else None
     # "auto" is fp32 for E4T: on an H100 (512 px, `boothkit bench e4t --model sd15 --e4t-mixed-precision bf16`) bf16
     # autocast made the 15-step tune 1.7x slower and saved only 1.5 GB of its 13.5 GB peak
     precision = "no" if args.mixed_precision == "auto" else args.mixed_precision

@@ -38,7 +38,7 @@ def test_generate_end_to_end_on_a_diffusers_folder(tmp_path, with_vae):
     generate(common + ["--beta", "0", "--out", str(tmp_path / "b0.png")])
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "b0.png")), img)
     with pytest.raises(ValueError, match="neither the identifier 'sks' nor a class noun"):
-        generate(common[:-6] + ["--prompt", "a photo of grass", "--out", str(out)])
+        generate(common[:-6] + ["--prompt", "a photo of grass", "--out", str(tmp_path / "grass.png")])
 
 
 def test_generate_with_the_toy_defaults_uses_the_shipped_instantbooth(tmp_path, caplog):

@@ -185,7 +185,7 @@ def test_dataset_errors_name_the_files(tmp_path):
     with pytest.raises(DataError) as e:
         FolderDataset(d, 32)
     msg = str(e.value)
-    assert "4 bad item(s)" in msg and "--skip-bad" in msg
+    assert "4 bad item(s)" in msg and "--set data.skip_bad=true" in msg
     assert "001.png: no caption" in msg and "002.png: empty caption" in msg
     assert "003.png: cannot read the image" in msg and "000_mask.png: mask is 8x8 but its image is 32x32" in msg
     write_dataset(tmp_path / "ok", n=3)

@@ -65,13 +65,44 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+MAX_STEP = 10 ** 9
+
+
 def load_checkpoint(path: str | Path):
-    """-> (step, weights, ema or None, optimizer tensors, optimizer meta, scheduler state, config)."""
+    """-> (step, weights, ema or None, optimizer tensors, optimizer meta, scheduler state, config). Every error names
+    the file and the field; the tensors must be finite."""
+    from ..backend.files import FormatError, check_finite
+
     tensors, meta = read_safetensors(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: metadata field 'format' is {meta.get('format')!r}, expected '{CHECKPOINT_FORMAT}'")
+        raise FormatError(f"{path}: metadata field 'format' is {meta.get('format')!r}, expected "
+                          f"'{CHECKPOINT_FORMAT}'")
+    raw = meta.get("step")
+    try:
+        step = int(raw)
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: metadata field 'step' is {raw!r}, expected an integer") from None
+    if not 0 <= step <= MAX_STEP:
+        raise FormatError(f"{path}: metadata field 'step' is {step}, expected 0..{MAX_STEP}")
+    parsed = {}
+    for field, kind in (("optimizer", dict), ("scheduler", dict), ("config", dict)):
+        try:
+            parsed[field] = json.loads(meta[field])
+        except KeyError:
+            raise FormatError(f"{path}: metadata field '{field}' is missing, expected JSON") from None
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path}: metadata field '{field}' is not JSON ({e})") from None
+        if not isinstance(parsed[field], kind):
+            raise FormatError(f"{path}: metadata field '{field}' is {str(parsed[field])[:60]!r}, expected a JSON "
+                              f"object")
+    opt_meta = parsed["optimizer"]
+    if not isinstance(opt_meta.get("param_groups"), list) or not isinstance(opt_meta.get("scalars"), dict):
+        raise FormatError(f"{path}: metadata field 'optimizer' has no 'param_groups' list and 'scalars' object")
+    check_finite(path, tensors)
     weights = {k[8:]: v for k, v in tensors.items() if k.startswith("weights.")}
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
     opt = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
-    return (int(meta["step"]), weights, ema, opt, json.loads(meta["optimizer"]), json.loads(meta["scheduler"]),
-            json.loads(meta["config"]))
+    if step > 0 and not opt:
+        raise FormatError(f"{path}: no optimizer state (tensors 'optimizer.*') in a checkpoint at step {step}; "
+                          f"expected the state to resume from")
+    return step, weights, ema, opt, opt_meta, parsed["scheduler"], parsed["config"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from pathlib import Path
 
 SECTIONS = ("model", "data", "method", "train")
@@ -53,4 +55,40 @@ def build(cls, values: dict, where: str):
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"[{where}] has unknown key(s) {sorted(unknown)}; known keys: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        check_value(where, key, value, hints.get(key))
     return cls(**values)
+
+
+SIGNED = {"background"}  # the only numeric settings that may be negative
+
+
+def check_value(where: str, key: str, value, hint) -> None:
+    """A config value of the type its dataclass field declares; numbers finite, non-negative (except SIGNED), and
+    learning rates positive: ``--set method.lr_heads=NaN`` is refused before any model is loaded."""
+    name = f"[{where}] {key}"
+    origin = typing.get_origin(hint)
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ValueError(f"{name} is {value!r}, expected a {origin.__name__}")
+        return
+    args = set(typing.get_args(hint)) or {hint}
+    if value is None and type(None) in args:
+        return
+    if (int in args or float in args) and not isinstance(value, bool) and isinstance(value, (int, float)):
+        if float not in args and not isinstance(value, int):
+            raise ValueError(f"{name} is {value!r}, expected an integer")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} is {value!r}, expected a finite number")
+        if value < 0 and key not in SIGNED:
+            raise ValueError(f"{name} is {value!r}, expected a number >= 0")
+        if (key == "lr" or key.startswith("lr_") or key.endswith("_lr")) and not 0 < value <= 10:
+            raise ValueError(f"{name} is {value!r}, expected a learning rate with 0 < lr <= 10")
+        return
+    if int in args or float in args:
+        raise ValueError(f"{name} is {value!r}, expected a number")
+    if bool in args and not isinstance(value, bool):
+        raise ValueError(f"{name} is {value!r}, expected true or false")
+    if str in args and not isinstance(value, str):
+        raise ValueError(f"{name} is {value!r}, expected a string")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..backend.imageio import list_images, mask_path, read_image
+from ..backend.imageio import list_images, read_image_and_mask
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class FolderDataset:
         if problems:
             report = "\n  ".join(problems)
             if not skip_bad:
-                raise DataError(f"{len(problems)} bad item(s) in {folder} (use --skip-bad to skip them):\n  {report}")
+                raise DataError(f"{len(problems)} bad item(s) in {folder} (pass --set data.skip_bad=true to skip "
+                                f"them):\n  {report}")
             log.warning("skipping %d bad item(s) in %s:\n  %s", len(problems), folder, report)
         if not items:
             raise DataError(f"no usable images in {folder}")
@@ -88,7 +89,7 @@ class FolderDataset:
             caption, identity = txt.read_text().strip(), path.stem
         if not caption.strip():
             raise ValueError(f"{path}: empty caption")
-        img = read_image(path)
+        img, m = read_image_and_mask(path)  # NAME_mask.png, else the image's alpha, else None
         h, w = img.shape[-2:]
         if (h, w) != (resolution, resolution):
             if h != w or h < resolution:
@@ -96,11 +97,7 @@ class FolderDataset:
                                  f"{resolution}x{resolution} (they are resized down to the training resolution)")
             img = torch.nn.functional.interpolate(img[None], size=(resolution, resolution), mode="bilinear",
                                                   antialias=True)[0]
-        mp = mask_path(path)
-        if mp.exists():
-            m = read_image(mp, "L")
-            if m.shape[-2:] != (h, w):
-                raise ValueError(f"{mp}: mask is {m.shape[-1]}x{m.shape[-2]} but its image is {w}x{h}")
+        if m is not None:
             m = torch.nn.functional.interpolate(m[None], size=(resolution, resolution), mode="nearest")[0]
             m = (m > 0.5).float()
         else:

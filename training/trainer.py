@@ -22,7 +22,35 @@ log = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped early (non-finite loss); the message names the last good checkpoint."""
+    """Training stopped early (non-finite loss or weights); the message names the last good checkpoint."""
+
+
+def check_output_dir(out: str | Path, name: str, resume: bool, overwrite: bool, delete: bool = True) -> None:
+    """A fresh run refuses a folder that holds another run's checkpoints or export (the new run's checkpoints would
+    be deleted by keep_last while the old run's stay, and a later --resume would continue the old run), unless told:
+    ``resume`` continues that run; ``overwrite`` deletes its checkpoints and lets the export be replaced. Checked
+    before anything is loaded."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file")
+    found = list_checkpoints(out / "checkpoints")
+    export = out / f"{name}.safetensors"
+    if resume or not (found or export.exists()):
+        return
+    held = ([f"{len(found)} checkpoint(s) up to {found[-1].name}"] if found else []) + \
+        ([f"the export {export.name}"] if export.exists() else [])
+    if not overwrite:
+        raise ValueError(f"output folder {out} holds another run ({' and '.join(held)}); pass --resume to continue "
+                         f"it, --overwrite to start afresh there (its checkpoints are deleted), or choose another "
+                         f"--output-dir")
+    if delete:  # the main process; every process checks, so none goes on alone to wait at a barrier
+        for p in found:
+            p.unlink(missing_ok=True)
+        log.info("--overwrite: deleted %d checkpoint(s) of the earlier run in %s", len(found), out / "checkpoints")
+
+
+def _nonfinite_names(names, tensors) -> list[str]:
+    return [n for n, t in zip(names, tensors) if not bool(torch.isfinite(t.detach()).all())]
 
 
 @dataclass
@@ -120,11 +148,23 @@ class Trainer:
             raise ValueError(f"{found[-1]}: its weights do not match this method's trainable parameters "
                              f"(missing {sorted(set(params) - set(weights))[:3]}, "
                              f"unexpected {sorted(set(weights) - set(params))[:3]})")
+        wrong = [(n, tuple(weights[n].shape), tuple(p.shape)) for n, p in params.items()
+                 if weights[n].shape != p.shape]
+        if wrong:
+            n, found_shape, want = wrong[0]
+            raise ValueError(f"{found[-1]}: weight '{n}' has shape {found_shape}, this run's model has {want} "
+                             f"({len(wrong)} such); the checkpoint is of another configuration")
+        if step > self.s.steps:
+            raise ValueError(f"{found[-1]}: step {step} is beyond this run's train.steps={self.s.steps}")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(weights[n])
-        optimizer_from_tensors(self.optimizer, opt_t, opt_meta)
-        self.scheduler.load_state_dict(sched)
+        try:
+            optimizer_from_tensors(self.optimizer, opt_t, opt_meta)
+            self.scheduler.load_state_dict(sched)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{found[-1]}: its optimizer or scheduler state does not fit this run "
+                             f"({' '.join(str(e).split())[:160]})") from None
         if self.ema is not None and ema is not None:
             self.ema = {k: v.clone() for k, v in ema.items()}
         self.step = step
@@ -152,10 +192,7 @@ class Trainer:
             loss = self.micro_step(micro)
             check = acc.gather(loss.detach().float().reshape(1))
             if not torch.isfinite(check).all():
-                good = list_checkpoints(self.out / "checkpoints")
-                raise TrainingStopped(f"loss became {check.tolist()} at step {self.step}; stopped without saving. "
-                                      f"Last good checkpoint: {good[-1] if good else 'none'} (resume from it with "
-                                      f"a lower learning rate, or check the data)")
+                self._stop(f"loss became {check.tolist()} at step {self.step}")
             scaled = loss / s.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.item() / s.grad_accum
@@ -174,6 +211,13 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # the guard checks the weights too: a finite loss with a NaN/inf learning rate or an overflow still poisons
+        # them, and no checkpoint may be called good without its tensors checked (write_safetensors refuses them too)
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all()  # one sync, not one each
+        if acc.gather((~finite).float().reshape(1).to(acc.device)).sum() > 0:
+            names = _nonfinite_names(self.names, self.params)
+            where = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "on another process"
+            self._stop(f"weights became non-finite at step {self.step + 1} ({where})")
         if self.ema is not None:
             with torch.no_grad():
                 for n, p in zip(self.names, self.params):
@@ -181,8 +225,16 @@ class Trainer:
         self.step += 1
         return total
 
-    def train(self, resume: bool = False) -> Path:
+    def _stop(self, what: str):
+        good = list_checkpoints(self.out / "checkpoints")
+        raise TrainingStopped(f"{what}; stopped without saving. Last good checkpoint (its tensors checked finite when "
+                              f"written): {good[-1] if good else 'none'} (resume from it with a lower learning rate, "
+                              f"or check the data)")
+
+    def train(self, resume: bool = False, overwrite: bool = False) -> Path:
         acc, s = self.acc, self.s
+        check_output_dir(self.out, self.method.name, resume, overwrite, delete=acc.is_main_process)
+        acc.wait_for_everyone()
         if resume:
             self.resume()
         if acc.is_main_process:

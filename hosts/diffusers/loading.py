@@ -52,9 +52,9 @@ def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, config: str | 
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise FileNotFoundError(f"{path}: not a diffusers model folder (no model_index.json)")
-        return _from_folder(path, dtype)
+        return _loading(path, "a diffusers model folder (safetensors weights)", _from_folder, path, dtype)
     if path.is_file() and path.suffix == ".safetensors":
-        return _from_single_file(path, dtype, config)
+        return _loading(path, "a Stable Diffusion checkpoint", _from_single_file, path, dtype, config)
     if path.is_file():
         raise ValueError(f"{path}: only .safetensors checkpoints are loaded (no pickled .ckpt/.pt files)")
     raise FileNotFoundError(f"{path}: no such model folder or file")
@@ -64,9 +64,9 @@ def _from_folder(path: Path, dtype) -> SDModel:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
     family = family_of(unet)
-    kw = dict(torch_dtype=dtype)
+    kw = dict(torch_dtype=dtype, use_safetensors=True)  # safetensors only: a pickled .bin is refused, never run
     te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     te2 = tok2 = None
@@ -77,7 +77,7 @@ def _from_folder(path: Path, dtype) -> SDModel:
     if (path / "vae").is_dir():
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     res = int(unet.config.sample_size) * (_vae_scale(vae) if vae is not None else 1)
     return SDModel(unet, te, tok, scheduler, vae, family, res, te2, tok2)
@@ -90,8 +90,11 @@ def _from_single_file(path: Path, dtype, config) -> SDModel:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())
+    except Exception as e:  # safetensors' own error types for a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
     pipe = cls.from_single_file(str(path), config=str(config), torch_dtype=dtype, local_files_only=True)
     from diffusers import DDPMScheduler
@@ -101,6 +104,18 @@ def _from_single_file(path: Path, dtype, config) -> SDModel:
     return SDModel(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, pipe.vae, family,
                    int(pipe.unet.config.sample_size) * _vae_scale(pipe.vae), getattr(pipe, "text_encoder_2", None),
                    getattr(pipe, "tokenizer_2", None))
+
+
+def _loading(path, what: str, fn, *args):
+    """``fn(*args)``, with the libraries' errors for a broken or foreign model (missing or pickled-only weights, a
+    corrupt file, a config that does not fit) turned into one line naming the path."""
+    try:
+        return fn(*args)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, EnvironmentError) as e:
+        if isinstance(e, (FileNotFoundError, ValueError)) and str(e).startswith(str(path)):
+            raise  # already ours
+        msg = " ".join(str(e).split())[:300]
+        raise ValueError(f"{path}: cannot load it as {what} ({type(e).__name__}: {msg})") from None
 
 
 def _vae_scale(vae) -> int:
@@ -114,4 +129,5 @@ def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a CLIP vision model folder (no config.json)")
-    return CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype).eval()
+    return _loading(path, "a CLIP vision model folder (safetensors weights)", lambda: CLIPVisionModelWithProjection
+                    .from_pretrained(path, torch_dtype=dtype, use_safetensors=True).eval())
