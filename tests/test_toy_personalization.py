@@ -3,7 +3,7 @@
 references, as `boothkit eval` scores it) beats the base model's by a margin.
 
 Margins were set from these numbers (2 CPU threads, seed 0; `docs/tests.md`): base -0.361; InstantBooth 0.299;
-E4T-0 0.498; E4T-15 0.831; quick-tune (5 + 10 steps) see docs. The same files with every weight replaced by noise of
+E4T-0 0.498; E4T-15 0.831; quick-tune (5 + 10 steps) 0.440. The same files with every weight replaced by noise of
 the weight's own scale score InstantBooth -0.288 and E4T-0 -0.352 (the last test checks that they fail the margins):
 the margins measure the training, not the plumbing. A better file clears them too."""
 import copy
