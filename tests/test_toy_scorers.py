@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from boothkit.toyworld import scorers as sc
 from boothkit.toyworld import store
@@ -93,9 +94,9 @@ def test_clip_folder_loads_with_transformers(tmp_path, tiny_scorers):
     with safe_open(str(tmp_path / "clip" / "model.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == sc.CLIP_FORMAT and meta["version"] == sc.VERSION
-    assert json.loads(meta["image_mean"]) == list(sc.CLIP_MEAN)
+    assert json.loads(meta["image_mean"]) == list(OPENAI_CLIP_MEAN)
     pre = json.loads((tmp_path / "clip" / "preprocessor_config.json").read_text())
-    assert pre["image_mean"] == list(sc.CLIP_MEAN) and pre["image_std"] == list(sc.CLIP_STD)
+    assert pre["image_mean"] == list(OPENAI_CLIP_MEAN) and pre["image_std"] == list(OPENAI_CLIP_STD)
     assert pre["crop_size"] == {"height": 32, "width": 32}
 
     x = torch.randn(2, 3, 32, 32)
@@ -138,7 +139,7 @@ def test_scorer_values_and_input_checks(tiny_scorers):
 def test_clip_pixels_use_standard_clip_normalisation(tiny_scorers):
     x = torch.full((1, 3, 32, 32), 0.5)
     px = tiny_scorers._clip_pixels(x)
-    expected = (0.5 - torch.tensor(sc.CLIP_MEAN)) / torch.tensor(sc.CLIP_STD)
+    expected = (0.5 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
     torch.testing.assert_close(px[0, :, 0, 0], expected)
 
 
