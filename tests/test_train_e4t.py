@@ -98,3 +98,28 @@ def test_frozen_base_is_untouched(config, tmp_path, monkeypatch):
         changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
         assert not changed, changed[:5]
         assert not any(p.requires_grad for p in part.parameters())
+
+
+def test_caches_change_nothing_but_are_used(config):
+    """Cached VAE latents and CLIP class tokens give the loss of fresh ones on the same draws (indices out of order
+    catch a cache that returns the wrong rows); the caches fill when on and stay empty when off."""
+    import dataclasses
+
+    from boothkit.commands.train import _load, resolve, parse_args
+    from boothkit.training.e4t import E4TSettings, E4TTraining
+
+    model, vision, dataset, _, _ = _load(resolve(parse_args(["e4t", "--config", str(config)])))
+    settings = E4TSettings(category="cat", hidden=16, modulation_rank=2)
+    losses = {}
+    for cache in (True, False):
+        torch.manual_seed(0)
+        m = E4TTraining(model, vision, dataset, dataclasses.replace(settings, cache_latents=cache,
+                                                                    cache_vision=cache))
+        with torch.no_grad():
+            losses[cache] = [float(m.loss(idx, torch.Generator().manual_seed(5))) for idx in ([3, 1], [0, 5], [3, 1])]
+        split = m.train_set
+        assert (split["targets"]._cached is not None) == cache and bool(split["tokens"]) == cache
+        for h in m.attached:
+            h.remove()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
+    assert len(set(losses[True])) > 1, "different batches, different losses"
