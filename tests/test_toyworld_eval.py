@@ -131,7 +131,7 @@ def test_demo_writes_the_grid(tmp_path, capsys):
     out_text = capsys.readouterr().out
     assert "wrote" in out_text
     assert "method: instantbooth" in out_text, "the shipped InstantBooth is the demo's default"
-    grid = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1).float() / 255
+    grid = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 255
 
     def column(c, rows):
         return torch.stack([grid[:, r * 34 + 1:r * 34 + 33, c * 34 + 1:c * 34 + 33] for r in rows])
