@@ -37,11 +37,18 @@ def test_missing_mask_is_whole_image_and_bad_masks_are_named():
         crop_to_mask(img[0], None, size=16)
 
 
+# OpenAI CLIP's published preprocessing (CLIPImageProcessor's image_mean / image_std), written out here rather than
+# read from the package, so a changed constant fails
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 def test_clip_normalize_values():
-    x = torch.tensor(CLIP_MEAN)[None, :, None, None].expand(1, 3, 2, 2)
+    assert (CLIP_MEAN, CLIP_STD) == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    x = torch.tensor(OPENAI_CLIP_MEAN)[None, :, None, None].expand(1, 3, 2, 2)
     assert torch.allclose(clip_normalize(x), torch.zeros(1, 3, 2, 2), atol=1e-6)
     y = clip_normalize(torch.ones(1, 3, 1, 1))
-    assert torch.allclose(y.flatten(), (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))
+    assert torch.allclose(y.flatten(), (1 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD))
     assert prepare_concept_images(*scene(), size=8).shape == (1, 3, 8, 8)
 
 

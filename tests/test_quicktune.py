@@ -326,7 +326,17 @@ def test_full_fine_tune_works_on_a_copy(tmp_path):
     assert_untouched(model, snap)
     paths = res.save(tmp_path / "out")
     assert set(paths) == {"embedding", "unet"}
-    assert read_safetensors(paths["unet"])[1]["format"] == "boothkit.unet"
+    tensors, meta = read_safetensors(paths["unet"])
+    assert meta["format"] == "boothkit.unet"
+    # the file holds the fine-tuned denoiser itself: every key of the model's state, the tuned values
+    assert tensors.keys() == model.unet.state_dict().keys()
+    for k, v in tensors.items():
+        assert torch.equal(v, res.unet_state[k].to(v.dtype)), k
+    # and sampling uses it: tuned() gives a copy with exactly those weights, the model's own UNet unchanged
+    with dt.tuned(model, res) as unet:
+        assert unet is not model.unet
+        assert all(torch.equal(unet.state_dict()[k], res.unet_state[k]) for k in changed)
+    assert_untouched(model, snap)
 
 
 def test_prior_preservation_and_masks_run(tmp_path):

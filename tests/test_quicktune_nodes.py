@@ -4,6 +4,7 @@ autograd helpers that let training run on ComfyUI's inference-mode weights). Com
 (tests/comfy_stubs.py); the real-ComfyUI tier is tests/comfyui/test_quicktune_real.py."""
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,13 @@ def test_lora_tensors_rename_layers_and_hash_the_final_file(tmp_path):
     content = {k: v for k, v in meta.items() if not k.startswith("sshs_")}
     assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == kohya_hashes(tensors, content), \
         "kohya's hashes of the file as written"
+    # computed here from the file's bytes, as kohya's precalculate_safetensors_hashes does: sha256 of everything
+    # after the header (the tensor data: the header's other metadata does not change it), and the legacy hash of the
+    # 64 KiB at offset 1 MiB, which a file this small does not reach (the sha256 of no bytes)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+    assert len(data) < 0x100000 and meta["sshs_legacy_hash"] == hashlib.sha256(b"").hexdigest()[:8]
     with pytest.raises(FileExistsError, match="overwrite"):
         renamed.save(path)
 

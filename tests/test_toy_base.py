@@ -1,10 +1,12 @@
 """The toy base model: a 2-step training run (files, metadata, manifest, resume, export) and the shipped weights."""
 import json
+import logging
 
 import pytest
 import torch
+from checkpoints import adam_steps, tamper
 
-from boothkit.backend.files import read_metadata
+from boothkit.backend.files import read_metadata, read_safetensors
 from boothkit.toyworld import base as tb
 from boothkit.toyworld import store
 from boothkit.toyworld import train_base as ttb
@@ -50,15 +52,46 @@ def test_two_step_training_writes_base_folder_with_metadata(tmp_path):
         store.verified_dir("base", out)
 
 
-def test_resumed_run_matches_uninterrupted(tmp_path):
-    """Data and noise are functions of (seed, step), so 1 step + resume 1 step == 2 steps."""
+def _checkpoint(tmp_path, step):
+    return tmp_path / "run" / f"checkpoint-{step:07d}.safetensors"
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path, caplog):
+    """Data and noise are functions of (seed, step), so 1 step + resume 1 step == 2 steps: every tensor of the final
+    checkpoint (weights, EMA, Adam's state) equal, bit for bit (one step moves a weight by up to ~1e-4, so any
+    tolerance near that would hide a lost or repeated step). A run that ignored the checkpoint would match too: the
+    log must name the checkpoint and step, and the next test changes a checkpoint and finds the change."""
     _run(tmp_path / "a", "--steps", "2")
     _run(tmp_path / "b", "--steps", "1")
-    _run(tmp_path / "b", "--steps", "2", "--resume")
-    a = tb.load_base(path=tmp_path / "a/w/base")
-    b = tb.load_base(path=tmp_path / "b/w/base")
-    for (k, va), vb in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
-        assert torch.allclose(va, vb, atol=1e-3), k
+    with caplog.at_level(logging.INFO, logger="boothkit.toyworld.train_base"):
+        _run(tmp_path / "b", "--steps", "2", "--resume")
+    assert f"loaded {_checkpoint(tmp_path / 'b', 1)} (step 1)" in caplog.text
+    a, _ = read_safetensors(_checkpoint(tmp_path / "a", 2))
+    b, _ = read_safetensors(_checkpoint(tmp_path / "b", 2))
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) and any(k.startswith("optimizer.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    one, _ = read_safetensors(_checkpoint(tmp_path / "b", 1))
+    assert any(not torch.equal(one[k], a[k]) for k in a if k.startswith("weights.")), "step 2 changed the weights"
+    ea, eb = tb.load_base(path=tmp_path / "a/w/base"), tb.load_base(path=tmp_path / "b/w/base")
+    for (k, va), vb in zip(ea.unet.state_dict().items(), eb.unet.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_resume_reads_the_checkpoint(tmp_path):
+    """Checkpoint 1 changed in a known way (weights +0.5, EMA 0.25, Adam's step 100): the resumed step counts
+    Adam's step 101, keeps the weights within one step of the changed ones, and blends the EMA from 0.25 (decay at
+    step 2: min(ema_decay, 3/12) = 0.25)."""
+    _run(tmp_path, "--steps", "1")
+    changed = tamper(_checkpoint(tmp_path, 1), shift=0.5, adam_step=100, ema=0.25)
+    _run(tmp_path, "--steps", "2", "--resume")
+    last = _checkpoint(tmp_path, 2)
+    assert adam_steps(last) == {101.0}
+    tensors, _ = read_safetensors(last)
+    for k, v in changed.items():
+        w = tensors[f"weights.{k}"]
+        assert (w - v).abs().max() < 4 * 3e-4, k
+        assert torch.allclose(tensors[f"ema.{k}"], 0.25 * 0.25 + 0.75 * w, atol=1e-6), k
 
 
 def test_load_base_rejects_wrong_metadata(tmp_path):
@@ -88,16 +121,9 @@ def test_sample_accepts_encoder_hidden_states_and_unet(tmp_path):
     assert not torch.allclose(tb.sample(base, prompts, seed=3, steps=2, unet=unet2), ref, atol=1e-3)
 
 
-def _shipped():
-    try:
-        store.verified_dir("base")
-        return True
-    except store.WeightsError:
-        return False
-
-
-@pytest.mark.skipif(not _shipped(), reason="toy base weights not trained yet")
 def test_shipped_base_loads_and_samples():
+    """The shipped base is part of the package: a missing or changed file fails here (no skip)."""
+    assert store.verified_dir("base") == store.WEIGHTS_DIR / "base"
     base = tb.load_base()
     meta = base.metadata
     assert meta["format"] == tb.BASE_FORMAT and int(meta["steps"]) > 0 and meta["command"].startswith("python -m")
