@@ -19,6 +19,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from . import threads
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    threads.add_argument(p)
     args = p.parse_args(argv)
     if args.method == "e4t" and not args.image:
         p.error("--method e4t needs --image FILE (E4T tunes on one image)")
@@ -144,6 +147,7 @@ class Cancellable:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    threads.apply(args.threads)
     if args.method == "e4t":
         return main_e4t(args)
 

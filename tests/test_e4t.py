@@ -700,3 +700,30 @@ def test_compact_concept_refuses_what_does_not_fit(tmp_path):
     assert load_e4t_concept(other).offsets.names[0].startswith("nowhere.")  # a valid file ...
     with pytest.raises(FormatError, match="denoiser has no module 'nowhere.*another architecture"):
         de.load_concept(other, model)  # ... for another denoiser
+
+
+def test_stock_export_weight_diffs_apply_as_the_concept_does(tmp_path):
+    """`generate --embedding X --lora X_lora` (E4T's stock export, here at the model's fp32) gives the denoiser the
+    concept's offsets: W + diff against W ∘ (1 + Δ), the same outputs up to rounding."""
+    from boothkit.backend.e4t import load_weight_diff
+
+    model, vision, e4t = toy_setup(tmp_path, modulation_rank=2)
+    concept = de.e4t_tune(model, vision, e4t, images(1)[0], None, "cat", steps=2, lr=1e-2)
+    paths = concept.save(model, tmp_path, "c", stock=True, stock_dtype=None)
+    diffs, meta = load_weight_diff(paths["lora"], family="toy")
+    assert meta["identifier"] == "sks" and len(diffs) == len(e4t.config.targets)
+    with pytest.raises(FormatError, match="'family' is 'toy', but the model is 'sd1'"):
+        load_weight_diff(paths["lora"], family="sd1")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 40])
+    cond = common.encode_prompt(model, "a photo of sks cat", concept.embedding).expand(2, -1, -1)
+    base = model.unet(x, t, encoder_hidden_states=cond).sample
+    with concept.applied(model) as unet:
+        want = unet(x, t, encoder_hidden_states=cond).sample
+    with de.weight_diffs_applied(model, diffs) as unet:
+        got = unet(x, t, encoder_hidden_states=cond).sample
+    assert not torch.allclose(want, base, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.unet(x, t, encoder_hidden_states=cond).sample, base), "hooks removed on exit"
+    with pytest.raises(ValueError, match="another base model"):
+        with de.weight_diffs_applied(model, {"lora_unet_nowhere": next(iter(diffs.values()))}):
+            pass

@@ -55,6 +55,37 @@ def test_generate_with_the_toy_defaults_uses_the_shipped_instantbooth(tmp_path, 
     with caplog.at_level(logging.INFO):
         assert generate(["--images", str(tmp_path), "--prompt", "a photo of a cat on snow at night", "--steps", "3",
                          "--out", str(out)]) == 0
-    assert np.asarray(Image.open(out)).shape == (32, 32, 3)
+    assert np.asarray(Image.open(out)).shape == (256, 256, 3), "the toy world's 32x32 written 8x, nearest"
     assert "a photo of a sks cat on snow at night  (α=0.40, β=1.00, 2 image(s))" in caplog.text, \
         "the identifier is inserted and the file's α, β are used"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--images", "x", "--embedding", "e.safetensors"], "--images and --embedding each give the identifier"),
+    (["--e4t-concept", "c.safetensors", "--embedding", "e.safetensors"], "--embedding and --e4t-concept"),
+    (["--alpha", "0.5"], "--alpha belong(s) to InstantBooth, which needs --images"),
+    (["--scale", "0"], "argument --scale: 0 is out of range"),
+    (["--out", "x.jpg"], "give a .png file"),
+])
+def test_generate_refuses_options_that_do_not_go_together(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate(["--prompt", "a cat"] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_reports_a_typo_of_the_identifier_and_unknown_toy_words(tmp_path, caplog):
+    import logging
+
+    from boothkit.backend.imageio import save_png
+    from boothkit.toyworld import domain
+
+    s = domain.identity_renders(domain.identities("heldout")[3], 1, 1)[0]
+    save_png(s.image, tmp_path / "0.png")
+    with pytest.raises(ValueError, match="prompt word 'skz' looks like the identifier 'sks'"):
+        generate(["--images", str(tmp_path), "--prompt", "a photo of a skz cat on snow", "--out", str(tmp_path / "o.png")])
+    assert not (tmp_path / "o.png").exists()
+    with caplog.at_level(logging.INFO):
+        assert generate(["--images", str(tmp_path), "--prompt", "a photo of a cat on the beach", "--steps", "1",
+                         "--scale", "1", "--out", str(tmp_path / "o.png")]) == 0
+    assert "note: the toy world's captions never use 'beach'" in caplog.text
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (32, 32, 3)

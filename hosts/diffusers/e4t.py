@@ -207,3 +207,29 @@ def e4t_tune(model, vision, e4t: E4T, image: torch.Tensor, mask: torch.Tensor | 
                 "steps_done": result.steps if result is not None else 0,
                 "status": result.status if result is not None else "done"}
     return E4TConcept(tuned.eval(), embedding, result, word, training)
+
+
+@contextmanager
+def weight_diffs_applied(model, diffs: dict[str, torch.Tensor], strength: float = 1.0, source: str = "weight diffs"):
+    """While inside, each Linear of ``model.unet`` named in ``diffs`` (kohya names, :func:`backend.e4t.
+    load_weight_diff`) computes x·(W + strength · diff)ᵀ + b, as a forward hook; the weights are never written."""
+    from ...backend.lora import UNET_PREFIX, kohya_name
+
+    by_name = {kohya_name(UNET_PREFIX, p): m for p, m in model.unet.named_modules()}
+    missing = [k for k in diffs if k not in by_name]
+    wrong = [k for k in diffs if k in by_name and (not isinstance(by_name[k], torch.nn.Linear)
+                                                    or tuple(by_name[k].weight.shape) != tuple(diffs[k].shape))]
+    if missing or wrong:
+        raise ValueError(f"{source}: {len(missing)} layer(s) not in the model {missing[:2]}, {len(wrong)} of another "
+                         f"shape {wrong[:2]}; they were made for another base model")
+    handles = []
+    try:
+        for k, d in diffs.items():
+            m = by_name[k]
+            delta = (d.float() * strength).to(m.weight)
+            handles.append(m.register_forward_hook(lambda mod, args, out, delta=delta:
+                                                   out + torch.nn.functional.linear(args[0], delta.to(args[0]))))
+        yield model.unet
+    finally:
+        for h in handles:
+            h.remove()
