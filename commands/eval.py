@@ -35,11 +35,17 @@ def parse_args(argv=None):
                    help="evaluate nothing: compare method A with B subject by subject over existing tables (--tables, "
                         "default --out's eval.json): the mean difference in identity and its standard error")
     p.add_argument("--tables", nargs="+", metavar="FILE", help="eval.json files for --paired (distinct subjects)")
+    from . import threads
+
+    threads.add_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from . import threads
+
+    threads.apply(args.threads)
     if args.paired:
         tables = [json.loads(Path(f).read_text()) for f in args.tables or [Path(args.out) / "eval.json"]]
         r = paired(tables, *args.paired)
