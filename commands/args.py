@@ -12,6 +12,13 @@ from __future__ import annotations
 import argparse
 import math
 
+class Parser(argparse.ArgumentParser):
+    """argparse with errors on one line: ``boothkit CMD: error: ...`` (exit 2), the usage left to ``--help``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 # upper bounds that no sensible run reaches and that keep a typo from allocating gigabytes
 MAX_STEPS = 100_000
 MAX_COUNT = 10_000
@@ -70,3 +77,4 @@ finite_float = float_range()                     # any finite number
 positive_float = float_range(0.0, None, lo_open=True)
 nonneg_float = float_range(0.0, None)
 fraction = float_range(0.0, 1.0)                 # 0 <= x <= 1
+learning_rate = float_range(0.0, 10.0, lo_open=True)  # 0 < x <= 10: above, Adam's step overflows float32

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import threads
-from .args import int_range, nonneg_int, positive_int
+from .args import Parser, int_range, nonneg_int
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ LABELS = {
 def parse_args(argv=None):
     from ..toyworld.methods import METHODS
 
-    p = argparse.ArgumentParser(prog="boothkit demo", description=__doc__,
+    p = Parser(prog="boothkit demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subject", type=nonneg_int, default=0, help="which held-out subject (0..31)")
     p.add_argument("--methods", "--method", nargs="+", default=None, metavar="METHOD",
@@ -56,7 +56,7 @@ def parse_args(argv=None):
                         f"{', '.join(m for m in METHODS if m != 'base')}")
     p.add_argument("--prompts", type=int_range(1, 16), default=4, help="how many prompts (rows)")
     p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
+    p.add_argument("--steps", type=int_range(1, 1000), default=25, help="DDIM steps")
     p.add_argument("--scale", type=int_range(1, 16), default=4,
                    help="pixel upscaling of the 32x32 toy images in the grid (nearest; default 4)")
     threads.add_argument(p)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import threads
-from .args import finite_float, int_range, nonneg_int, positive_int
+from .args import Parser, finite_float, int_range, nonneg_float, nonneg_int
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ TOY_SCALE = 8  # the toy world's 32x32 images are written at 256x256 unless --sc
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="boothkit generate", description=__doc__,
+    p = Parser(prog="boothkit generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="diffusers folder, single-file .safetensors (with --config), or "
                                                   "'toy' for the shipped toy-world model (default)")
@@ -54,8 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--e4t-concept", help="a compact E4T concept (`boothkit tune --method e4t`: NAME_e4t.safetensors)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--num-images", type=int_range(1, 64), default=1)
-    p.add_argument("--steps", type=positive_int, default=30)
-    p.add_argument("--guidance", type=finite_float,
+    p.add_argument("--steps", type=int_range(1, 1000), default=30)
+    p.add_argument("--guidance", type=nonneg_float,
                    help="classifier-free guidance (default 5.0; the toy world's own 3.0 with --model toy)")
     p.add_argument("--scale", type=int_range(1, 64),
                    help=f"enlarge the written image N times, nearest neighbour (default: {TOY_SCALE} with --model toy, "
@@ -83,8 +83,36 @@ def default_instantbooth() -> Path:
     return verified("instantbooth.safetensors")
 
 
+# the option that takes each of BoothKit's file formats, for a file handed to the wrong one
+OPTION_OF_FORMAT = {"boothkit.e4t_concept": "--e4t-concept", "boothkit.embedding": "--embedding",
+                    "boothkit.lora": "--lora", "boothkit.weight_diff": "--lora", "boothkit.instantbooth": "--instantbooth",
+                    "boothkit.e4t": "`boothkit tune --method e4t --e4t` (a pre-trained E4T file, not a tuned concept)"}
+
+
+def check_kinds(args) -> None:
+    """A BoothKit file given to the option for another kind fails before the model loads, saying which option
+    takes it."""
+    from ..backend.files import read_metadata
+
+    wanted = {"embedding": {"boothkit.embedding"}, "e4t_concept": {"boothkit.e4t_concept"},
+              "instantbooth": {"boothkit.instantbooth"}, "lora": {"boothkit.lora", "boothkit.weight_diff"}}
+    for dest, formats in wanted.items():
+        value = getattr(args, dest)
+        for path in value if isinstance(value, list) else [value] if value else []:
+            if not Path(path).is_file() or Path(path).suffix != ".safetensors":
+                continue  # the loader names a missing or foreign file
+            try:
+                fmt = read_metadata(path).get("format")
+            except Exception:  # an unreadable file: the loader says so
+                continue
+            if fmt in OPTION_OF_FORMAT and fmt not in formats:
+                raise ValueError(f"{path}: metadata field 'format' is {fmt!r}, not what --{dest.replace('_', '-')} "
+                                 f"takes; pass it as {OPTION_OF_FORMAT[fmt]}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_kinds(args)
     threads.apply(args.threads)
     from ..backend.imageio import save_png
     from ..hosts.diffusers.loading import default_device

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 
-from .args import nonneg_int, positive_int
+from .args import Parser, nonneg_int, positive_int
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="boothkit toyworld", description=__doc__,
+    p = Parser(prog="boothkit toyworld", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a dataset folder (a split, or one identity's photos)")

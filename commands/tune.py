@@ -198,8 +198,9 @@ def main(argv=None) -> int:
         print(f"the fine-tuned denoiser {paths['unet']} is for the trainer's own use; generate and stock loaders read "
               f"the embedding and a LoRA (--mode lora)")
     print("see it: " + generate_command(args, model.family, files))
-    print(f"stock loaders: prompt 'a photo of embedding:{name} {args.class_noun}' (ComfyUI) or "
-          f"'a photo of {name} {args.class_noun}' (A1111)" + (" with the LoRA loaded" if "lora" in paths else ""))
+    if str(args.model) != "toy":  # the shipped toy base exists only here: no stock loader has it
+        print(f"stock loaders: prompt 'a photo of embedding:{name} {args.class_noun}' (ComfyUI) or "
+              f"'a photo of {name} {args.class_noun}' (A1111)" + (" with the LoRA loaded" if "lora" in paths else ""))
     if result.status != DONE:
         print(f"stopped early ({result.message}); the files hold the last good state", file=sys.stderr)
         return 1
@@ -258,7 +259,7 @@ def main_e4t(args) -> int:
     paths = concept.save(model, args.out, name, overwrite=args.overwrite, stock=args.stock_export)
     print_written(paths)
     print("see it: " + generate_command(args, model.family, ["--e4t-concept", paths["e4t"]]))
-    if "lora" in paths:
+    if "lora" in paths and str(args.model) != "toy":
         print(f"stock loaders: prompt 'a photo of embedding:{name} {args.class_noun}' (ComfyUI) or 'a photo of {name} "
               f"{args.class_noun}' (A1111) with {paths['lora'].name} loaded as a LoRA")
     if status != DONE:

@@ -45,6 +45,8 @@ def test_export_tune_e4t_then_the_printed_generate_shows_the_subject(tmp_path, c
     command = printed_generate(capsys.readouterr().out)
     assert command[:2] == ["--e4t-concept", str(tmp_path / "tuned" / "sks_e4t.safetensors")]
     extra = ["--num-images", "4", "--steps", "12", "--threads", "1"]
+    with pytest.raises(ValueError, match="'boothkit.e4t_concept', not what --lora takes; pass it as --e4t-concept"):
+        generate(["--lora", command[1], "--prompt", "a cat"])
     assert generate(command + extra) == 0
     out = command[command.index("--out") + 1]
     tuned = read_png(out, 8)
