@@ -148,6 +148,15 @@ class Cancellable:
 def main(argv=None) -> int:
     args = parse_args(argv)
     threads.apply(args.threads)
+    if str(args.model) == "toy":
+        from ..toyworld import domain
+
+        unknown = domain.unknown_words(" ".join([args.class_noun] + (args.prompts or [])).replace("{identifier}", "")
+                                       .replace("{class_noun}", ""))
+        if unknown:
+            log.warning("note: the toy world's captions never use %s: the toy model reads %s as noise (it knows: %s)",
+                        ", ".join(map(repr, unknown)), "it" if len(unknown) == 1 else "them",
+                        domain.vocabulary_summary())
     if args.method == "e4t":
         return main_e4t(args)
 

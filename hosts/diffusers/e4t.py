@@ -149,7 +149,7 @@ class E4TConcept:
 
     def save(self, model, out_dir: str | Path, name: str, overwrite: bool = False, stock: bool = False,
              stock_dtype: torch.dtype | None = torch.float16) -> dict[str, Path]:
-        """Write the compact concept ``<name>_e4t.safetensors`` (kind "concept": offsets, the photo's scales, the
+        """Write the compact concept ``<name>_e4t.safetensors`` (kind "e4t": offsets, the photo's scales, the
         embedding; backend/e4t.py save_e4t_concept). ``stock`` also writes what stock loaders read: the embedding
         ``<name>.safetensors`` and the exact weight diffs ``<name>_lora.safetensors`` in ``stock_dtype`` (fp16 by
         default; None: the model's)."""
