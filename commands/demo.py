@@ -6,7 +6,8 @@ shipped toy model with several methods side by side, and writes a labelled PNG g
     under each method column: the time it took to personalize and to sample
 
 Default methods: E4T-15 (shown first: 15 tuning steps from the shipped pre-trained E4T, on the first photo alone;
-close to quick-tune's identity in a fraction of its time on the toy table) and InstantBooth (zero-shot, no tuning).
+on the held-out table, docs/eval/eval.md, most of quick-tune's identity in a fifteenth of its tune time) and
+InstantBooth (zero-shot, no tuning). The grid names each method and its times, so a retrained file shows as it is.
 Add a short quick-tune with `--methods e4t-15 quicktune-demo instantbooth` (20 + 80 steps, labelled so; the full
 100 + 200 steps is `quicktune`), or pick any method of `boothkit eval`.
 """
