@@ -68,8 +68,11 @@ def parse_args(argv=None):
         args.out = str(out / "demo.png")
     elif out.suffix.lower() != ".png":  # checked before the minute of work, not after
         p.error(f"--out {args.out}: the grid is written as PNG; give a .png file or a folder")
-    if args.subject >= 32:
-        p.error(f"--subject {args.subject}: the toy world has 32 held-out subjects (0..31)")
+    from ..toyworld.domain import identities
+
+    held = len(identities("heldout"))
+    if args.subject >= held:
+        p.error(f"--subject {args.subject}: the toy world has {held} held-out subjects (0..{held - 1})")
     return args
 
 

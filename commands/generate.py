@@ -163,7 +163,8 @@ def _prompt(model, args, identifier: str | None, nouns) -> str:
     return prompt
 
 
-def _toy_nouns(model, extra=()):
+def _subject_nouns(model, extra=()):
+    """The nouns the identifier goes before: every known category's, the file's class noun, the toy world's robots."""
     from ..backend.identifier import class_nouns_for
 
     return class_nouns_for(None, extra=list(extra) + (["robot", "droid"] if model.family == "toy" else []))
@@ -191,7 +192,7 @@ def _generate_tuned(model, args, guidance: float) -> torch.Tensor:
         if ident and identifier and ident != identifier:
             log.warning("note: %s was tuned for the identifier %r, the prompt uses %r", path, ident, identifier)
     contexts += [apply for apply, _ in loras]
-    prompt = _prompt(model, args, identifier, _toy_nouns(model, extra))
+    prompt = _prompt(model, args, identifier, _subject_nouns(model, extra))
     what = ", ".join(Path(p).name for p in [args.embedding, args.e4t_concept, *args.lora] if p) or "the base model"
     log.info("prompt: %s  (%s)", prompt, what)
     with torch.no_grad():

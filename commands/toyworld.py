@@ -14,6 +14,7 @@ Example: a held-out cat's photos, tuned on, then sampled:
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .args import Parser, nonneg_int, positive_int
 
@@ -36,7 +37,8 @@ def parse_args(argv=None):
                     help="which identities (default heldout: the subjects to try methods on)")
     sub.add_parser("verify", help="check the shipped weights' sha256")
     args = p.parse_args(argv)
-    if args.command == "export" and args.identity is not None and "--split" in (argv or []):
+    given = sys.argv[1:] if argv is None else argv
+    if args.command == "export" and args.identity is not None and any(a.startswith("--split") for a in given):
         p.error("--identity ID exports one identity, whose split is the id's; leave out --split")
     return args
 
