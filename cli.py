@@ -8,13 +8,17 @@ import sys
 
 COMMANDS = {
     # name: (module relative to the package, one-line help)
-    "demo": (".commands.demo", "personalize a held-out toy-world subject and write a PNG grid (no arguments needed)"),
-    "generate": (".commands.generate", "text-to-image on a diffusers model (or the toy world) with InstantBooth photos or a tune's files"),
+    "demo": (".commands.demo", "E4T and InstantBooth side by side on a held-out toy-world subject: a labelled PNG "
+                               "grid (no arguments needed)"),
+    "generate": (".commands.generate", "text-to-image with any method's files (InstantBooth photos, embedding, LoRA, E4T "
+                                       "concept); the toy world by default"),
     "eval": (".commands.eval", "score methods on held-out toy-world identities (JSON + Markdown), or compare two over tables"),
     "train": (".commands.train", "train a method: `boothkit train instantbooth|e4t --config FILE`"),
-    "tune": (".commands.tune", "personalize from photos: two-stage quick-tune (embedding + LoRA) or E4T (`--method e4t`)"),
+    "tune": (".commands.tune", "personalize from photos: quick-tune (embedding + LoRA) or E4T (`--method e4t`); prints "
+                               "the generate command"),
     "bench": (".commands.bench", "benchmarks: `boothkit bench --help` lists them (overhead, train, tune, e4t, comfy-*)"),
-    "toyworld": (".commands.toyworld", "toy-world utilities: export a dataset folder, verify the shipped weights"),
+    "toyworld": (".commands.toyworld", "toy-world utilities: export a dataset or one identity's photos, list identities, "
+                                       "verify the weights"),
 }
 
 

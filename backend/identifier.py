@@ -107,3 +107,46 @@ def check_identifier(identifier: str, class_noun: str | None = None) -> str:
 def training_template(family: str) -> str:
     """The tuning methods' training prompt for a base family: the paper's, or the toy base's caption style."""
     return TOY_TEMPLATE if family == "toy" else DEFAULT_TEMPLATE
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """One substitution, insertion, deletion or swap of two neighbours turns ``a`` into ``b`` (a != b)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
+def lookalikes(prompt: str, identifier: str, known: Sequence[str] = ()) -> list[str]:
+    """Words of ``prompt`` one typing slip away from ``identifier`` ("skz", "ssk" for "sks"), leaving out the
+    ``known`` words (a vocabulary's real words: "ski" is a word, not a typo)."""
+    if len(identifier) < 3:
+        return []
+    ident = identifier.lower()
+    skip = {w.lower() for w in known}
+    words = re.findall(r"[\w.\-]+", prompt.lower())
+    return sorted({w for w in words if w not in skip and _one_edit_apart(w, ident)})
+
+
+def check_prompt_identifier(prompt: str, identifier: str, class_nouns: Sequence[str], known: Sequence[str] = ()
+                            ) -> tuple[str, list[str]]:
+    """The prompt with the identifier (:func:`insert_identifier`) and the notes to show. A look-alike of the
+    identifier right where it would be inserted ("a photo of a skz cat") is a typo that would give "a skz sks cat":
+    an error naming the word. Look-alikes elsewhere, when the prompt lacks the identifier, are a note."""
+    notes = []
+    present = re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", prompt, flags=re.IGNORECASE)
+    near = [] if present else lookalikes(prompt, identifier, known)
+    out = insert_identifier(prompt, identifier, class_nouns)
+    if near:
+        start = out.lower().find(identifier.lower() + " ") if out != prompt else -1
+        before = re.findall(r"[\w.\-]+", out[:start].lower())[-1:] if start >= 0 else []
+        if before and before[0] in near:
+            raise ValueError(f"prompt word {before[0]!r} looks like the identifier {identifier!r} (a typo?): the "
+                             f"prompt would read {out!r}; write {identifier!r} in its place")
+        notes.append(f"prompt word(s) {', '.join(map(repr, near))} look like the identifier {identifier!r}; they are "
+                     f"read as written and {identifier!r} is inserted before the class noun")
+    return out, notes

@@ -38,6 +38,9 @@ def parse_args(argv=None):
                         "default --out's eval.json): the mean difference in identity and its standard error")
     p.add_argument("--overwrite", action="store_true", help="replace the table already in --out")
     p.add_argument("--tables", nargs="+", metavar="FILE", help="eval.json files for --paired (distinct subjects)")
+    from . import threads
+
+    threads.add_argument(p)
     return p.parse_args(argv)
 
 
@@ -77,6 +80,9 @@ def nonfinite_fields(obj, where="") -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from . import threads
+
+    threads.apply(args.threads)
     if args.paired:
         tables = [read_table(Path(f)) for f in args.tables or [Path(args.out) / "eval.json"]]
         r = paired(tables, *args.paired)

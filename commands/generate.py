@@ -1,39 +1,81 @@
-"""`boothkit generate`: text-to-image with InstantBooth on a diffusers model (or the toy world) from image(s),
-optional masks, and a prompt with the identifier."""
+"""`boothkit generate`: text-to-image on a diffusers model (or the toy world) with what any method made:
+
+  InstantBooth (zero-shot)  --images DIR [--instantbooth FILE]          photos of the subject, no tune
+  quick-tune                --embedding NAME.safetensors --lora NAME_lora.safetensors
+  E4T                       --e4t-concept NAME_e4t.safetensors          (or its --stock-export: --embedding + --lora)
+
+At most one of --images / --embedding / --e4t-concept gives the identifier its meaning; --lora (repeatable: a LoRA
+or E4T's weight diffs) goes with any of them or alone. `boothkit tune` prints the exact command for its files. The
+identifier (the file's, e.g. sks) is inserted before the class noun when the prompt lacks it.
+
+Examples (toy world):
+  boothkit generate --images photos --prompt "a photo of a cat on snow at night"
+  boothkit generate --e4t-concept tuned/sks_e4t.safetensors --prompt "a photo of a sks cat on grass at day"
+"""
 from __future__ import annotations
 
+import argparse
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
+from . import threads
 from .args import Parser, finite_float, int_range, nonneg_float, nonneg_int
 
 log = logging.getLogger(__name__)
 
+TOY_SCALE = 8  # the toy world's 32x32 images are written at 256x256 unless --scale says otherwise
+
 
 def parse_args(argv=None):
-    p = Parser(prog="boothkit generate", description=__doc__)
+    p = Parser(prog="boothkit generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="diffusers folder, single-file .safetensors (with --config), or "
                                                   "'toy' for the shipped toy-world model (default)")
     p.add_argument("--config", help="local diffusers folder whose configs a single-file checkpoint uses")
-    p.add_argument("--clip-vision", default="toy", help="local CLIP vision model folder (transformers); 'toy' default")
-    p.add_argument("--instantbooth", help="InstantBooth .safetensors file (default: the toy world's shipped one)")
-    p.add_argument("--images", required=True, nargs="+", help="image files or one folder; NAME_mask.png masks beside")
     p.add_argument("--prompt", required=True, help="prompt; the identifier is inserted before the class noun if absent")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--alpha", type=finite_float, help="concept-token scale α (default: the file's, 0.4 in the paper)")
-    p.add_argument("--beta", type=finite_float, help="adapter weight β (default: the file's, 0.3 in the paper)")
-    p.add_argument("--skip-levels", type=nonneg_int, nargs="*", default=[], help="resolution levels without adapters")
+    p.add_argument("--images", nargs="+", help="InstantBooth: image files or one folder; NAME_mask.png masks beside")
+    p.add_argument("--instantbooth", help="InstantBooth .safetensors file (default: the toy world's shipped one)")
+    p.add_argument("--clip-vision", default="toy", help="InstantBooth: local CLIP vision model folder (transformers); "
+                                                        "'toy' default")
+    p.add_argument("--alpha", type=finite_float, help="InstantBooth: concept-token scale α (default: the file's)")
+    p.add_argument("--beta", type=finite_float, help="InstantBooth: adapter weight β (default: the file's)")
+    p.add_argument("--skip-levels", type=nonneg_int, nargs="*", default=[],
+                   help="InstantBooth: resolution levels without adapters")
+    p.add_argument("--embedding", help="a textual-inversion embedding (quick-tune's NAME.safetensors, E4T's stock "
+                                       "export); its identifier gets the learnt vectors")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="a LoRA (quick-tune's NAME_lora.safetensors, any kohya LoRA of the denoiser) or E4T's weight "
+                        "diffs (--stock-export); repeatable")
+    p.add_argument("--lora-strength", type=finite_float, default=1.0, help="multiplier of every --lora (default 1)")
+    p.add_argument("--e4t-concept", help="a compact E4T concept (`boothkit tune --method e4t`: NAME_e4t.safetensors)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--num-images", type=int_range(1, 64), default=1)
     p.add_argument("--steps", type=int_range(1, 1000), default=30)
     p.add_argument("--guidance", type=nonneg_float,
                    help="classifier-free guidance (default 5.0; the toy world's own 3.0 with --model toy)")
+    p.add_argument("--scale", type=int_range(1, 64),
+                   help=f"enlarge the written image N times, nearest neighbour (default: {TOY_SCALE} with --model toy, "
+                        f"whose images are 32x32; else 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--out", default="out/generate.png")
+    threads.add_argument(p)
+    p.add_argument("--out", default="out/generate.png", help="the PNG to write (a batch is laid out in one row)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    sources = [f"--{n}" for n in ("images", "embedding", "e4t-concept") if getattr(args, n.replace("-", "_"))]
+    if len(sources) > 1:
+        p.error(f"{' and '.join(sources)} each give the identifier its meaning; pass one of them (a --lora goes "
+                f"with any)")
+    if not args.images:
+        given = [f"--{n.replace('_', '-')}" for n in ("instantbooth", "alpha", "beta") if getattr(args, n) is not None]
+        if given or args.skip_levels:
+            p.error(f"{', '.join(given or ['--skip-levels'])} belong(s) to InstantBooth, which needs --images")
+    if Path(args.out).suffix.lower() != ".png":
+        p.error(f"--out {args.out}: the image is written as PNG; give a .png file")
+    return args
 
 
 def default_instantbooth() -> Path:
@@ -42,61 +84,221 @@ def default_instantbooth() -> Path:
     return verified("instantbooth.safetensors")
 
 
+# the option that takes each of BoothKit's file formats, for a file handed to the wrong one
+OPTION_OF_FORMAT = {"boothkit.e4t_concept": "--e4t-concept", "boothkit.embedding": "--embedding",
+                    "boothkit.lora": "--lora", "boothkit.weight_diff": "--lora", "boothkit.instantbooth": "--instantbooth",
+                    "boothkit.e4t": "`boothkit tune --method e4t --e4t` (a pre-trained E4T file, not a tuned concept)"}
+
+
+def check_kinds(args) -> None:
+    """A BoothKit file given to the option for another kind fails before the model loads, saying which option
+    takes it."""
+    from ..backend.files import read_metadata
+
+    wanted = {"embedding": {"boothkit.embedding"}, "e4t_concept": {"boothkit.e4t_concept"},
+              "instantbooth": {"boothkit.instantbooth"}, "lora": {"boothkit.lora", "boothkit.weight_diff"}}
+    for dest, formats in wanted.items():
+        value = getattr(args, dest)
+        for path in value if isinstance(value, list) else [value] if value else []:
+            if not Path(path).is_file() or Path(path).suffix != ".safetensors":
+                continue  # the loader names a missing or foreign file
+            try:
+                fmt = read_metadata(path).get("format")
+            except Exception:  # an unreadable file: the loader says so
+                continue
+            if fmt in OPTION_OF_FORMAT and fmt not in formats:
+                raise ValueError(f"{path}: metadata field 'format' is {fmt!r}, not what --{dest.replace('_', '-')} "
+                                 f"takes; pass it as {OPTION_OF_FORMAT[fmt]}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ..backend.files import refuse_existing
 
     refuse_existing(args.out, args.overwrite)  # before the model is loaded, not after the sampling
-    from ..backend.instantbooth import load_instantbooth
-    from ..backend.identifier import insert_identifier
-    from ..backend.imageio import read_images_and_masks, save_png
-    from ..hosts.diffusers.instantbooth import InstantBoothHooks, condition_with_concept, encode_images, encode_prompt
+    check_kinds(args)
+    threads.apply(args.threads)
+    from ..backend.imageio import save_png
     from ..hosts.diffusers.loading import default_device
-    from .models import load_model, load_vision
-    from ..hosts.diffusers.sampling import sample
+    from .models import load_model
 
     device = default_device(args.device)
     model = load_model(args.model, config=args.config).to(device)
-    ib_path = args.instantbooth or default_instantbooth()
-    ib = load_instantbooth(ib_path, family=model.family, ctx_dim=model.ctx_dim).eval().to(device)
-    vision = load_vision(args.clip_vision).to(device)
-    images, masks = read_images_and_masks(args.images[0] if len(args.images) == 1 else args.images)
-    concept = ib.encode(*encode_images(vision, images, masks, ib))
-    prompt = insert_identifier(args.prompt, concept.identifier, ib.config.subject_nouns())
-    alpha = ib.config.alpha if args.alpha is None else args.alpha
-    beta = ib.config.beta if args.beta is None else args.beta
     if args.guidance is not None:
         guidance = args.guidance
     elif model.family == "toy":
         from ..toyworld.base import DEFAULT_GUIDANCE as guidance  # higher scales break the toy base's samples
     else:
         guidance = 5.0
-    log.info("prompt: %s  (α=%.2f, β=%.2f, %d image(s))", prompt, alpha, beta, len(images))
+
+    if args.images:
+        out = _generate_instantbooth(model, args, guidance, device)
+    else:
+        out = _generate_tuned(model, args, guidance)
+    scale = args.scale or (TOY_SCALE if str(args.model) == "toy" else 1)
+    if scale > 1:
+        out = torch.nn.functional.interpolate(out, scale_factor=scale, mode="nearest")
+    path = save_png(out, args.out)
+    print(f"wrote {path} ({out.shape[-1]}x{out.shape[-2]} per image" + (f", {scale}x nearest" if scale > 1 else "")
+          + ")")
+    return 0
+
+
+def _prompt(model, args, identifier: str | None, nouns) -> str:
+    """The prompt with the identifier, checked: a typo of the identifier where it goes is an error, other look-alikes
+    and (on the toy world) words its captions never use are a one-line note each."""
+    from ..backend.identifier import check_prompt_identifier
+
+    known = ()
+    toy = str(args.model) == "toy"
+    if toy:
+        from ..toyworld import domain
+
+        known = domain.VOCAB
+    prompt, notes = (args.prompt, []) if identifier is None else \
+        check_prompt_identifier(args.prompt, identifier, nouns, known)
+    if toy:
+        unknown = domain.unknown_words(prompt, [identifier] if identifier else [])
+        if unknown:
+            notes.append(f"the toy world's captions never use {', '.join(map(repr, unknown))}: the toy model reads "
+                         f"{'it' if len(unknown) == 1 else 'them'} as noise (it knows: {domain.vocabulary_summary()})")
+    for note in notes:
+        log.warning("note: %s", note)
+    return prompt
+
+
+def _subject_nouns(model, extra=()):
+    """The nouns the identifier goes before: every known category's, the file's class noun, the toy world's robots."""
+    from ..backend.identifier import class_nouns_for
+
+    return class_nouns_for(None, extra=list(extra) + (["robot", "droid"] if model.family == "toy" else []))
+
+
+def _generate_tuned(model, args, guidance: float) -> torch.Tensor:
+    """Embedding / E4T concept / LoRAs / weight diffs (or none of them: the base model)."""
+    from ..backend.embedding import load_embedding
+    from ..hosts.diffusers.common import encode_prompt, text_slots
+    from ..hosts.diffusers.e4t import load_concept, offsets_applied
+
+    embedding, contexts, identifier, extra = None, [], None, []
+    if args.embedding:
+        widths = {s.key: int(s.text_encoder.get_input_embeddings().weight.shape[1]) for s in text_slots(model)}
+        embedding = load_embedding(args.embedding, family=model.family, widths=widths)
+        identifier, extra = embedding.identifier, _class_noun_of(embedding.metadata)
+    elif args.e4t_concept:
+        concept = load_concept(args.e4t_concept, model)
+        embedding, identifier, extra = concept.embedding, concept.identifier, [concept.class_word]
+        contexts.append(lambda: offsets_applied(model, concept.offsets))
+    loras = [_load_lora(path, model, args.lora_strength) for path in args.lora]
+    if identifier is None:  # a LoRA alone (DreamBooth-style) marks its subject with its file's identifier
+        identifier = next((ident for _, ident in loras if ident), None)
+    for path, (_, ident) in zip(args.lora, loras):
+        if ident and identifier and ident != identifier:
+            log.warning("note: %s was tuned for the identifier %r, the prompt uses %r", path, ident, identifier)
+    contexts += [apply for apply, _ in loras]
+    prompt = _prompt(model, args, identifier, _subject_nouns(model, extra))
+    what = ", ".join(Path(p).name for p in [args.embedding, args.e4t_concept, *args.lora] if p) or "the base model"
+    log.info("prompt: %s  (%s)", prompt, what)
+    with torch.no_grad():
+        cond = encode_prompt(model, prompt, embedding)
+        uncond = encode_prompt(model, args.negative_prompt)
+    with ExitStack() as stack:
+        for make in contexts:
+            stack.enter_context(make())
+        return _sample(model, cond, uncond, args, guidance)
+
+
+def _class_noun_of(metadata) -> list[str]:
+    """The class noun a tune recorded in a file's training metadata (quick-tune's), as a list of 0 or 1."""
+    import json
+
+    try:
+        noun = json.loads(metadata.get("training", "{}")).get("class_noun")
+    except (ValueError, AttributeError):
+        return []
+    return [noun] if isinstance(noun, str) and noun else []
+
+
+def _load_lora(path, model, strength: float):
+    """(a context manager factory applying the file, the identifier its metadata names or None)."""
+    from ..backend.e4t import WEIGHT_DIFF_FORMAT, load_weight_diff
+    from ..backend.files import read_safetensors
+    from ..backend.lora import load_lora
+    from ..hosts.diffusers.e4t import weight_diffs_applied
+    from ..hosts.diffusers.quicktune import tuned
+
+    _, meta = read_safetensors(path)
+    if meta.get("format") == WEIGHT_DIFF_FORMAT or (meta.get("format") is None and
+                                                   meta.get("ss_network_args", "").find('"full"') >= 0):
+        diffs, meta = load_weight_diff(path, family=model.family)
+        return (lambda: weight_diffs_applied(model, diffs, strength, str(path))), meta.get("identifier")
+    f = load_lora(path, family=model.family)
+    f.lora.resolve(model.unet)  # a LoRA for another model fails here, naming its layers, before any sampling
+    return (lambda: tuned(model, lora=f.lora, multiplier=strength)), f.identifier
+
+
+def _sample(model, cond, uncond, args, guidance: float) -> torch.Tensor:
+    from ..hosts.diffusers.sampling import sample
 
     if model.family == "sdxl":
-        out = _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance)
-    else:
+        return _sample_sdxl_embeds(model, cond, uncond, args, guidance)
+    return sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance)
+
+
+def _sdxl_pipe(model):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder,
+                                     text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
+                                     tokenizer_2=model.tokenizer_2, unet=model.unet,
+                                     scheduler=DDIMScheduler.from_config(model.scheduler.config))
+
+
+def _sample_sdxl_embeds(model, cond, uncond, args, guidance):
+    with torch.no_grad():
+        return _sdxl_pipe(model)(prompt_embeds=cond["encoder_hidden_states"],
+                                 negative_prompt_embeds=uncond["encoder_hidden_states"],
+                                 pooled_prompt_embeds=cond["text_embeds"],
+                                 negative_pooled_prompt_embeds=uncond["text_embeds"], num_inference_steps=args.steps,
+                                 guidance_scale=guidance, num_images_per_prompt=args.num_images,
+                                 generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
+
+
+def _generate_instantbooth(model, args, guidance: float, device) -> torch.Tensor:
+    from ..backend.imageio import read_images_and_masks
+    from ..backend.instantbooth import load_instantbooth
+    from ..hosts.diffusers.instantbooth import InstantBoothHooks, condition_with_concept, encode_images, encode_prompt
+    from ..hosts.diffusers.sampling import sample
+    from .models import load_vision
+
+    ib_path = args.instantbooth or default_instantbooth()
+    ib = load_instantbooth(ib_path, family=model.family, ctx_dim=model.ctx_dim).eval().to(device)
+    vision = load_vision(args.clip_vision).to(device)
+    images, masks = read_images_and_masks(args.images[0] if len(args.images) == 1 else args.images)
+    concept = ib.encode(*encode_images(vision, images, masks, ib))
+    prompt = _prompt(model, args, concept.identifier, ib.config.subject_nouns())
+    alpha = ib.config.alpha if args.alpha is None else args.alpha
+    beta = ib.config.beta if args.beta is None else args.beta
+    log.info("prompt: %s  (α=%.2f, β=%.2f, %d image(s))", prompt, alpha, beta, len(images))
+    loras = [_load_lora(path, model, args.lora_strength)[0] for path in args.lora]
+    with ExitStack() as stack:
+        for make in loras:
+            stack.enter_context(make())
+        if model.family == "sdxl":
+            return _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance)
         cond = condition_with_concept(encode_prompt(model.text_encoder, model.tokenizer, prompt), model.tokenizer,
                                       prompt, concept, alpha)
         uncond = encode_prompt(model.text_encoder, model.tokenizer, args.negative_prompt)
         enabled = ib.config.layout.select(skip_levels=args.skip_levels)
         with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled):
-            out = sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance)
-    path = save_png(out, args.out)
-    print(f"wrote {path}")
-    return 0
+            return sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance)
 
 
 def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance):
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-
     from ..backend.identifier import inject_concept
     from ..hosts.diffusers.instantbooth import InstantBoothHooks, identifier_rows
 
-    pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder,
-                                     text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
-                                     tokenizer_2=model.tokenizer_2, unet=model.unet,
-                                     scheduler=DDIMScheduler.from_config(model.scheduler.config))
+    pipe = _sdxl_pipe(model)
     pe, npe, pooled, npooled = pipe.encode_prompt(prompt, negative_prompt=args.negative_prompt,
                                                   do_classifier_free_guidance=True)
     rows = identifier_rows(model.tokenizer, prompt, concept.identifier)

@@ -5,8 +5,11 @@ Stage 1 learns the identifier's input embedding (textual inversion, ~100 steps);
 a LoRA (default) or fully, with the text encoder frozen (200-400 steps). Writes ``<name>.safetensors`` (the embedding:
 ``embedding:<name>`` in ComfyUI, ``<name>`` in A1111) and ``<name>_lora.safetensors`` (kohya keys; stock LoraLoader).
 Defaults come from the model: the toy world's (``--model toy``) or Stable Diffusion's; any flag overrides them.
-E4T writes the same embedding and ``<name>_lora.safetensors`` holding its weight offsets as exact weight diffs
-(``.diff`` keys, applied by the stock LoraLoader). Ctrl-C stops within one step and writes nothing."""
+E4T writes the compact concept ``<name>_e4t.safetensors`` (the tuned offsets' factors, the photo's scales, the
+identifier's embedding; ``boothkit generate --e4t-concept`` and the ComfyUI nodes apply it); ``--stock-export`` adds
+the embedding and ``<name>_lora.safetensors`` holding the offsets as exact weight diffs in fp16 (``.diff`` keys,
+applied by the stock LoraLoader). Both methods end by printing the ``boothkit generate`` command that samples the
+subject with the files written. Ctrl-C stops within one step and writes nothing."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .args import Parser, learning_rate, int_range, MAX_STEPS, nonneg_float, nonneg_int, positive_float, positive_int
+from . import threads
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--clip-vision", default="toy", help="e4t: CLIP vision folder (default: the toy world's)")
     p.add_argument("--steps", type=positive_int, help="e4t: tuning steps (default: the file's, 15)")
     p.add_argument("--lr", type=learning_rate, help="e4t: tuning learning rate (default: the file's)")
+    p.add_argument("--stock-export", action="store_true",
+                   help="e4t: also write what stock ComfyUI/A1111 loaders read: the embedding and the offsets as "
+                        "exact weight diffs in fp16 (<name>_lora.safetensors: 2 bytes per weight of the 160 offset "
+                        "layers, 0.48 GB on SD1.5, against 2.4 MB for the compact <name>_e4t.safetensors)")
     p.add_argument("--class-noun", required=True, help="what the subject is: cat, dog, person, backpack ...")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default="toy", help="diffusers model folder, a .safetensors checkpoint (with --config), "
@@ -68,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    threads.add_argument(p)
     args = p.parse_args(argv)
     if args.method == "e4t" and not args.image:
         p.error("--method e4t needs --image FILE (E4T tunes on one image)")
@@ -141,6 +150,16 @@ class Cancellable:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    threads.apply(args.threads)
+    if str(args.model) == "toy":
+        from ..toyworld import domain
+
+        unknown = domain.unknown_words(" ".join([args.class_noun] + (args.prompts or [])).replace("{identifier}", "")
+                                       .replace("{class_noun}", ""))
+        if unknown:
+            log.warning("note: the toy world's captions never use %s: the toy model reads %s as noise (it knows: %s)",
+                        ", ".join(map(repr, unknown)), "it" if len(unknown) == 1 else "them",
+                        domain.vocabulary_summary())
     if args.method == "e4t":
         return main_e4t(args)
 
@@ -185,10 +204,15 @@ def main(argv=None) -> int:
         paths = result.save(args.out, name, overwrite=args.overwrite)
     except FileExistsError as e:
         raise ValueError(str(e)) from None
-    for kind, path in paths.items():
-        print(f"wrote {kind}: {path}")
-    print(f"use: prompt 'a photo of embedding:{name} {args.class_noun}' (ComfyUI) or "
-          f"'a photo of {name} {args.class_noun}' (A1111)" + (" with the LoRA loaded" if "lora" in paths else ""))
+    print_written(paths)
+    files = ["--embedding", paths["embedding"]] + (["--lora", paths["lora"]] if "lora" in paths else [])
+    if "unet" in paths:
+        print(f"the fine-tuned denoiser {paths['unet']} is for the trainer's own use; generate and stock loaders read "
+              f"the embedding and a LoRA (--mode lora)")
+    print("see it: " + generate_command(args, model.family, files))
+    if str(args.model) != "toy":  # the shipped toy base exists only here: no stock loader has it
+        print(f"stock loaders: prompt 'a photo of embedding:{name} {args.class_noun}' (ComfyUI) or "
+              f"'a photo of {name} {args.class_noun}' (A1111)" + (" with the LoRA loaded" if "lora" in paths else ""))
     if result.status != DONE:
         print(f"stopped early ({result.message}); the files hold the last good state", file=sys.stderr)
         return 1
@@ -206,7 +230,7 @@ def main_e4t(args) -> int:
 
     name = safe_name(args.name or args.identifier)
     try:
-        output_paths(args.out, name, ["embedding", "lora"], args.overwrite)
+        output_paths(args.out, name, ["e4t"] + (["embedding", "lora"] if args.stock_export else []), args.overwrite)
     except FileExistsError as e:
         raise ValueError(str(e)) from None
     if args.e4t:
@@ -242,16 +266,39 @@ def main_e4t(args) -> int:
     if status == CANCELLED:
         print("e4t cancelled; nothing written", file=sys.stderr)
         return 130
-    paths = concept.save(model, args.out, name, overwrite=args.overwrite)
-    for kind, path in paths.items():
-        print(f"wrote {kind}: {path}")
-    ident = concept.embedding.identifier
-    print(f"use: prompt 'a photo of embedding:{name} {args.class_noun}' (ComfyUI) or 'a photo of {name} "
-          f"{args.class_noun}' (A1111) with {paths['lora'].name} loaded as a LoRA (identifier {ident!r})")
+    concept.training["base_model"] = str(args.model)
+    paths = concept.save(model, args.out, name, overwrite=args.overwrite, stock=args.stock_export)
+    print_written(paths)
+    print("see it: " + generate_command(args, model.family, ["--e4t-concept", paths["e4t"]]))
+    if "lora" in paths and str(args.model) != "toy":
+        print(f"stock loaders: prompt 'a photo of embedding:{name} {args.class_noun}' (ComfyUI) or 'a photo of {name} "
+              f"{args.class_noun}' (A1111) with {paths['lora'].name} loaded as a LoRA")
     if status != DONE:
         print(f"stopped early ({concept.result.message}); the files hold the last good state", file=sys.stderr)
         return 1
     return 0
+
+
+def print_written(paths) -> None:
+    for kind, path in paths.items():
+        size = Path(path).stat().st_size
+        print(f"wrote {kind}: {path} ({size / 1e6:.2f} MB)" if size >= 1e5 else f"wrote {kind}: {path} ({size / 1e3:.0f} kB)")
+
+
+def generate_command(args, family: str, files: list) -> str:
+    """The exact `boothkit generate` command that samples the subject with the files a tune wrote."""
+    import shlex
+
+    from ..backend.identifier import training_template
+
+    prompt = training_template(family).format(identifier=args.identifier, class_noun=args.class_noun)
+    if family == "toy":
+        prompt += " on grass at day"  # the toy base's captions name a background and a light
+    parts = ["boothkit", "generate"]
+    if str(args.model) != "toy":
+        parts += ["--model", str(args.model)] + (["--config", str(args.config)] if args.config else [])
+    parts += [str(f) for f in files] + ["--prompt", prompt, "--out", str(Path(args.out) / f"{Path(files[1]).stem}.png")]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _main_thread() -> bool:

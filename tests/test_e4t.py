@@ -237,7 +237,8 @@ def test_tune_leaves_the_model_untouched_and_files_round_trip(tmp_path, modulati
     assert any(not torch.equal(tuned[k], pre[k]) for k in pre if ".up" in k), "the offsets were tuned"
     assert concept.embedding.vectors["emb_params"].shape == (1, 32)
 
-    paths = concept.save(model, tmp_path / "out", "my cat")
+    paths = concept.save(model, tmp_path / "out", "my cat", stock=True, stock_dtype=None)
+    assert sorted(paths) == ["e4t", "embedding", "lora"]
     emb = load_embedding(paths["embedding"], family="toy")
     torch.testing.assert_close(emb.vectors["emb_params"], concept.embedding.vectors["emb_params"])
     tensors, meta = read_safetensors(paths["lora"])
@@ -250,6 +251,7 @@ def test_tune_leaves_the_model_untouched_and_files_round_trip(tmp_path, modulati
     torch.testing.assert_close(w + diff, w * (1 + concept.e4t.offsets.deltas()[name].detach()))
     with pytest.raises(FileExistsError):
         concept.save(model, tmp_path / "out", "my cat")
+    _check_compact_concept(model, concept, paths["e4t"], modulation_rank)
 
     # sampling with the concept: offsets only inside, the model itself unchanged after
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
@@ -428,7 +430,7 @@ def tiny_training_world(tmp_path):
     return sd, write_dataset(tmp_path / "data"), write_dataset(tmp_path / "val", n=2)
 
 
-def test_train_two_steps_writes_the_file_tune_loads(tmp_path):
+def test_train_two_steps_writes_the_file_tune_loads(tmp_path, capsys):
     from boothkit.commands.train import main as train_main
     from boothkit.commands.tune import main as tune_main
 
@@ -471,9 +473,13 @@ checkpoint_every = 2
     image = next(p for p in sorted(data.glob("*.png")) if not p.stem.endswith("_mask"))
     code = tune_main(["--method", "e4t", "--image", str(image), "--class-noun", "cat", "--out", str(tmp_path / "c"),
                       "--model", str(sd), "--e4t", str(out / "e4t.safetensors"), "--clip-vision",
-                      str(tmp_path / "vision"), "--steps", "2", "--name", "kitty"])
+                      str(tmp_path / "vision"), "--steps", "2", "--name", "kitty", "--stock-export"])
     assert code == 0
-    assert (tmp_path / "c" / "kitty.safetensors").exists() and (tmp_path / "c" / "kitty_lora.safetensors").exists()
+    assert (tmp_path / "c" / "kitty_e4t.safetensors").exists() and (tmp_path / "c" / "kitty.safetensors").exists()
+    diffs, _ = read_safetensors(tmp_path / "c" / "kitty_lora.safetensors")
+    assert {t.dtype for t in diffs.values()} == {torch.float16}, "the stock export is fp16"
+    printed = capsys.readouterr().out
+    assert f"--e4t-concept {tmp_path / 'c' / 'kitty_e4t.safetensors'}" in printed and "--model " + str(sd) in printed
 
 
 @pytest.mark.parametrize("modulation_rank", [0, 2])
@@ -511,11 +517,12 @@ def test_tune_cli_on_the_toy_world_with_the_shipped_file(tmp_path, capsys):
     assert tune_main(["--method", "e4t", "--image", str(tmp_path / "subject.png"), "--class-noun",
                       domain.CLASS_NOUNS[sample.identity.class_name][0], "--out", str(tmp_path / "out"),
                       "--steps", "2"]) == 0
-    assert "embedding:sks" in capsys.readouterr().out
-    emb = load_embedding(tmp_path / "out" / "sks.safetensors", family="toy")
-    assert emb.vectors["emb_params"].shape == (1, 64)
-    tensors, meta = read_safetensors(tmp_path / "out" / "sks_lora.safetensors")
-    assert meta["family"] == "toy" and all(k.endswith(".diff") for k in tensors)
+    assert f"--e4t-concept {tmp_path / 'out' / 'sks_e4t.safetensors'}" in capsys.readouterr().out
+    from boothkit.backend.e4t import load_e4t_concept
+
+    concept = load_e4t_concept(tmp_path / "out" / "sks_e4t.safetensors", family="toy")
+    assert concept.embedding.vectors["emb_params"].shape == (1, 64) and concept.identifier == "sks"
+    assert not (tmp_path / "out" / "sks_lora.safetensors").exists(), "the stock export only when asked"
 
 
 def test_validation_compares_with_the_base_model_on_the_same_draws(tmp_path):
@@ -637,3 +644,86 @@ def test_the_sd15_recipe_runs_on_tiny_models(tmp_path):
     assert c.class_word == "cat"
     settings = json.loads(read_safetensors(out / "e4t.safetensors")[1]["training"])["config"]["method"]
     assert settings["lr"] == 1.6e-5 and settings["gradient_checkpointing"] is True
+
+
+def _check_compact_concept(model, concept, path, modulation_rank):
+    """The compact file holds what sampling needs: loaded back, it samples exactly as the tuned concept does."""
+    from boothkit.backend.e4t import E4T_CONCEPT_FORMAT, load_e4t_concept
+
+    tensors, meta = read_safetensors(path)
+    assert meta["format"] == E4T_CONCEPT_FORMAT and meta["method"] == "e4t" and meta["family"] == "toy"
+    assert meta["identifier"] == "sks" and meta["class_word"] == "cat" and json.loads(meta["widths"]) == {"emb_params": 32}
+    assert json.loads(meta["targets"]) == concept.e4t.config.targets
+    assert not any(k.startswith("encoder.") for k in tensors), "no encoder in the compact file"
+    assert sum(k.startswith("scale.") for k in tensors) == (len(concept.e4t.config.targets) if modulation_rank else 0)
+    loaded = de.load_concept(path, model)
+    torch.testing.assert_close(loaded.embedding.vectors["emb_params"], concept.embedding.vectors["emb_params"],
+                               rtol=0, atol=0)
+    for name, d in concept.e4t.offsets.deltas().items():
+        torch.testing.assert_close(loaded.offsets.deltas()[name], d.detach(), rtol=0, atol=0)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
+    cond = common.encode_prompt(model, "a photo of sks cat", loaded.embedding)
+    with concept.applied(model) as unet:
+        want = unet(x, t, encoder_hidden_states=cond).sample
+    with de.offsets_applied(model, loaded.offsets) as unet:
+        got = unet(x, t, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got, model.unet(x, t, encoder_hidden_states=cond).sample)
+
+
+def test_compact_concept_refuses_what_does_not_fit(tmp_path):
+    from boothkit.backend.e4t import load_e4t_concept
+
+    model, vision, e4t = toy_setup(tmp_path)
+    concept = de.e4t_tune(model, vision, e4t, images(1)[0], None, "cat", steps=1)
+    path = concept.save(model, tmp_path, "c")["e4t"]
+    with pytest.raises(FormatError, match="'family' is 'toy', but the model is 'sd1'"):
+        load_e4t_concept(path, family="sd1")
+    with pytest.raises(FormatError, match="'widths' gives 'emb_params' 32 wide.*768"):
+        load_e4t_concept(path, widths={"emb_params": 768})
+    tensors, meta = read_safetensors(path)
+    cases = {
+        "format": ({**meta, "format": "boothkit.e4t"}, tensors, "'format' is 'boothkit.e4t', expected 'boothkit.e4t_concept'"),
+        "version": ({**meta, "version": "9"}, tensors, "'version' is 9, expected <= 1"),
+        "rank": ({**meta, "rank": "2"}, tensors, r"has shape .*implies"),
+        "missing": (meta, {k: v for k, v in tensors.items() if not k.startswith("embedding.")}, "missing \\['embedding.emb_params'\\]"),
+        "nan": (meta, {**tensors, "embedding.emb_params": torch.full_like(tensors["embedding.emb_params"], float("nan"))}, "NaN"),
+        "targets": ({**meta, "targets": "[]"}, tensors, "'targets' is '\\[\\]', expected a non-empty"),
+    }
+    for name, (m, t, message) in cases.items():
+        bad = write_safetensors(tmp_path / f"{name}.safetensors", t, m)
+        with pytest.raises(FormatError, match=message):
+            load_e4t_concept(bad)
+    moved = {k.replace("offset.", "offset.nowhere.").replace("scale.", "scale.nowhere."): v for k, v in tensors.items()}
+    other = write_safetensors(tmp_path / "other.safetensors", moved,
+                              {**meta, "targets": json.dumps(["nowhere." + n for n in json.loads(meta["targets"])])})
+    assert load_e4t_concept(other).offsets.names[0].startswith("nowhere.")  # a valid file ...
+    with pytest.raises(FormatError, match="denoiser has no module 'nowhere.*another architecture"):
+        de.load_concept(other, model)  # ... for another denoiser
+
+
+def test_stock_export_weight_diffs_apply_as_the_concept_does(tmp_path):
+    """`generate --embedding X --lora X_lora` (E4T's stock export, here at the model's fp32) gives the denoiser the
+    concept's offsets: W + diff against W ∘ (1 + Δ), the same outputs up to rounding."""
+    from boothkit.backend.e4t import load_weight_diff
+
+    model, vision, e4t = toy_setup(tmp_path, modulation_rank=2)
+    concept = de.e4t_tune(model, vision, e4t, images(1)[0], None, "cat", steps=2, lr=1e-2)
+    paths = concept.save(model, tmp_path, "c", stock=True, stock_dtype=None)
+    diffs, meta = load_weight_diff(paths["lora"], family="toy")
+    assert meta["identifier"] == "sks" and len(diffs) == len(e4t.config.targets)
+    with pytest.raises(FormatError, match="'family' is 'toy', but the model is 'sd1'"):
+        load_weight_diff(paths["lora"], family="sd1")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 40])
+    cond = common.encode_prompt(model, "a photo of sks cat", concept.embedding).expand(2, -1, -1)
+    base = model.unet(x, t, encoder_hidden_states=cond).sample
+    with concept.applied(model) as unet:
+        want = unet(x, t, encoder_hidden_states=cond).sample
+    with de.weight_diffs_applied(model, diffs) as unet:
+        got = unet(x, t, encoder_hidden_states=cond).sample
+    assert not torch.allclose(want, base, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.unet(x, t, encoder_hidden_states=cond).sample, base), "hooks removed on exit"
+    with pytest.raises(ValueError, match="another base model"):
+        with de.weight_diffs_applied(model, {"lora_unet_nowhere": next(iter(diffs.values()))}):
+            pass

@@ -55,6 +55,70 @@ def test_generate_with_the_toy_defaults_uses_the_shipped_instantbooth(tmp_path, 
     with caplog.at_level(logging.INFO):
         assert generate(["--images", str(tmp_path), "--prompt", "a photo of a cat on snow at night", "--steps", "3",
                          "--out", str(out)]) == 0
-    assert np.asarray(Image.open(out)).shape == (32, 32, 3)
+    assert np.asarray(Image.open(out)).shape == (256, 256, 3), "the toy world's 32x32 written 8x, nearest"
     assert "a photo of a sks cat on snow at night  (α=0.40, β=1.00, 2 image(s))" in caplog.text, \
         "the identifier is inserted and the file's α, β are used"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--images", "x", "--embedding", "e.safetensors"], "--images and --embedding each give the identifier"),
+    (["--e4t-concept", "c.safetensors", "--embedding", "e.safetensors"], "--embedding and --e4t-concept"),
+    (["--alpha", "0.5"], "--alpha belong(s) to InstantBooth, which needs --images"),
+    (["--scale", "0"], "argument --scale: 0 is out of range"),
+    (["--out", "x.jpg"], "give a .png file"),
+])
+def test_generate_refuses_options_that_do_not_go_together(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate(["--prompt", "a cat"] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_reports_a_typo_of_the_identifier_and_unknown_toy_words(tmp_path, caplog):
+    import logging
+
+    from boothkit.backend.imageio import save_png
+    from boothkit.toyworld import domain
+
+    s = domain.identity_renders(domain.identities("heldout")[3], 1, 1)[0]
+    save_png(s.image, tmp_path / "0.png")
+    with pytest.raises(ValueError, match="prompt word 'skz' looks like the identifier 'sks'"):
+        generate(["--images", str(tmp_path), "--prompt", "a photo of a skz cat on snow", "--out", str(tmp_path / "o.png")])
+    assert not (tmp_path / "o.png").exists()
+    with caplog.at_level(logging.INFO):
+        assert generate(["--images", str(tmp_path), "--prompt", "a photo of a cat on the beach", "--steps", "1",
+                         "--scale", "1", "--out", str(tmp_path / "o.png")]) == 0
+    assert "note: the toy world's captions never use 'beach'" in caplog.text
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (32, 32, 3)
+
+
+def test_generate_with_an_embedding_on_sdxl_goes_through_its_pipeline(tmp_path, monkeypatch):
+    """SDXL: an embedding's two vectors (clip_l, clip_g) reach diffusers' SDXL pipeline as prompt embeddings (tiny
+    random SDXL with a VAE); another embedding gives another image from the same seed."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from test_quicktune import WORDS, make_sdxl
+    from tiny_models import tiny_unet, tiny_vae
+
+    from boothkit.backend.embedding import Embedding, save_embedding
+    import boothkit.commands.models as models
+
+    base = make_sdxl(tmp_path)
+    cfg = {k: v for k, v in tiny_unet(cross_attention_dim=80).config.items() if k != "_use_default_values"}
+    cfg.update(addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
+    model = SimpleNamespace(**{**vars(base), "unet": UNet2DConditionModel.from_config(cfg).eval(), "vae": tiny_vae(),
+                               "scheduler": DDPMScheduler(num_train_timesteps=100)})
+    model.to = lambda device: model
+    monkeypatch.setattr(models, "load_model", lambda name, config=None: model)
+    outs = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        emb = Embedding({"clip_l": torch.randn(1, 32, generator=g), "clip_g": torch.randn(1, 48, generator=g)},
+                        "sdxl", "sks")
+        path = save_embedding(tmp_path / f"e{seed}.safetensors", emb, {"class_noun": "cat"})
+        out = tmp_path / f"o{seed}.png"
+        assert generate(["--model", "sdxl-test", "--embedding", str(path), "--prompt", "a photo of a cat", "--steps", "2",
+                         "--out", str(out)]) == 0
+        outs.append(np.asarray(Image.open(out)))
+    assert outs[0].shape == (32, 32, 3), "the SDXL pipeline's size: sample_size x the VAE's factor, not enlarged"
+    assert not np.array_equal(outs[0], outs[1])

@@ -55,3 +55,26 @@ def test_inject_errors():
         inject_concept(cond, [1], torch.randn(24), 0.4)
     with pytest.raises(ValueError, match=r"rows \[77\] are outside"):
         inject_concept(cond, [77], torch.randn(16), 0.4)
+
+
+def test_identifier_lookalikes_are_an_error_where_it_goes_and_a_note_elsewhere():
+    from boothkit.backend.identifier import check_prompt_identifier, lookalikes
+
+    nouns = ["cat", "robot"]
+    assert lookalikes("a skz cat, ssk, sk, sks, asks, skis", "sks") == ["asks", "sk", "skis", "skz", "ssk"]
+    assert lookalikes("a ski trip", "sks", known=["ski"]) == [], "a known word is not a typo"
+    with pytest.raises(ValueError, match="prompt word 'skz' looks like the identifier 'sks'.*'a photo of a skz sks cat'"):
+        check_prompt_identifier("a photo of a skz cat", "sks", nouns)
+    prompt, notes = check_prompt_identifier("a photo of a cat on ssk", "sks", nouns)
+    assert prompt == "a photo of a sks cat on ssk" and len(notes) == 1 and "'ssk'" in notes[0]
+    assert check_prompt_identifier("a photo of a sks cat on skz", "sks", nouns) == ("a photo of a sks cat on skz", []), \
+        "with the identifier written, a look-alike elsewhere is the user's business"
+    assert check_prompt_identifier("a photo of a cat", "sks", nouns) == ("a photo of a sks cat", [])
+
+
+def test_toy_world_names_the_words_its_captions_never_use():
+    from boothkit.toyworld import domain
+
+    assert domain.unknown_words("a photo of a sks cat on the beach at night", ["sks"]) == ["beach"]
+    assert domain.unknown_words("A Photo of a dog on SNOW with a hat, a dog") == ["dog", "hat"]
+    assert domain.unknown_words("a picture of a kitten on sand at day with a flower") == []

@@ -163,3 +163,32 @@ def test_export_folder_reads_back(tmp_path):
         mask = np.asarray(Image.open(tmp_path / f"{k:05d}_mask.png")) > 127
         assert np.array_equal(mask, masks[k, 0].numpy() > 0.5)
         assert (tmp_path / f"{k:05d}.txt").read_text().strip() == caps[k]
+
+
+def test_export_one_identity_and_list_identities(tmp_path, capsys):
+    """`boothkit toyworld export --identity ID`: the photos of that one subject (what `tune --images` takes);
+    `boothkit toyworld identities` lists the ids to pick from."""
+    from PIL import Image
+
+    from boothkit.commands.toyworld import main as toyworld
+
+    assert toyworld(["identities"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    held = d.identities("heldout")
+    assert len(listed) == len(held) and listed[0].split()[:3] == [str(held[0].id), "heldout", held[0].class_name]
+    ident = held[5]
+    assert toyworld(["export", "--identity", str(ident.id), "--n", "3", "--out", str(tmp_path / "one")]) == 0
+    meta = [json.loads(x) for x in (tmp_path / "one" / "metadata.jsonl").read_text().splitlines()]
+    assert [m["identity"] for m in meta] == [ident.id] * 3 and {m["class"] for m in meta} == {ident.class_name}
+    want = d.identity_renders(ident, 3, 0)
+    for k, s in enumerate(want):
+        img = np.asarray(Image.open(tmp_path / "one" / f"{k:05d}.png")).astype(np.float32) / 255
+        assert np.abs(img - s.image.permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6, "the identity's renders"
+        assert d.CLASS_NOUNS[ident.class_name][0] in meta[k]["caption"] or \
+            d.CLASS_NOUNS[ident.class_name][1] in meta[k]["caption"]
+    with pytest.raises(ValueError, match="no toy-world identity with id 999; train ids are 0..319, held-out ids "
+                                         "1000..1031"):
+        toyworld(["export", "--identity", "999", "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):
+        toyworld(["export", "--identity", "1000", "--split", "train", "--out", str(tmp_path / "x")])

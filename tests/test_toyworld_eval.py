@@ -114,34 +114,74 @@ def test_overrides_replace_the_shipped_defaults_and_are_recorded(tmp_path):
 
 @pytest.mark.slow
 def test_demo_writes_the_grid(tmp_path, capsys):
-    """The README's main command with its defaults: the shipped toy InstantBooth. The grid's personalized column looks
-    like the subject's input images to the toy identity network, the base column does not (4 prompts, 3 DDIM steps:
-    base -0.14, personalized 0.40 when this was written)."""
-    import numpy as np
+    """The README's main command with its defaults: E4T-15 and InstantBooth beside the base, labelled. Every method's
+    column looks like the subject's input photos to the toy identity network, the base column does not (4 prompts, 3
+    DDIM steps: base -0.14, InstantBooth 0.40 when this was written)."""
     from PIL import Image
 
-    from boothkit.commands.demo import main as demo_main
+    from boothkit.commands import demo
     from boothkit.toyworld.scorers import load_scorers
 
-    out = tmp_path / "demo.png"
-    assert demo_main(["--steps", "3", "--prompts", "4", "--scale", "1", "--out", str(out)]) == 0
-    img = Image.open(out)
-    # 3 input images + gap + base + personalized, each 32 px plus a 1 px border on both sides; one row per prompt
-    assert img.size == (6 * 34, 4 * 34)
+    drawn = {}
+
+    def keep(inputs, columns, *rest):
+        drawn.update(inputs=inputs, columns=columns)
+        return grid(inputs, columns, *rest)
+
+    grid, demo.labelled_grid = demo.labelled_grid, keep
+    try:
+        out = tmp_path / "demo.png"
+        assert demo.main(["--steps", "3", "--prompts", "4", "--scale", "1", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        demo.labelled_grid = grid
+    assert Image.open(out).mode == "RGB"
     out_text = capsys.readouterr().out
-    assert "wrote" in out_text
-    assert "method: instantbooth" in out_text, "the shipped InstantBooth is the demo's default"
-    grid = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 255
-
-    def column(c, rows):
-        return torch.stack([grid[:, r * 34 + 1:r * 34 + 33, c * 34 + 1:c * 34 + 33] for r in rows])
-
+    assert "methods: e4t-15, instantbooth" in out_text and demo.DEFAULT_METHODS == ["e4t-15", "instantbooth"]
+    assert "E4T-15 (15 steps, photo 1): personalize" in out_text and "InstantBooth (zero-shot" in out_text
+    assert "row 1: a photo of a sks " in out_text and "(1 thread(s))" in out_text
     scorers = load_scorers()
-    refs = torch.cat([column(c, [0]) for c in range(3)])
-    assert torch.equal(refs, torch.cat([column(c, [3]) for c in range(3)])), "every row shows the same inputs"
-    base = float(scorers.identity_similarity(column(4, range(4)), refs).mean())
-    personalized = float(scorers.identity_similarity(column(5, range(4)), refs).mean())
-    assert personalized > base + 0.25, (personalized, base)
+    base, *methods = drawn["columns"]
+    assert base.head == "base model" and [c.head for c in methods] == ["E4T-15", "InstantBooth"]
+    base_identity = float(scorers.identity_similarity(base.images, drawn["inputs"]).mean())
+    for c in methods:
+        identity = float(scorers.identity_similarity(c.images, drawn["inputs"]).mean())
+        assert identity > base_identity + 0.25, (c.head, identity, base_identity)
+
+
+def test_demo_grid_places_each_column_under_its_head():
+    """labelled_grid: the input photos, then one column per method in the given order, one row per prompt, text
+    above (title, heads, prompts) and below (times)."""
+    import numpy as np
+
+    from boothkit.commands.demo import Column, labelled_grid
+
+    def solid(rgb, n):
+        return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(n, 3, 32, 32).clone()
+
+    rows = 2
+    columns = [Column("base model", "no personalization", solid((0, 0, 1), rows)),
+               Column("E4T-15", "15 steps, photo 1", solid((0, 1, 0), rows), 5.0, 2.0),
+               Column("InstantBooth", "zero-shot", solid((1, 0, 1), rows), 0.01, 1.0)]
+    img = np.asarray(labelled_grid(solid((1, 1, 0), 3), columns, ["prompt one", "prompt two"], "title", 2))
+
+    def boxes(rgb):
+        ys, xs = np.nonzero((img == np.array(rgb) * 255).all(-1))
+        return sorted(set(xs.tolist())), sorted(set(ys.tolist()))
+
+    inputs_x, inputs_y = boxes((1, 1, 0))
+    base_x, base_y = boxes((0, 0, 1))
+    e4t_x, e4t_y = boxes((0, 1, 0))
+    ib_x, ib_y = boxes((1, 0, 1))
+    assert len(base_x) == len(e4t_x) == len(ib_x) == 64, "one 64-px column each (32 px at 2x)"
+    assert len(base_y) == len(e4t_y) == 2 * 64, "one cell per prompt"
+    assert max(inputs_x) < min(base_x) < min(e4t_x) < min(ib_x), "inputs | base | methods in the given order"
+    assert len(inputs_y) == 64 and min(inputs_y) == min(base_y), "the photos beside the first row"
+    text = (img < 128).all(-1)  # dark text pixels on the white ground
+    assert text[: min(base_y)].any(), "title and heads above the images"
+    assert text[max(base_y) + 1:, min(e4t_x): max(e4t_x)].any(), "the times under a method's column"
+    gap = np.nonzero(np.diff(base_y) > 1)[0]
+    assert len(gap) == 1 and text[base_y[gap[0]] + 1: base_y[gap[0] + 1], min(base_x):].any(), \
+        "the second prompt written between the rows"
 
 
 def test_demo_out_takes_a_folder_and_refuses_other_formats(tmp_path, capsys):

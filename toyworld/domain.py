@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import random as _random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -145,7 +146,9 @@ def identity_by_id(identity_id: int) -> Identity:
         for ident in _splits()[split]:
             if ident.id == identity_id:
                 return ident
-    raise ValueError(f"no toy-world identity with id {identity_id}")
+    tr, ho = _splits()["train"], _splits()["heldout"]
+    raise ValueError(f"no toy-world identity with id {identity_id}; train ids are {tr[0].id}..{tr[-1].id}, held-out "
+                     f"ids {ho[0].id}..{ho[-1].id} (`boothkit toyworld identities` lists them)")
 
 
 def _choice(rng, seq):
@@ -204,6 +207,23 @@ def caption(class_name: str, context: Context, *, noun: str | None = None, ident
         template = _choice(rng, TEMPLATES)
     subject = f"{identifier} {noun}" if identifier else noun
     return template.format(f"{subject} {_context_words(context)}")
+
+
+def unknown_words(prompt: str, allowed=()) -> list[str]:
+    """Words of ``prompt`` the toy world's captions never use (the toy base reads them as noise), in order; the
+    ``allowed`` words (an identifier) are left out."""
+    skip = set(VOCAB) | {w.lower() for w in allowed}
+    out = []
+    for w in re.findall(r"[a-z0-9_'\-]+", prompt.lower()):
+        if w not in skip and w not in out:
+            out.append(w)
+    return out
+
+
+def vocabulary_summary() -> str:
+    nouns = ", ".join(n for ns in CLASS_NOUNS.values() for n in ns)
+    return (f"subjects {nouns}; backgrounds {', '.join(BACKGROUNDS)}; light {', '.join(LIGHTS)}; objects "
+            f"{', '.join(OBJECTS)}; as in 'a photo of a sks cat on snow at night with a ball'")
 
 
 def context_prompt(class_name: str, context: Context) -> str:
@@ -469,14 +489,41 @@ def batch(split: str, n: int, seed: int, identities_subset: list[Identity] | Non
     return torch.stack(images), torch.stack(masks), caps, torch.tensor(ids, dtype=torch.long)
 
 
-def export_folder(split: str, n: int, out_dir: str | Path, seed: int) -> None:
+PALETTE_NAMES: tuple[str, ...] = ("red", "orange", "yellow", "blue", "purple", "pink", "black", "white")
+EYE_NAMES: tuple[str, ...] = ("green", "cyan", "red", "yellow")
+
+
+def describe(identity: Identity) -> str:
+    """An identity's attributes in words (for listings; captions never carry them)."""
+    i = identity
+    return (f"{PALETTE_NAMES[i.primary]} body, {PALETTE_NAMES[i.secondary]} {i.pattern}, head {i.head}, "
+            f"{EYE_NAMES[i.eye]} eyes, {i.part} {'ears' if i.class_name == 'cat' else 'antenna'}")
+
+
+def split_of(identity_id: int) -> str:
+    return "heldout" if identity_id >= HELDOUT_ID_OFFSET else "train"
+
+
+def export_folder(split: str, n: int, out_dir: str | Path, seed: int, identity_id: int | None = None) -> None:
     """Write ``n`` samples as NNNNN.png, NNNNN.txt (caption), NNNNN_mask.png and one metadata.jsonl line each
-    ({file, caption, identity, class}) — the folder layout the trainers and the ComfyUI loaders read."""
+    ({file, caption, identity, class}) — the folder layout the trainers and the ComfyUI loaders read. With
+    ``identity_id``: ``n`` photos of that one identity in random contexts (what `boothkit tune --images` takes); its
+    split is the id's, ``split`` is not used."""
     from PIL import Image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images, masks, caps, ids = batch(split, n, seed)
+    if identity_id is not None:
+        ident = identity_by_id(identity_id)
+        rng = np.random.default_rng(seed)
+        samples = identity_renders(ident, n, seed)
+        images = torch.stack([s.image for s in samples])
+        masks = torch.stack([s.mask for s in samples])
+        caps = [caption(ident.class_name, s.context, rng=rng) for s in samples]
+        ids = torch.full((n,), ident.id, dtype=torch.long)
+        split = split_of(ident.id)
+    else:
+        images, masks, caps, ids = batch(split, n, seed)
     lookup = {i.id: i for i in identities(split)}
     lines = []
     for k in range(n):

@@ -100,31 +100,70 @@ class E4THost:
                                      self.modules, generator)
 
 
+@contextmanager
+def offsets_applied(model, offsets: e4t_backend.WeightOffsets):
+    """While inside, ``model.unet`` runs with ``offsets`` (a tuned concept's, or a compact file's; removed on exit)."""
+    with torch.no_grad(), offsets.applied(offset_modules(model.unet, offsets.names)):
+        yield model.unet
+
+
+def load_concept(path: str | Path, model) -> e4t_backend.E4TConceptData:
+    """A compact E4T concept file (``boothkit tune --method e4t``) checked against ``model``'s family and text
+    encoder widths; apply with :func:`offsets_applied` and ``common.encode_prompt(model, prompt, c.embedding)``."""
+    widths = {s.key: int(s.text_encoder.get_input_embeddings().weight.shape[1]) for s in text_slots(model)}
+    concept = e4t_backend.load_e4t_concept(path, family=model.family, widths=widths)
+    missing = [n for n in concept.offsets.names if n not in offset_modules(model.unet, concept.offsets.names)]
+    if missing:
+        raise e4t_backend.FormatError(f"{path}: the model's denoiser has no module {missing[0]!r} "
+                                      f"({len(missing)} of the concept's {len(concept.offsets.names)} targets missing);"
+                                      f" the concept was tuned on another architecture")
+    concept.offsets.to(model.unet.device)
+    if concept.offsets.scales is not None:
+        concept.offsets.scales = [s.to(model.unet.device) for s in concept.offsets.scales]
+    return concept
+
+
 @dataclass
 class E4TConcept:
     """A tuned concept: the tuned encoder and offsets, the identifier's fixed embedding, and how the tune ended."""
     e4t: E4T
     embedding: Embedding
     result: TuneResult | None
+    class_word: str = ""
+    training: dict | None = None
 
     @contextmanager
     def applied(self, model):
         """While inside, ``model.unet`` runs with the tuned offsets (removed on exit)."""
-        with torch.no_grad(), self.e4t.offsets.applied(offset_modules(model.unet, self.e4t.config.targets)):
-            yield model.unet
+        with offsets_applied(model, self.e4t.offsets) as unet:
+            yield unet
 
-    def weight_diff(self, model) -> LoRATensors:
-        """The offsets as a weight-diff file that stock ComfyUI (LoraLoader) and A1111 load."""
+    def weight_diff(self, model, dtype: torch.dtype | None = None) -> LoRATensors:
+        """The offsets as a weight-diff file that stock ComfyUI (LoraLoader) and A1111 load (``dtype``: of the
+        model's weights, or e.g. fp16 to halve the file)."""
         weights = {n: m.weight for n, m in offset_modules(model.unet, self.e4t.config.targets).items()}
+        if dtype is not None:
+            weights = {n: w.to(dtype) for n, w in weights.items()}
         return e4t_backend.weight_diff_file(self.e4t.offsets, weights, model.family, self.embedding.identifier,
                                             BASE_MODEL_VERSIONS.get(model.family, model.family))
 
-    def save(self, model, out_dir: str | Path, name: str, overwrite: bool = False) -> dict[str, Path]:
+    def save(self, model, out_dir: str | Path, name: str, overwrite: bool = False, stock: bool = False,
+             stock_dtype: torch.dtype | None = torch.float16) -> dict[str, Path]:
+        """Write the compact concept ``<name>_e4t.safetensors`` (kind "e4t": offsets, the photo's scales, the
+        embedding; backend/e4t.py save_e4t_concept). ``stock`` also writes what stock loaders read: the embedding
+        ``<name>.safetensors`` and the exact weight diffs ``<name>_lora.safetensors`` in ``stock_dtype`` (fp16 by
+        default; None: the model's)."""
         from ...backend.files import output_paths
 
-        paths = output_paths(out_dir, name, ["embedding", "lora"], overwrite)
-        save_embedding(paths["embedding"], self.embedding, {"method": "e4t"}, overwrite=overwrite)
-        self.weight_diff(model).save(paths["lora"], overwrite=overwrite)
+        kinds = ["e4t"] + (["embedding", "lora"] if stock else [])
+        paths = output_paths(out_dir, name, kinds, overwrite)
+        c = self.e4t.config
+        training = dict(self.training or {}, name=paths["e4t"].stem)
+        e4t_backend.save_e4t_concept(paths["e4t"], c, self.e4t.offsets, self.embedding,
+                                     self.class_word or c.class_word, training, overwrite=overwrite)
+        if stock:
+            save_embedding(paths["embedding"], self.embedding, {"method": "e4t"}, overwrite=overwrite)
+            self.weight_diff(model, stock_dtype).save(paths["lora"], overwrite=overwrite)
         return paths
 
 
@@ -163,4 +202,34 @@ def e4t_tune(model, vision, e4t: E4T, image: torch.Tensor, mask: torch.Tensor | 
     keys = [s.key for s in text_slots(model)]
     embedding = Embedding({k: v[None].detach().cpu() for k, v in zip(keys, vectors)}, model.family, c.identifier,
                           init_word=word, metadata={"method": "e4t"})
-    return E4TConcept(tuned.eval(), embedding, result)
+    training = {"method": "e4t", "class_word": word, "steps": steps if steps is not None else c.tune_steps,
+                "lr": lr if lr is not None else c.tune_lr, "seed": seed, "mixed_precision": mixed_precision,
+                "steps_done": result.steps if result is not None else 0,
+                "status": result.status if result is not None else "done"}
+    return E4TConcept(tuned.eval(), embedding, result, word, training)
+
+
+@contextmanager
+def weight_diffs_applied(model, diffs: dict[str, torch.Tensor], strength: float = 1.0, source: str = "weight diffs"):
+    """While inside, each Linear of ``model.unet`` named in ``diffs`` (kohya names, :func:`backend.e4t.
+    load_weight_diff`) computes x·(W + strength · diff)ᵀ + b, as a forward hook; the weights are never written."""
+    from ...backend.lora import UNET_PREFIX, kohya_name
+
+    by_name = {kohya_name(UNET_PREFIX, p): m for p, m in model.unet.named_modules()}
+    missing = [k for k in diffs if k not in by_name]
+    wrong = [k for k in diffs if k in by_name and (not isinstance(by_name[k], torch.nn.Linear)
+                                                    or tuple(by_name[k].weight.shape) != tuple(diffs[k].shape))]
+    if missing or wrong:
+        raise ValueError(f"{source}: {len(missing)} layer(s) not in the model {missing[:2]}, {len(wrong)} of another "
+                         f"shape {wrong[:2]}; they were made for another base model")
+    handles = []
+    try:
+        for k, d in diffs.items():
+            m = by_name[k]
+            delta = (d.float() * strength).to(m.weight)
+            handles.append(m.register_forward_hook(lambda mod, args, out, delta=delta:
+                                                   out + torch.nn.functional.linear(args[0], delta.to(args[0]))))
+        yield model.unet
+    finally:
+        for h in handles:
+            h.remove()
