@@ -60,7 +60,7 @@ def test_tune_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(["tune", "--images", str(tmp_path), "--class-noun", "cat", "--out", str(tmp_path),
              "--stage2-steps", "-1"])
-    assert e.value.code == 2 and "--stage2-steps must not be negative, got -1" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --stage2-steps: -1 is out of range" in capsys.readouterr().err
     imgs = write_images(tmp_path / "imgs")
     out = tmp_path / "out"
     out.mkdir()

@@ -99,7 +99,7 @@ def test_resume_reads_the_step_optimizer_schedule_weights_and_ema(tmp_path, capl
         assert torch.equal(second.ema[n], first.ema[n]) and not torch.equal(second.ema[n], p), n
         assert torch.equal(second.optimizer.state[dict(zip(second.names, second.params))[n]]["exp_avg"],
                            first.optimizer.state[dict(zip(first.names, first.params))[n]]["exp_avg"]), n
-    second.train()
+    second.train(resume=True)  # the folder holds the first run's checkpoints: continued, not refused
 
     straight = trainer(tmp_path / "straight", steps=6, **common)
     straight.train()
