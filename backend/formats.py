@@ -160,6 +160,7 @@ def instantbooth_metadata(config: InstantBoothConfig) -> dict[str, str]:
         "beta": repr(float(c.beta)),
         "crop_margin": repr(float(c.crop_margin)),
         "background": repr(float(c.background)),
+        "adapters_on_uncond": "true" if c.adapters_on_uncond else "false",
         "training": json.dumps(c.extra, sort_keys=True, default=str),
     }
 
@@ -189,7 +190,9 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
             tokens_per_image=f.int("tokens_per_image"), ctx_dim=ctx_dim, layout=layout, family=family,
             identifier=f.str("identifier"), class_noun=f.str("class_noun"), alpha=f.float("alpha"),
             beta=f.float("beta"), image_size=f.int("image_size"), crop_margin=f.float("crop_margin"),
-            background=f.float("background"), extra=extra)
+            background=f.float("background"), extra=extra,
+            # files written before the field existed: the adapters act on both halves of guidance
+            adapters_on_uncond=metadata.get("adapters_on_uncond", "true").strip().lower() != "false")
     except ValueError as e:
         if isinstance(e, FormatError):
             raise

@@ -80,6 +80,11 @@ class InstantBoothConfig:
     image_size: int = 224  # backbone input size
     crop_margin: float = 0.1  # preprocessing used in training, repeated at inference
     background: float = 0.0
+    # Classifier-free guidance: True (files before this field, and the paper, which does not say): the adapters act on
+    # the unconditional prediction too, so the identity enters at weight ≈ 1 while the prompt gets the guidance scale.
+    # False (ours, beyond the paper): the unconditional prediction is the plain base model's, so guidance scales the
+    # adapters' identity as it scales the prompt. A sampling setting, written into the file.
+    adapters_on_uncond: bool = True
     extra: dict = field(default_factory=dict)  # training settings etc., kept in the file's metadata
 
     def __post_init__(self):
