@@ -37,14 +37,15 @@ class Subject:
     masks: torch.Tensor  # [K, 1, R, R]
 
 
-def make_subjects(n: int, k_refs: int, seed: int, dev: bool = False) -> list[Subject]:
+def make_subjects(n: int, k_refs: int, seed: int, dev: bool = False, split: str = "heldout") -> list[Subject]:
     """The first ``n`` held-out identities (classes interleaved), or with ``dev`` the last ``n``: a development set
-    to choose settings on, disjoint from the table's subjects while 2n <= the held-out count."""
+    to choose settings on, disjoint from the table's subjects while 2n <= the held-out count. ``split="train"`` takes
+    training identities instead (what the trainers saw: a memorisation check)."""
     from . import domain
 
-    ids = domain.identities("heldout")
+    ids = domain.identities(split)
     if n > len(ids):
-        raise ValueError(f"only {len(ids)} held-out identities exist; asked for {n}")
+        raise ValueError(f"only {len(ids)} {split} identities exist; asked for {n}")
     # interleave classes so a small n still covers every class
     by_class: dict[str, list] = {}
     for ident in ids:
@@ -61,11 +62,25 @@ def make_subjects(n: int, k_refs: int, seed: int, dev: bool = False) -> list[Sub
     return out
 
 
-def eval_contexts(count: int, seed: int):
+def all_contexts() -> list:
+    """Every context of the domain (background × light × object or none), in a fixed order."""
     from . import domain
 
-    rng = np.random.default_rng(seed + 17)
-    return [domain.random_context(rng) for _ in range(count)]
+    return [domain.Context(b, light, o) for b in domain.BACKGROUNDS for light in domain.LIGHTS
+            for o in (None,) + tuple(domain.OBJECTS)]
+
+
+def eval_contexts(count: int, seed: int, dev: bool = False):
+    """``count`` distinct contexts. The domain's contexts are shuffled by ``seed``; the table draws from the first
+    half and the development set (``dev``) from the second, so no setting chosen on the development set was chosen
+    on a context the table scores."""
+    contexts = all_contexts()
+    order = np.random.default_rng(seed + 17).permutation(len(contexts))
+    half = len(contexts) // 2
+    pool = order[half:] if dev else order[:half]
+    if count > len(pool):
+        raise ValueError(f"the {'development' if dev else 'table'} half has {len(pool)} contexts; asked for {count}")
+    return [contexts[int(i)] for i in pool[:count]]
 
 
 def prompts_for(subject: Subject, contexts, identifier: str | None) -> tuple[list[str], list[str]]:
@@ -96,9 +111,11 @@ def with_ratios(rows: dict) -> dict:
 
 
 def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
-             seed: int, steps: int, overrides: dict | None = None, dev: bool = False) -> dict:
-    """``overrides`` replace the shipped files' inference defaults: ``beta`` (InstantBooth's β), ``e4t_lr`` (E4T's
-    tune learning rate), ``e4t`` (another pre-trained E4T file, e.g. a new run's); the table records them."""
+             seed: int, steps: int, overrides: dict | None = None, dev: bool = False, split: str = "heldout") -> dict:
+    """``overrides`` replace the shipped files' inference defaults: ``beta`` / ``alpha`` (InstantBooth's β / α),
+    ``adapters_on_uncond`` (InstantBooth's adapters on the unconditional half of guidance too, or not),
+    ``instantbooth`` (another InstantBooth file), ``e4t_lr`` (E4T's tune learning rate), ``e4t`` (another pre-trained
+    E4T file, e.g. a new run's); the table records them."""
     from .methods import DEFAULT_METHODS, METHODS, ToyEnv
     from .scorers import load_scorers
 
@@ -107,8 +124,13 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
     env = ToyEnv.load(sample_steps=steps)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "beta" in overrides and env.instantbooth is not None:
-        env.instantbooth.config.beta = overrides["beta"]
+    if "instantbooth" in overrides:
+        from ..backend.formats import load_instantbooth
+
+        env.instantbooth = load_instantbooth(overrides["instantbooth"], family="toy", ctx_dim=env.base.ctx_dim).eval()
+    for key in ("beta", "alpha", "adapters_on_uncond"):
+        if key in overrides and env.instantbooth is not None:
+            setattr(env.instantbooth.config, key, overrides[key])
     if "e4t" in overrides:
         from ..backend.formats import load_e4t
 
@@ -122,8 +144,8 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
             if not ok:
                 log.warning("%s left out: the toy world has no trained %s file yet", name, name)
     scorers = load_scorers()
-    subjects = make_subjects(n_subjects, k_refs, seed, dev)
-    contexts = eval_contexts(n_contexts, seed)
+    subjects = make_subjects(n_subjects, k_refs, seed, dev, split)
+    contexts = eval_contexts(n_contexts, seed, dev)
     rows = {}
     from tqdm.auto import tqdm
 
@@ -162,6 +184,9 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
                          "subject_ids": [subj.identity.id for subj in subjects],
                          "sample_steps": steps, "threads": torch.get_num_threads(),
                          **({"dev": True} if dev else {}),
+                         **({"split": split} if split != "heldout" else {}),
+                         # contexts drawn from the table's or the development half of the domain's (eval_contexts)
+                         "context_draw": "halves",
                          **({"overrides": overrides} if overrides else {})}}
 
 
@@ -169,7 +194,8 @@ def to_markdown(result: dict) -> str:
     s = result["settings"]
     classes = sorted({c for r in result["methods"].values() for c in r.get("identity_by_class") or {}})
     which = " (development set)" if s.get("dev") else ""
-    lines = [f"Held-out toy-world identities{which}: {s['subjects']} subjects × {s['contexts']} prompts × "
+    kind = "Training" if s.get("split") == "train" else "Held-out"
+    lines = [f"{kind} toy-world identities{which}: {s['subjects']} subjects × {s['contexts']} prompts × "
              f"{s['samples_per_prompt']} samples, {s['references']} reference images each, seed {s['seed']}, "
              f"{s['sample_steps']} DDIM steps, {s['threads']} CPU threads"
              + "".join(f", {k} {v}" for k, v in s.get("overrides", {}).items()) + ".", "",
@@ -206,6 +232,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for eval.json and eval.md")
     p.add_argument("--beta", type=float, help="InstantBooth's adapter weight β instead of the shipped file's")
+    p.add_argument("--alpha", type=float, help="InstantBooth's concept-token weight α instead of the shipped file's")
+    p.add_argument("--adapters-on-uncond", choices=("yes", "no"),
+                   help="InstantBooth's adapters on the unconditional half of guidance too (yes: files before "
+                        "issue #30) or on the conditional half only (no), instead of the file's setting")
+    p.add_argument("--instantbooth", metavar="FILE", help="an InstantBooth file instead of the shipped one")
+    p.add_argument("--instantbooth-checks", action="store_true",
+                   help="evaluate no method: run the cheap InstantBooth checks (toyworld/ib_checks.py: fixed-noise "
+                        "loss per conditioning, adapter gains and residual norms, linear probes of the patch "
+                        "tokens) on the shipped file or --instantbooth FILE, written to --out as checks.json/.md")
+    p.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                   help="train: score training identities (what the trainers saw), a memorisation check")
     p.add_argument("--e4t-lr", type=float, help="E4T's tune learning rate instead of the shipped file's")
     p.add_argument("--e4t", metavar="FILE", help="a pre-trained E4T file instead of the shipped one")
     p.add_argument("--dev", action="store_true",
@@ -221,7 +258,7 @@ def parse_args(argv=None):
 
 
 # what a table's rows were drawn with, beside which subjects: rows compare only under the same
-SAMPLING = ("references", "contexts", "samples_per_prompt", "seed", "sample_steps")
+SAMPLING = ("references", "contexts", "samples_per_prompt", "seed", "sample_steps", "context_draw", "split")
 
 
 def merge(old: dict, new: dict) -> dict:
@@ -280,8 +317,29 @@ def main(argv=None) -> int:
               f"{r['a']} above on {r['a_above']}")
         print(json.dumps(r))
         return 0
+    if args.instantbooth_checks:
+        from .ib_checks import checks_markdown, run_checks
+        from .methods import ToyEnv
+
+        env = ToyEnv.load(sample_steps=args.steps)
+        if args.instantbooth:
+            from ..backend.formats import load_instantbooth
+
+            env.instantbooth = load_instantbooth(args.instantbooth, family="toy", ctx_dim=env.base.ctx_dim).eval()
+            env.instantbooth.config.extra["file"] = str(args.instantbooth)
+        ib = env.instantbooth
+        for key in ("beta", "alpha"):
+            if getattr(args, key) is not None:
+                setattr(ib.config, key, getattr(args, key))
+        if args.adapters_on_uncond is not None:
+            ib.config.adapters_on_uncond = args.adapters_on_uncond == "yes"
+        print(checks_markdown(run_checks(env, ib, Path(args.out), args.seed)))
+        return 0
     result = evaluate(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
-                      args.steps, {"beta": args.beta, "e4t_lr": args.e4t_lr, "e4t": args.e4t}, args.dev)
+                      args.steps, {"beta": args.beta, "alpha": args.alpha, "instantbooth": args.instantbooth,
+                                   "adapters_on_uncond": None if args.adapters_on_uncond is None else
+                                   args.adapters_on_uncond == "yes", "e4t_lr": args.e4t_lr, "e4t": args.e4t},
+                      args.dev, args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.update and (out / "eval.json").exists():
