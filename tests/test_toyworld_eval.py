@@ -327,3 +327,27 @@ def test_instantbooth_checks_write_their_tables(tmp_path, monkeypatch):
     assert len(r["adapters"]) == 11 and all(a["residual_over_y"] > 0 for a in r["adapters"])
     assert set(r["probes"]["chance"]) == set(ib_checks.ATTRIBUTES)
     assert "Linear probes" in (tmp_path / "checks.md").read_text()
+
+
+def test_shipped_instantbooth_file_is_in_the_manifest_and_carries_its_config():
+    """The toy InstantBooth file passes the manifest's sha256 check, and was trained by the config its manifest
+    entry names: every [method] key of that toml equals the file's recorded settings (sampling settings changed
+    after training are listed in the entry's command and skipped here)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from boothkit.backend.formats import load_instantbooth
+    from boothkit.toyworld import store
+
+    path = store.verified("instantbooth.safetensors")
+    entry = json.loads((path.parent / "MANIFEST.json").read_text())["instantbooth.safetensors"]
+    configs = re.findall(r"--config (\S+\.toml)", entry["reproduce"])
+    assert configs, "the manifest names the command and config"
+    toml = tomllib.loads((Path(__file__).parents[1] / configs[-1]).read_text())["method"]
+    ib = load_instantbooth(path, family="toy")
+    # files trained before these settings existed behaved as these values
+    settings = {"augment_order": "before_crop", "hue_jitter": 0.05, "init_from": "", "adapters_on_uncond": True,
+                **ib.config.extra["settings"]}
+    after = set(re.findall(r"then set (\w+)", entry["reproduce"]))
+    assert {k: settings[k] for k in toml if k not in after} == {k: v for k, v in toml.items() if k not in after}
