@@ -351,3 +351,9 @@ def test_shipped_instantbooth_file_is_in_the_manifest_and_carries_its_config():
                 **ib.config.extra["settings"]}
     after = set(re.findall(r"then set (\w+)", entry["reproduce"]))
     assert {k: settings[k] for k in toml if k not in after} == {k: v for k, v in toml.items() if k not in after}
+
+
+def test_the_old_random_context_draw_stays_available_for_old_tables():
+    rng = np.random.default_rng(17)
+    assert eval_contexts(3, 0, draw="random") == [domain.random_context(rng) for _ in range(3)]
+    assert eval_contexts(3, 0, dev=True, draw="random") == eval_contexts(3, 0, draw="random")

@@ -70,10 +70,18 @@ def all_contexts() -> list:
             for o in (None,) + tuple(domain.OBJECTS)]
 
 
-def eval_contexts(count: int, seed: int, dev: bool = False):
+def eval_contexts(count: int, seed: int, dev: bool = False, draw: str = "halves"):
     """``count`` distinct contexts. The domain's contexts are shuffled by ``seed``; the table draws from the first
     half and the development set (``dev``) from the second, so no setting chosen on the development set was chosen
-    on a context the table scores."""
+    on a context the table scores. ``draw="random"``: the draw of tables written before issue #30 (independent
+    random contexts, the same for the table and the development set), to add rows to those tables."""
+    if draw == "random":
+        from . import domain
+
+        rng = np.random.default_rng(seed + 17)
+        return [domain.random_context(rng) for _ in range(count)]
+    if draw != "halves":
+        raise ValueError(f"context draw {draw!r}; expected halves or random")
     contexts = all_contexts()
     order = np.random.default_rng(seed + 17).permutation(len(contexts))
     half = len(contexts) // 2
@@ -111,7 +119,8 @@ def with_ratios(rows: dict) -> dict:
 
 
 def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
-             seed: int, steps: int, overrides: dict | None = None, dev: bool = False, split: str = "heldout") -> dict:
+             seed: int, steps: int, overrides: dict | None = None, dev: bool = False, split: str = "heldout",
+             context_draw: str = "halves") -> dict:
     """``overrides`` replace the shipped files' inference defaults: ``beta`` / ``alpha`` (InstantBooth's β / α),
     ``adapters_on_uncond`` (InstantBooth's adapters on the unconditional half of guidance too, or not),
     ``instantbooth`` (another InstantBooth file), ``e4t_lr`` (E4T's tune learning rate), ``e4t`` (another pre-trained
@@ -145,7 +154,7 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
                 log.warning("%s left out: the toy world has no trained %s file yet", name, name)
     scorers = load_scorers()
     subjects = make_subjects(n_subjects, k_refs, seed, dev, split)
-    contexts = eval_contexts(n_contexts, seed, dev)
+    contexts = eval_contexts(n_contexts, seed, dev, context_draw)
     rows = {}
     from tqdm.auto import tqdm
 
@@ -186,7 +195,7 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
                          **({"dev": True} if dev else {}),
                          **({"split": split} if split != "heldout" else {}),
                          # contexts drawn from the table's or the development half of the domain's (eval_contexts)
-                         "context_draw": "halves",
+                         **({"context_draw": context_draw} if context_draw != "random" else {}),
                          **({"overrides": overrides} if overrides else {})}}
 
 
@@ -241,6 +250,9 @@ def parse_args(argv=None):
                    help="evaluate no method: run the cheap InstantBooth checks (toyworld/ib_checks.py: fixed-noise "
                         "loss per conditioning, adapter gains and residual norms, linear probes of the patch "
                         "tokens) on the shipped file or --instantbooth FILE, written to --out as checks.json/.md")
+    p.add_argument("--context-draw", choices=("halves", "random"), default="halves",
+                   help="halves (default): table and development contexts from disjoint halves of the domain's; "
+                        "random: the draw of the tables written before issue #30, to --update them")
     p.add_argument("--split", choices=("heldout", "train"), default="heldout",
                    help="train: score training identities (what the trainers saw), a memorisation check")
     p.add_argument("--e4t-lr", type=float, help="E4T's tune learning rate instead of the shipped file's")
@@ -339,7 +351,7 @@ def main(argv=None) -> int:
                       args.steps, {"beta": args.beta, "alpha": args.alpha, "instantbooth": args.instantbooth,
                                    "adapters_on_uncond": None if args.adapters_on_uncond is None else
                                    args.adapters_on_uncond == "yes", "e4t_lr": args.e4t_lr, "e4t": args.e4t},
-                      args.dev, args.split)
+                      args.dev, args.split, args.context_draw)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.update and (out / "eval.json").exists():
