@@ -113,7 +113,9 @@ def test_overrides_replace_the_shipped_defaults_and_are_recorded(tmp_path):
 
 @pytest.mark.slow
 def test_demo_writes_the_grid(tmp_path, capsys):
-    """The README's main command with its defaults: the shipped toy InstantBooth."""
+    """The README's main command with its defaults: the first of DEMO_METHODS that is trained, said in the output."""
+    from boothkit.toyworld.demo import DEMO_METHODS
+
     from PIL import Image
 
     from boothkit.toyworld.demo import main as demo_main
@@ -125,7 +127,8 @@ def test_demo_writes_the_grid(tmp_path, capsys):
     assert img.size == (6 * 34, 2 * 34)
     out_text = capsys.readouterr().out
     assert "wrote" in out_text
-    assert "method: instantbooth" in out_text, "the shipped InstantBooth is the demo's default"
+    method, why = DEMO_METHODS[0]
+    assert f"method: {method} ({why}" in out_text, "the demo's default and why"
 
 
 def test_demo_out_takes_a_folder_and_refuses_other_formats(tmp_path, capsys):
