@@ -83,6 +83,11 @@ class InstantBoothConfig:
     image_size: int = 224  # backbone input size
     crop_margin: float = 0.1  # preprocessing used in training, repeated at inference
     background: float = 0.0
+    # Classifier-free guidance: True (files before this field, and the paper, which does not say): the adapters act on
+    # the unconditional prediction too, so the identity enters at weight ≈ 1 while the prompt gets the guidance scale.
+    # False (ours, beyond the paper): the unconditional prediction is the plain base model's, so guidance scales the
+    # adapters' identity as it scales the prompt. A sampling setting, written into the file.
+    adapters_on_uncond: bool = True
     extra: dict = field(default_factory=dict)  # training settings etc., kept in the file's metadata
 
     def __post_init__(self):
@@ -168,6 +173,7 @@ def instantbooth_metadata(config: InstantBoothConfig) -> dict[str, str]:
         "beta": repr(float(c.beta)),
         "crop_margin": repr(float(c.crop_margin)),
         "background": repr(float(c.background)),
+        "adapters_on_uncond": "true" if c.adapters_on_uncond else "false",
         "training": json.dumps(c.extra, sort_keys=True, default=str),
     }
 
@@ -203,7 +209,9 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
             tokens_per_image=f.int("tokens_per_image", hi=MAX_TOKENS), ctx_dim=ctx_dim, layout=layout, family=family,
             identifier=f.str("identifier"), class_noun=f.str("class_noun"), alpha=f.float("alpha"),
             beta=f.float("beta"), image_size=f.int("image_size", hi=MAX_IMAGE_SIZE), crop_margin=f.float("crop_margin"),
-            background=f.float("background"), extra=extra)
+            background=f.float("background"), extra=extra,
+            # files written before the field existed: the adapters act on both halves of guidance
+            adapters_on_uncond=metadata.get("adapters_on_uncond", "true").strip().lower() != "false")
     except ValueError as e:
         if isinstance(e, FormatError):
             raise

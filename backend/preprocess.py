@@ -79,9 +79,16 @@ def clip_normalize(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.
 
 
 def prepare_concept_images(images: torch.Tensor, masks: torch.Tensor | None, size: int, margin: float = 0.1,
-                           background: float = 0.0, normalize: bool = True) -> torch.Tensor:
-    """The inference path: crop, mask, resize, normalise (no augmentation, as in the paper)."""
-    crops, _ = crop_to_mask(images, masks, size, margin, background)
+                           background: float = 0.0, normalize: bool = True, augment=None) -> torch.Tensor:
+    """The inference path: crop, mask, resize, normalise (no augmentation, as in the paper).
+
+    ``augment`` (training only): a callable (images, masks) -> (images, masks), e.g. :class:`TrainAugment`, applied
+    to the masked crops, as the paper orders it (sec. 3.2: crop, mask, then x_s := A(x_s)); whatever the geometric
+    part moves off the subject (padding, the jittered background) is set to ``background`` again afterwards."""
+    crops, crop_masks = crop_to_mask(images, masks, size, margin, background)
+    if augment is not None:
+        crops, crop_masks = augment(crops, crop_masks)
+        crops = torch.where(crop_masks > 0.5, crops, torch.full_like(crops, background))
     return clip_normalize(crops) if normalize else crops
 
 
@@ -90,7 +97,7 @@ class TrainAugment:
     applied to image and mask with the same parameters so the mask stays on the subject."""
 
     def __init__(self, degrees: float = 15.0, scale: tuple[float, float] = (0.75, 1.15), jitter: float = 0.2,
-                 p_flip: float = 0.5):
+                 p_flip: float = 0.5, hue: float | None = None):
         import kornia.augmentation as K  # kornia's augmentation module is slow to import; only training needs it
 
         self.geometric = K.AugmentationSequential(
@@ -98,7 +105,8 @@ class TrainAugment:
             K.RandomAffine(degrees=degrees, translate=(0.05, 0.05), scale=scale, p=1.0),
             data_keys=["input", "mask"],
         )
-        self.color = K.ColorJitter(jitter, jitter, jitter, jitter / 4, p=0.8)
+        # hue: jitter / 4 unless given (0 keeps every hue: on the toy world the colours are part of the identity)
+        self.color = K.ColorJitter(jitter, jitter, jitter, jitter / 4 if hue is None else hue, p=0.8)
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks = self.geometric(images, masks)

@@ -7,8 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from .args import Parser, finite_float, int_range, nonneg_int, learning_rate
 from ..toyworld.evaluate import __doc__ as METRICS, evaluate, merge, paired, to_markdown
+from .args import Parser, finite_float, int_range, learning_rate, nonneg_int
 
 
 def parse_args(argv=None):
@@ -26,6 +26,21 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for eval.json and eval.md")
     p.add_argument("--beta", type=finite_float, help="InstantBooth's adapter weight β instead of the shipped file's")
+    p.add_argument("--alpha", type=finite_float,
+                   help="InstantBooth's concept-token weight α instead of the shipped file's")
+    p.add_argument("--adapters-on-uncond", choices=("yes", "no"),
+                   help="InstantBooth's adapters on the unconditional half of guidance too (yes: files before "
+                        "issue #30) or on the conditional half only (no), instead of the file's setting")
+    p.add_argument("--instantbooth", metavar="FILE", help="an InstantBooth file instead of the shipped one")
+    p.add_argument("--instantbooth-checks", action="store_true",
+                   help="evaluate no method: run the cheap InstantBooth checks (toyworld/ib_checks.py: fixed-noise "
+                        "loss per conditioning, adapter gains and residual norms, linear probes of the patch "
+                        "tokens) on the shipped file or --instantbooth FILE, written to --out as checks.json/.md")
+    p.add_argument("--context-draw", choices=("halves", "random"), default="halves",
+                   help="halves (default): table and development contexts from disjoint halves of the domain's; "
+                        "random: the draw of the tables written before issue #30, to --update them")
+    p.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                   help="train: score training identities (what the trainers saw), a memorisation check")
     p.add_argument("--e4t-lr", type=learning_rate, help="E4T's tune learning rate instead of the shipped file's")
     p.add_argument("--e4t", metavar="FILE", help="a pre-trained E4T file instead of the shipped one")
     p.add_argument("--dev", action="store_true",
@@ -91,6 +106,24 @@ def main(argv=None) -> int:
               f"{r['a']} above on {r['a_above']}")
         print(json.dumps(r))
         return 0
+    if args.instantbooth_checks:
+        from ..toyworld.ib_checks import checks_markdown, run_checks
+        from ..toyworld.methods import ToyEnv
+
+        env = ToyEnv.load(sample_steps=args.steps)
+        if args.instantbooth:
+            from ..backend.instantbooth import load_instantbooth
+
+            env.instantbooth = load_instantbooth(args.instantbooth, family="toy", ctx_dim=env.base.ctx_dim).eval()
+            env.instantbooth.config.extra["file"] = str(args.instantbooth)
+        ib = env.instantbooth
+        for key in ("beta", "alpha"):
+            if getattr(args, key) is not None:
+                setattr(ib.config, key, getattr(args, key))
+        if args.adapters_on_uncond is not None:
+            ib.config.adapters_on_uncond = args.adapters_on_uncond == "yes"
+        print(checks_markdown(run_checks(env, ib, Path(args.out), args.seed)))
+        return 0
     out = Path(args.out)
     table = out / "eval.json"
     # checked before the evaluation, not after it: the folder, the table to update, a table not to replace
@@ -103,7 +136,10 @@ def main(argv=None) -> int:
         raise FileExistsError(f"{table} exists; pass --update to add rows to it, --overwrite to replace it, or "
                               f"choose another --out")
     result = evaluate(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
-                      args.steps, {"beta": args.beta, "e4t_lr": args.e4t_lr, "e4t": args.e4t}, args.dev)
+                      args.steps, {"beta": args.beta, "alpha": args.alpha, "instantbooth": args.instantbooth,
+                                   "adapters_on_uncond": None if args.adapters_on_uncond is None else
+                                   args.adapters_on_uncond == "yes", "e4t_lr": args.e4t_lr, "e4t": args.e4t},
+                      args.dev, args.split, args.context_draw)
     bad = nonfinite_fields(result)
     if bad:
         raise ValueError(f"the evaluation produced non-finite scores ({', '.join(bad[:3])}"

@@ -386,6 +386,18 @@ def test_patch_adds_the_adapter_residual_of_the_block_it_is_called_in(pack):
     assert not torch.allclose(got, x, atol=1e-3)
 
 
+def test_a_file_with_adapters_off_the_unconditional_half_leaves_uncond_chunks_alone(pack):
+    _, _, host = pack
+    patch, ib, f_p = make_patch(host)
+    ib.config.adapters_on_uncond = False
+    patch = host.InstantBoothPatch(ib, f_p, 0.3)
+    x = torch.randn(4, 12, 16)  # two cond rows, then two uncond rows
+    got = patch(x, {"transformer_index": 1, "block_index": 1, "cond_or_uncond": [0, 1]})
+    with torch.no_grad():
+        want = ib.adapters[2](x, f_p[None], beta=0.3)
+    assert torch.allclose(got[:2], want[:2], atol=1e-6) and torch.equal(got[2:], x[2:])
+
+
 def test_gamma_zero_is_exact_and_skipped_blocks_return_the_input(pack):
     _, _, host = pack
     patch, _, _ = make_patch(host, gate=0.0)

@@ -319,3 +319,99 @@ def test_paired_compares_two_methods_subject_by_subject_over_tables(tmp_path, ca
         files.append(str(tmp_path / name))
     assert eval_main(["--paired", "e4t-15", "quicktune", "--tables", *files]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == r
+
+
+def test_table_and_development_contexts_are_disjoint_draws():
+    for seed in (0, 1):
+        table, dev = eval_contexts(25, seed), eval_contexts(25, seed, dev=True)
+        assert len(set(table)) == 25 and not set(table) & set(dev), "distinct contexts, no context in both"
+        assert eval_contexts(16, seed) == table[:16]
+    assert eval_contexts(16, 0) != eval_contexts(16, 1)
+    with pytest.raises(ValueError, match="asked for 26"):
+        eval_contexts(26, 0)
+
+
+def test_instantbooth_ablations_alpha_guidance_and_training_identities_run_on_one_subject(tmp_path):
+    common = ["--subjects", "1", "--contexts", "1", "--samples", "1", "--steps", "2"]
+    assert eval_main(["--methods", "instantbooth", "instantbooth-token", "instantbooth-adapters",
+                      "--out", str(tmp_path / "a")] + common) == 0
+    assert eval_main(["--methods", "instantbooth", "--alpha", "1", "--adapters-on-uncond", "no",
+                      "--out", str(tmp_path / "b")] + common) == 0
+    assert eval_main(["--methods", "instantbooth", "--split", "train", "--out", str(tmp_path / "c")] + common) == 0
+    a, b, c = (json.loads((tmp_path / d / "eval.json").read_text()) for d in "abc")
+    rows = a["methods"]
+    assert len({rows[m]["identity"] for m in rows}) == 3, "the token alone and the adapters alone differ"
+    assert b["settings"]["overrides"] == {"alpha": 1.0, "adapters_on_uncond": False}
+    assert c["settings"]["split"] == "train"
+    assert c["settings"]["subject_ids"] == [domain.identities("train")[0].id]
+    assert (tmp_path / "c" / "eval.md").read_text().startswith("Training toy-world identities")
+
+
+def test_adapters_on_the_conditional_half_leave_the_unconditional_prediction_alone():
+    from boothkit.hosts.diffusers.instantbooth import InstantBoothHooks, encode_images
+    from boothkit.toyworld.methods import ToyEnv
+
+    env = ToyEnv.load(sample_steps=2)
+    ib, subject = env.instantbooth, make_subjects(1, 1, 0)[0]
+    concept = ib.encode(*encode_images(env.vision, subject.images, subject.masks, ib))
+    x = torch.randn(2, 3, 32, 32)
+    ctx = env.encode(["", "a photo of a kitten"])
+    with torch.no_grad():
+        plain = env.base.unet(x, 500, encoder_hidden_states=ctx).sample
+        with InstantBoothHooks(env.base.unet, ib, concept.f_p, 1.0, cond_only=True):
+            half = env.base.unet(x, 500, encoder_hidden_states=ctx).sample
+        with InstantBoothHooks(env.base.unet, ib, concept.f_p, 1.0):
+            both = env.base.unet(x, 500, encoder_hidden_states=ctx).sample
+    assert torch.allclose(half[0], plain[0], atol=1e-6), "the unconditional half is the base's"
+    assert torch.allclose(half[1], both[1], atol=1e-5), "the conditional half is the full adapters'"
+    assert not torch.allclose(both[0], plain[0])
+
+
+def test_instantbooth_checks_write_their_tables(tmp_path, monkeypatch):
+    from boothkit.toyworld import ib_checks
+
+    # small sizes: the check's code paths, not its figures
+    monkeypatch.setattr(ib_checks, "TIMESTEPS", (500,))
+    real_loss, real_norms, real_probes = ib_checks.conditioning_loss, ib_checks.residual_norms, ib_checks.probes
+    monkeypatch.setattr(ib_checks, "conditioning_loss",
+                        lambda env, ib, split, seed=0: real_loss(env, ib, split, n_ids=2, seed=seed, timesteps=(500,)))
+    monkeypatch.setattr(ib_checks, "residual_norms",
+                        lambda env, ib, seed=0: real_norms(env, ib, n_subjects=1, n_contexts=1, seed=seed))
+    monkeypatch.setattr(ib_checks, "probes", lambda env, ib, seed=0: real_probes(env, ib, 1, 1, seed))
+    assert eval_main(["--instantbooth-checks", "--steps", "2", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "checks.json").read_text())
+    loss = r["conditioning_train"]["loss"]
+    assert set(loss) >= {"same render", "other renders (N=3)", "another identity", "beta=0 (token only)"}
+    assert len(r["adapters"]) == 11 and all(a["residual_over_y"] > 0 for a in r["adapters"])
+    assert set(r["probes"]["chance"]) == set(ib_checks.ATTRIBUTES)
+    assert "Linear probes" in (tmp_path / "checks.md").read_text()
+
+
+def test_shipped_instantbooth_file_is_in_the_manifest_and_carries_its_config():
+    """The toy InstantBooth file passes the manifest's sha256 check, and was trained by the config its manifest
+    entry names: every [method] key of that toml equals the file's recorded settings (sampling settings changed
+    after training are listed in the entry's command and skipped here)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from boothkit.backend.instantbooth import load_instantbooth
+    from boothkit.toyworld import store
+
+    path = store.verified("instantbooth.safetensors")
+    entry = json.loads((path.parent / "MANIFEST.json").read_text())["instantbooth.safetensors"]
+    configs = re.findall(r"--config (\S+\.toml)", entry["reproduce"])
+    assert configs, "the manifest names the command and config"
+    toml = tomllib.loads((Path(__file__).parents[1] / configs[-1]).read_text())["method"]
+    ib = load_instantbooth(path, family="toy")
+    # files trained before these settings existed behaved as these values
+    settings = {"augment_order": "before_crop", "hue_jitter": 0.05, "init_from": "", "adapters_on_uncond": True,
+                **ib.config.extra["settings"]}
+    after = set(re.findall(r"then set (\w+)", entry["reproduce"]))
+    assert {k: settings[k] for k in toml if k not in after} == {k: v for k, v in toml.items() if k not in after}
+
+
+def test_the_old_random_context_draw_stays_available_for_old_tables():
+    rng = np.random.default_rng(17)
+    assert eval_contexts(3, 0, draw="random") == [domain.random_context(rng) for _ in range(3)]
+    assert eval_contexts(3, 0, dev=True, draw="random") == eval_contexts(3, 0, draw="random")

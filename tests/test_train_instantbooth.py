@@ -310,3 +310,50 @@ def test_config_errors(setup, tmp_path):
         train_main(["instantbooth", "--config", str(cfg), "--set", "train.stepz=3"])
     with pytest.raises(ValueError, match="must look like section.key=value"):
         train_main(["instantbooth", "--config", str(cfg), "--set", "steps=3"])
+
+
+def _metadata_jsonl(folder, identities):
+    """Give the test folder's images identities (metadata.jsonl), so other images of one identity can condition."""
+    rows = [{"file": f"{i:03d}.png", "caption": (folder / f"{i:03d}.txt").read_text(), "identity": ident}
+            for i, ident in enumerate(identities)]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_issue_30_options_train_and_are_written_into_the_file(setup, tmp_path):
+    """augment_order (both), hue_jitter, N = 2 other images of the identity, adapters_on_uncond = False in the file,
+    and init_from: a run that starts from another run's file starts from its weights."""
+    root, cfg = setup
+    data = write_dataset(tmp_path / "data")
+    _metadata_jsonl(data, [0, 0, 0, 1, 1, 1])
+    first = tmp_path / "first"
+    common = ["instantbooth", "--config", str(cfg), "--set", f"data.train={data}"]
+    assert train_main(common + ["--output-dir", str(first), "--set", "method.augment_order=before_crop"]) == 0
+    second = tmp_path / "second"
+    assert train_main(common + ["--output-dir", str(second), "--set", "method.augment_order=after_crop",
+                                "--set", "method.hue_jitter=0.0", "--set", "method.num_images=2",
+                                "--set", "method.same_image=false", "--set", "method.adapters_on_uncond=false",
+                                "--set", f"method.init_from={first / 'instantbooth.safetensors'}",
+                                "--set", "method.lr_heads=0", "--set", "method.lr_adapters=0"]) == 0
+    _, meta = read_safetensors(second / "instantbooth.safetensors")
+    assert meta["adapters_on_uncond"] == "false"
+    settings = json.loads(meta["training"])["settings"]
+    assert settings["augment_order"] == "after_crop" and settings["num_images"] == 2 and not settings["same_image"]
+    ib = load_instantbooth(second / "instantbooth.safetensors", family="toy", ctx_dim=32)
+    assert not ib.config.adapters_on_uncond
+    a, b = weights(first / "instantbooth.safetensors"), weights(second / "instantbooth.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "learning rate 0: the init_from weights unchanged"
+    with pytest.raises(ValueError, match="augment_order"):
+        train_main(common + ["--output-dir", str(tmp_path / "bad"), "--set", "method.augment_order=sideways"])
+
+
+def test_files_without_the_guidance_field_load_with_the_adapters_on_both_halves(setup, tmp_path):
+    from boothkit.backend.files import write_safetensors
+
+    root, cfg = setup
+    out = tmp_path / "run"
+    assert train_main(["instantbooth", "--config", str(cfg), "--output-dir", str(out)]) == 0
+    tensors, meta = read_safetensors(out / "instantbooth.safetensors")
+    assert meta["adapters_on_uncond"] == "true", "the default: the old behaviour"
+    del meta["adapters_on_uncond"]
+    old = write_safetensors(tmp_path / "old.safetensors", tensors, meta)
+    assert load_instantbooth(old, family="toy", ctx_dim=32).config.adapters_on_uncond

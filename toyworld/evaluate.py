@@ -35,14 +35,15 @@ class Subject:
     masks: torch.Tensor  # [K, 1, R, R]
 
 
-def make_subjects(n: int, k_refs: int, seed: int, dev: bool = False) -> list[Subject]:
+def make_subjects(n: int, k_refs: int, seed: int, dev: bool = False, split: str = "heldout") -> list[Subject]:
     """The first ``n`` held-out identities (classes interleaved), or with ``dev`` the last ``n``: a development set
-    to choose settings on, disjoint from the table's subjects while 2n <= the held-out count."""
+    to choose settings on, disjoint from the table's subjects while 2n <= the held-out count. ``split="train"`` takes
+    training identities instead (what the trainers saw: a memorisation check)."""
     from . import domain
 
-    ids = domain.identities("heldout")
+    ids = domain.identities(split)
     if n > len(ids):
-        raise ValueError(f"only {len(ids)} held-out identities exist; asked for {n}")
+        raise ValueError(f"only {len(ids)} {split} identities exist; asked for {n}")
     # interleave classes so a small n still covers every class
     by_class: dict[str, list] = {}
     for ident in ids:
@@ -59,11 +60,33 @@ def make_subjects(n: int, k_refs: int, seed: int, dev: bool = False) -> list[Sub
     return out
 
 
-def eval_contexts(count: int, seed: int):
+def all_contexts() -> list:
+    """Every context of the domain (background × light × object or none), in a fixed order."""
     from . import domain
 
-    rng = np.random.default_rng(seed + 17)
-    return [domain.random_context(rng) for _ in range(count)]
+    return [domain.Context(b, light, o) for b in domain.BACKGROUNDS for light in domain.LIGHTS
+            for o in (None,) + tuple(domain.OBJECTS)]
+
+
+def eval_contexts(count: int, seed: int, dev: bool = False, draw: str = "halves"):
+    """``count`` distinct contexts. The domain's contexts are shuffled by ``seed``; the table draws from the first
+    half and the development set (``dev``) from the second, so no setting chosen on the development set was chosen
+    on a context the table scores. ``draw="random"``: the draw of tables written before issue #30 (independent
+    random contexts, the same for the table and the development set), to add rows to those tables."""
+    if draw == "random":
+        from . import domain
+
+        rng = np.random.default_rng(seed + 17)
+        return [domain.random_context(rng) for _ in range(count)]
+    if draw != "halves":
+        raise ValueError(f"context draw {draw!r}; expected halves or random")
+    contexts = all_contexts()
+    order = np.random.default_rng(seed + 17).permutation(len(contexts))
+    half = len(contexts) // 2
+    pool = order[half:] if dev else order[:half]
+    if count > len(pool):
+        raise ValueError(f"the {'development' if dev else 'table'} half has {len(pool)} contexts; asked for {count}")
+    return [contexts[int(i)] for i in pool[:count]]
 
 
 def prompts_for(subject: Subject, contexts, identifier: str | None) -> tuple[list[str], list[str]]:
@@ -94,9 +117,12 @@ def with_ratios(rows: dict) -> dict:
 
 
 def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
-             seed: int, steps: int, overrides: dict | None = None, dev: bool = False) -> dict:
-    """``overrides`` replace the shipped files' inference defaults: ``beta`` (InstantBooth's β), ``e4t_lr`` (E4T's
-    tune learning rate), ``e4t`` (another pre-trained E4T file, e.g. a new run's); the table records them."""
+             seed: int, steps: int, overrides: dict | None = None, dev: bool = False, split: str = "heldout",
+             context_draw: str = "halves") -> dict:
+    """``overrides`` replace the shipped files' inference defaults: ``beta`` / ``alpha`` (InstantBooth's β / α),
+    ``adapters_on_uncond`` (InstantBooth's adapters on the unconditional half of guidance too, or not),
+    ``instantbooth`` (another InstantBooth file), ``e4t_lr`` (E4T's tune learning rate), ``e4t`` (another pre-trained
+    E4T file, e.g. a new run's); the table records them."""
     from .methods import DEFAULT_METHODS, METHODS, ToyEnv
     from .scorers import load_scorers
 
@@ -105,8 +131,13 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
     env = ToyEnv.load(sample_steps=steps)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "beta" in overrides and env.instantbooth is not None:
-        env.instantbooth.config.beta = overrides["beta"]
+    if "instantbooth" in overrides:
+        from ..backend.instantbooth import load_instantbooth
+
+        env.instantbooth = load_instantbooth(overrides["instantbooth"], family="toy", ctx_dim=env.base.ctx_dim).eval()
+    for key in ("beta", "alpha", "adapters_on_uncond"):
+        if key in overrides and env.instantbooth is not None:
+            setattr(env.instantbooth.config, key, overrides[key])
     if "e4t" in overrides:
         from ..backend.e4t import load_e4t
 
@@ -120,8 +151,8 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
             if not ok:
                 log.warning("%s left out: the toy world has no trained %s file yet", name, name)
     scorers = load_scorers()
-    subjects = make_subjects(n_subjects, k_refs, seed, dev)
-    contexts = eval_contexts(n_contexts, seed)
+    subjects = make_subjects(n_subjects, k_refs, seed, dev, split)
+    contexts = eval_contexts(n_contexts, seed, dev, context_draw)
     rows = {}
     from tqdm.auto import tqdm
 
@@ -160,6 +191,9 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
                          "subject_ids": [subj.identity.id for subj in subjects],
                          "sample_steps": steps, "threads": torch.get_num_threads(),
                          **({"dev": True} if dev else {}),
+                         **({"split": split} if split != "heldout" else {}),
+                         # contexts drawn from the table's or the development half of the domain's (eval_contexts)
+                         **({"context_draw": context_draw} if context_draw != "random" else {}),
                          **({"overrides": overrides} if overrides else {})}}
 
 
@@ -167,7 +201,8 @@ def to_markdown(result: dict) -> str:
     s = result["settings"]
     classes = sorted({c for r in result["methods"].values() for c in r.get("identity_by_class") or {}})
     which = " (development set)" if s.get("dev") else ""
-    lines = [f"Held-out toy-world identities{which}: {s['subjects']} subjects × {s['contexts']} prompts × "
+    kind = "Training" if s.get("split") == "train" else "Held-out"
+    lines = [f"{kind} toy-world identities{which}: {s['subjects']} subjects × {s['contexts']} prompts × "
              f"{s['samples_per_prompt']} samples, {s['references']} reference images each, seed {s['seed']}, "
              f"{s['sample_steps']} DDIM steps, {s['threads']} CPU threads"
              + "".join(f", {k} {v}" for k, v in s.get("overrides", {}).items()) + ".", "",
@@ -190,7 +225,7 @@ def to_markdown(result: dict) -> str:
 
 
 # what a table's rows were drawn with, beside which subjects: rows compare only under the same
-SAMPLING = ("references", "contexts", "samples_per_prompt", "seed", "sample_steps")
+SAMPLING = ("references", "contexts", "samples_per_prompt", "seed", "sample_steps", "context_draw", "split")
 
 
 def merge(old: dict, new: dict) -> dict:

@@ -68,23 +68,31 @@ def base_model(env: ToyEnv, subject, seed: int):
     return generate
 
 
-def instantbooth(env: ToyEnv, subject, seed: int):
-    """Zero-shot: encode the reference images once, then sample with α·f_c at the identifier and the adapters."""
-    from ..hosts.diffusers.instantbooth import InstantBoothHooks, condition_with_concept, encode_images
+def instantbooth_method(token: bool = True, adapters: bool = True):
+    """Zero-shot: encode the reference images once, then sample with α·f_c at the identifier and the adapters.
+    ``token=False`` keeps the identifier's own text encoding (no concept token; ours: the adapters alone);
+    ``adapters=False`` is the paper's "w/o adapter" ablation at inference (β = 0: the concept token alone)."""
+    def method(env: ToyEnv, subject, seed: int):
+        from ..hosts.diffusers.instantbooth import InstantBoothHooks, condition_with_concept, encode_images
 
-    ib = env.instantbooth
-    if ib is None:
-        raise ValueError("the toy world has no trained InstantBooth file yet; train it (README, 'Toy world')")
-    with torch.no_grad():
-        concept = ib.encode(*encode_images(env.vision, subject.images, subject.masks, ib),
-                            class_noun=subject.noun)
+        ib = env.instantbooth
+        if ib is None:
+            raise ValueError("the toy world has no trained InstantBooth file yet; train it (README, 'Toy world')")
+        with torch.no_grad():
+            concept = ib.encode(*encode_images(env.vision, subject.images, subject.masks, ib),
+                                class_noun=subject.noun)
+        beta = ib.config.beta if adapters else 0.0
 
-    def generate(prompts, plain_prompts, seed):
-        cond = torch.cat([condition_with_concept(env.encode([p]), env.base.tokenizer, p, concept, ib.config.alpha)
-                          for p in prompts])
-        with InstantBoothHooks(env.base.unet, ib, concept.f_p, ib.config.beta):
-            return env.sample(cond, seed)
-    return generate
+        def generate(prompts, plain_prompts, seed):
+            cond = torch.cat([condition_with_concept(env.encode([p]), env.base.tokenizer, p, concept, ib.config.alpha)
+                              if token else env.encode([p]) for p in prompts])
+            with InstantBoothHooks(env.base.unet, ib, concept.f_p, beta, cond_only=not ib.config.adapters_on_uncond):
+                return env.sample(cond, seed)
+        return generate
+    return method
+
+
+instantbooth = instantbooth_method()
 
 
 def quicktune_config(**overrides) -> QuickTuneConfig:
@@ -107,7 +115,7 @@ def quicktune_config(**overrides) -> QuickTuneConfig:
 
 
 def quicktune(embedding: bool = True, denoiser: bool = True, photos: int | None = None, **overrides):
-    """Two-stage quick-tune (the two-stage quick-tune paper) with the toy defaults (100 + 200 steps); the embedding stage alone is
+    """Two-stage quick-tune with the toy defaults (100 + 200 steps); the embedding stage alone is
     textual inversion, the denoiser stage alone DreamBooth-style fine-tuning. ``photos`` keeps only the subject's
     first photos (1: what E4T gets). ``overrides`` go to :func:`quicktune_config`."""
     def method(env: ToyEnv, subject, seed: int):
@@ -157,6 +165,8 @@ def e4t(steps: int, pretrained: bool = True):
 METHODS = {
     "base": base_model,
     "instantbooth": instantbooth,
+    "instantbooth-token": instantbooth_method(adapters=False),  # the paper's "w/o adapter": the concept token alone
+    "instantbooth-adapters": instantbooth_method(token=False),  # ours: the adapters alone, no concept token
     "quicktune": quicktune(),
     "quicktune-stage1": quicktune(denoiser=False),
     "quicktune-stage2": quicktune(embedding=False),

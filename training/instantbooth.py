@@ -42,6 +42,15 @@ class InstantBoothSettings:
     crop_margin: float = 0.1
     background: float = 0.0
     augment: bool = True
+    # "after_crop": the paper's order (sec. 3.2: crop to the mask box, mask, then augment the masked crop);
+    # "before_crop": the order of files before this setting (augment the full image, then crop to the augmented mask's
+    # box, which cancels the scale and translate jitter: only flip, rotation and colour survive)
+    augment_order: str = "after_crop"
+    hue_jitter: float = 0.05  # colour jitter's hue range (the old fixed value); 0 keeps identity-defining hues
+    init_from: str = ""  # ours: start heads and adapters from this InstantBooth file (e.g. a shorter run's) instead of
+    # the paper's fresh start (γ = 0)
+    adapters_on_uncond: bool = True  # written into the file (InstantBoothConfig): False = adapters on the
+    # conditional half of guidance only (ours; sampling only, training is unchanged)
     cache_latents: bool = True  # VAE latents of the targets, computed once (no augmentation touches them)
     cache_text: bool = True  # text-encoder outputs per caption, computed once (the text encoder is frozen)
     gradient_checkpointing: bool = False
@@ -71,13 +80,25 @@ class InstantBoothTraining:
             tokens_per_image=(int(vc.image_size) // int(vc.patch_size)) ** 2 + 1, ctx_dim=model.ctx_dim,
             layout=adapter_layout(model.unet), family=model.family, identifier=s.identifier,
             class_noun=s.class_nouns[0] if s.class_nouns else s.category, alpha=s.alpha_inference,
-            beta=s.beta_inference, image_size=int(vc.image_size), crop_margin=s.crop_margin, background=s.background)
-        self.ib = InstantBooth(config).to(self.device)
+            beta=s.beta_inference, image_size=int(vc.image_size), crop_margin=s.crop_margin, background=s.background,
+            adapters_on_uncond=s.adapters_on_uncond)
+        if s.augment_order not in ("after_crop", "before_crop"):
+            raise ValueError(f"augment_order is {s.augment_order!r}; expected after_crop (the paper) or before_crop")
+        self.ib = InstantBooth(config)
+        if s.init_from:
+            from ..backend.instantbooth import load_instantbooth
+
+            start = load_instantbooth(s.init_from, family=model.family, ctx_dim=model.ctx_dim)
+            if start.config.layout.to_dict() != config.layout.to_dict():
+                raise ValueError(f"init_from {s.init_from}: its adapter layout does not match this base model's")
+            self.ib.load_state_dict(start.state_dict())
+            log.info("heads and adapters start from %s", s.init_from)
+        self.ib = self.ib.to(self.device)
         self.attention = freeze_base(model, vision, self.device, attention=s.attention,
                                      gradient_checkpointing=s.gradient_checkpointing, adapters=self.ib.adapters)
         self.module = self.ib
         self.hooks = InstantBoothHooks(model.unet, self.ib, None, beta=s.beta)
-        self.augment = TrainAugment() if s.augment else None
+        self.augment = TrainAugment(hue=s.hue_jitter) if s.augment else None
         self._text_cache: dict[str, torch.Tensor] = {}
         self.targets = LatentTargets(model, dataset, self.device, s.cache_latents)
         self.prompts = [self._prompts(item.caption, item.path) for item in dataset.items]
@@ -122,10 +143,11 @@ class InstantBoothTraining:
         return [{"params": heads, "lr": self.s.lr_heads}, {"params": list(self.ib.adapters.parameters()),
                                                             "lr": self.s.lr_adapters}]
 
-    def concept_features(self, images: torch.Tensor, masks: torch.Tensor, b: int, n: int):
-        """[B*N] conditioning images -> (f_c [B, ctx], f_p [B, N*T, ctx]) through the frozen backbone and the heads."""
+    def concept_features(self, images: torch.Tensor, masks: torch.Tensor, b: int, n: int, augment=None):
+        """[B*N] conditioning images -> (f_c [B, ctx], f_p [B, N*T, ctx]) through the frozen backbone and the heads;
+        ``augment`` is applied to the masked crops (the paper's order)."""
         c = self.ib.config
-        pixels = prepare_concept_images(images, masks, c.image_size, c.crop_margin, c.background)
+        pixels = prepare_concept_images(images, masks, c.image_size, c.crop_margin, c.background, augment=augment)
         with torch.no_grad():
             out = self.vision(pixel_values=pixels.to(self.device, next(self.vision.parameters()).dtype))
         g = out.image_embeds.float().view(b, n, -1)
@@ -141,9 +163,10 @@ class InstantBoothTraining:
 
         cidx = [j for i in indices for j in ds.concept_indices(i, s.num_images, generator, s.same_image)]
         images, masks = ds.images[cidx], ds.masks[cidx]
-        if self.augment is not None:
+        after = self.augment if s.augment_order == "after_crop" else None
+        if self.augment is not None and after is None:
             images, masks = self.augment(images, masks)
-        f_c, f_p = self.concept_features(images.to(self.device), masks.to(self.device), b, s.num_images)
+        f_c, f_p = self.concept_features(images.to(self.device), masks.to(self.device), b, s.num_images, after)
         # the identifier's rows become f_c (α = 1 in training); every other row stays the frozen encoding
         cond = torch.where(rows[..., None], f_c[:, None, :].to(text.dtype), text)
         self.hooks.set_f_p(f_p)
@@ -191,7 +214,8 @@ class InstantBoothTraining:
                     cond = inject_concept(text, torch.nonzero(rows[0]).flatten().tolist(), f_c[0],
                                           self.ib.config.alpha)
                     uncond = encode_prompt(self.model.text_encoder, self.model.tokenizer, "")
-                    with InstantBoothHooks(self.model.unet, self.ib, f_p[0], self.ib.config.beta):
+                    with InstantBoothHooks(self.model.unet, self.ib, f_p[0], self.ib.config.beta,
+                                           cond_only=not self.ib.config.adapters_on_uncond):
                         img = sample(self.model, cond, uncond, seed=k, steps=self.s.sample_steps,
                                      guidance=self.s.sample_guidance)
                     row.append(F.interpolate(img, size=row[0].shape[-2:], mode="bilinear")[0] if img.shape[-1] !=

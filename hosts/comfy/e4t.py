@@ -131,7 +131,7 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
     """Tune a copy of ``e4t`` on one image for ``steps`` steps (0: the encoder's prediction alone; ``lr`` 0: the
     file's rate) and return clones of MODEL and CLIP with the tuned offsets and embedding applied; the inputs are
     never changed. Raises on bad input; ComfyUI's Cancel raises within one step. ``gradient_checkpointing`` trades
-    time for memory (``quicktune_host.checkpointed``); the result is the same."""
+    time for memory (``common.checkpointed``); the result is the same."""
     import comfy.model_management as mm
 
     c = e4t.config

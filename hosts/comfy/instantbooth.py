@@ -1,6 +1,6 @@
 """The ComfyUI host of InstantBooth: what the nodes in instantbooth.py do, written against ComfyUI's objects
 by duck typing (a ModelPatcher, a CLIP, a CLIP_VISION, CONDITIONING lists), so it imports no ComfyUI module and is
-tested without ComfyUI. The counterpart of hosts/diffusers_host.py; both must give the same result on the same
+tested without ComfyUI. The counterpart of hosts/diffusers/instantbooth.py; both must give the same result on the same
 weights.
 
 - Adapters: one ``middle_patch`` on a clone of the MODEL. ComfyUI calls it inside every BasicTransformerBlock after
@@ -145,6 +145,8 @@ class InstantBoothPatch:
         if len(self.enabled) != len(self.layout):
             raise ValueError(f"{len(self.enabled)} enabled flags for {len(self.layout)} adapters")
         self.sigma_range = sigma_range  # (sigma at start_percent, sigma at end_percent); None: every step
+        # the file's guidance setting (InstantBoothConfig.adapters_on_uncond): False = uncond chunks stay the base's
+        self.cond_only = not getattr(instantbooth.config, "adapters_on_uncond", True)
         self._prepared: dict[tuple, tuple[list, list]] = {}
 
     def __deepcopy__(self, memo):
@@ -195,7 +197,13 @@ class InstantBoothPatch:
         if not self.enabled[i] or not self._active(extra_options):
             return x
         adapters, kv = self.prepared(x.device, x.dtype)
-        return x + adapters[i].residual(x, beta=self.beta, kv=kv[i])
+        r = adapters[i].residual(x, beta=self.beta, kv=kv[i])
+        chunks = extra_options.get("cond_or_uncond") or []
+        if self.cond_only and 1 in chunks and x.shape[0] % len(chunks) == 0:
+            # ComfyUI batches cond (0) and uncond (1) chunks of equal size; the uncond ones get no residual
+            keep = torch.tensor([float(c != 1) for c in chunks], device=x.device, dtype=x.dtype)
+            r = r * keep.repeat_interleave(x.shape[0] // len(chunks))[:, None, None]
+        return x + r
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -55,14 +55,16 @@ class InstantBoothHooks:
     Keys/values of f_p are computed once here and reused at every denoising step."""
 
     def __init__(self, unet, instantbooth: InstantBooth, f_p: torch.Tensor | None, beta: float,
-                 enabled: Sequence[bool] | None = None):
+                 enabled: Sequence[bool] | None = None, cond_only: bool = False):
+        """``cond_only``: the batch is [unconditional; conditional] halves (hosts.sampling's layout) and the adapters
+        act on the conditional half only (InstantBoothConfig.adapters_on_uncond = False)."""
         layout = adapter_layout(unet)
         want = instantbooth.config.layout
         if (layout.dims, layout.depths) != (want.dims, want.depths):
             raise ValueError(f"the UNet's transformer blocks (widths {layout.dims}, depths {layout.depths}) do not "
                              f"match the InstantBooth file's (widths {want.dims}, depths {want.depths}); the file is "
                              f"for another base model")
-        self.instantbooth, self.beta = instantbooth, float(beta)
+        self.instantbooth, self.beta, self.cond_only = instantbooth, float(beta), bool(cond_only)
         self.enabled = list(enabled) if enabled is not None else [True] * len(layout)
         self.kv = [None] * len(layout)
         if f_p is not None:
@@ -104,7 +106,12 @@ class InstantBoothHooks:
 
         def hook(module, args, output):
             # the block will compute output + x; the adapter sees y = output + x and adds its gated residual
-            return output + adapter.residual(output + state["x"], beta=self.beta, kv=self.kv[i])
+            y = output + state["x"]
+            if self.cond_only:
+                h = y.shape[0] // 2
+                r = adapter.residual(y[h:], beta=self.beta, kv=self.kv[i])
+                return output + torch.cat([torch.zeros_like(y[:h]), r])
+            return output + adapter.residual(y, beta=self.beta, kv=self.kv[i])
         return hook
 
     def remove(self) -> None:

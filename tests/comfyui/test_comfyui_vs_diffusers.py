@@ -1,4 +1,4 @@
-"""The ComfyUI nodes and the diffusers host (hosts/diffusers_host.py) give the same result on the same weights: the
+"""The ComfyUI nodes and the diffusers host (hosts/diffusers/instantbooth.py) give the same result on the same weights: the
 same checkpoint UNet (converted to diffusers with diffusers' own LDM converter), the same CLIP vision file (read by
 transformers), the same InstantBooth file, the same image and encoded prompt.
 
