@@ -1,8 +1,9 @@
 """A stand-in for the part of ComfyUI the tuning nodes train on (``comfy.model_management``, ``comfy.utils``,
 ``comfy.lora``, ``comfy.clip_vision``, openaimodel's ``Downsample`` and the MODEL / CLIP / VAE / CLIP_VISION
-objects), small enough to run Quick-Tune Concept's and E4T Tune's ``execute()`` in the default tier in a second. It keeps ComfyUI's shapes and calling conventions as hosts/comfy/common.py uses them
-(ModelPatcher: ``model``, ``clone``, ``add_patches``, ``get_model_object``, ``load_device``; CLIP: ``tokenize`` with
-word ids, ``cond_stage_model.encode_token_weights`` with embedding tensors in the token lists; VAE: ``encode`` of
+objects), small enough to run Quick-Tune Concept's and E4T Tune's ``execute()`` in the default tier in a second.
+It keeps ComfyUI's shapes and calling conventions as hosts/comfy/common.py uses them (ModelPatcher: ``model``,
+``clone``, ``add_patches``, ``get_model_object``, ``load_device``; CLIP: ``tokenize`` with word ids,
+``cond_stage_model.encode_token_weights`` with embedding tensors in the token lists; VAE: ``encode`` of
 [N, H, W, 3]; LoRA keys ``lora_unet_<path>`` -> ``diffusion_model.<path>.weight``). It does not reproduce ComfyUI's
 numerics; the real-ComfyUI tier does (tests/comfyui)."""
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Quick-Tune Concept's and E4T Tune's ``execute()`` in the default tier: the node schema and host against stubbed ComfyUI
-(tests/comfy_stubs.py) and a small fake of the ComfyUI objects it trains on (tests/fake_comfy.py). The inputs MODEL
-and CLIP are left exactly as they were (a success, a Cancel, a non-finite loss), the outputs carry the patches, a
-non-finite loss stops with the last good state and says so. The real-ComfyUI tier runs the same node in ComfyUI."""
+"""Quick-Tune Concept's and E4T Tune's ``execute()`` in the default tier: the node schemas and host against stubbed
+ComfyUI (tests/comfy_stubs.py) and a small fake of the ComfyUI objects they train on (tests/fake_comfy.py). The
+input MODEL, CLIP (and E4T file) are left exactly as they were (a success, a Cancel, a non-finite loss), the outputs
+carry the patches, a non-finite loss stops with the last good state and says so. The real-ComfyUI tier runs the
+same nodes in ComfyUI."""
 import pytest
 import torch
 from comfy_stubs import stubbed_comfy
