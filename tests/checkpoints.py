@@ -5,8 +5,8 @@ from boothkit.backend.files import read_safetensors, write_safetensors
 
 
 def tamper(path, shift: float = 0.5, adam_step: float = 100.0, ema: float | None = None) -> dict[str, torch.Tensor]:
-    """Add ``shift`` to every trained (floating-point) weight, set Adam's step count to ``adam_step`` and (if given) every EMA value
-    to ``ema``, in place. Returns the changed weights by parameter name."""
+    """Add ``shift`` to every trained (floating-point) weight, set Adam's step count to ``adam_step`` and (if given)
+    every EMA value to ``ema``, in place. Returns the changed weights by parameter name."""
     tensors, meta = read_safetensors(path)
     for k in list(tensors):
         if not tensors[k].dtype.is_floating_point:  # buffers such as position ids stay as they are
@@ -18,7 +18,8 @@ def tamper(path, shift: float = 0.5, adam_step: float = 100.0, ema: float | None
         elif k.startswith("optimizer.") and k.endswith(".step"):
             tensors[k] = torch.full_like(tensors[k], adam_step)
     write_safetensors(path, tensors, meta)
-    return {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.") and v.dtype.is_floating_point}
+    return {k[len("weights."):]: v for k, v in tensors.items()
+            if k.startswith("weights.") and v.dtype.is_floating_point}
 
 
 def adam_steps(path) -> set[float]:

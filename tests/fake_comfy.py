@@ -1,8 +1,9 @@
 """A stand-in for the part of ComfyUI the tuning nodes train on (``comfy.model_management``, ``comfy.utils``,
-``comfy.lora`` and the MODEL / CLIP / VAE objects), small enough to run Quick-Tune Concept's ``execute()`` in the
-default tier in a second. It keeps ComfyUI's shapes and calling conventions as hosts/comfy/common.py uses them
-(ModelPatcher: ``model``, ``clone``, ``add_patches``, ``get_model_object``, ``load_device``; CLIP: ``tokenize`` with
-word ids, ``cond_stage_model.encode_token_weights`` with embedding tensors in the token lists; VAE: ``encode`` of
+``comfy.lora``, ``comfy.clip_vision``, openaimodel's ``Downsample`` and the MODEL / CLIP / VAE / CLIP_VISION
+objects), small enough to run Quick-Tune Concept's and E4T Tune's ``execute()`` in the default tier in a second.
+It keeps ComfyUI's shapes and calling conventions as hosts/comfy/common.py uses them (ModelPatcher: ``model``,
+``clone``, ``add_patches``, ``get_model_object``, ``load_device``; CLIP: ``tokenize`` with word ids,
+``cond_stage_model.encode_token_weights`` with embedding tensors in the token lists; VAE: ``encode`` of
 [N, H, W, 3]; LoRA keys ``lora_unet_<path>`` -> ``diffusion_model.<path>.weight``). It does not reproduce ComfyUI's
 numerics; the real-ComfyUI tier does (tests/comfyui)."""
 from __future__ import annotations
@@ -37,9 +38,20 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(att @ self.to_v(context)).transpose(1, 2).reshape(b, c, h, w)
 
 
+class Downsample(nn.Module):
+    """Stands in for comfy.ldm.modules.diffusionmodules.openaimodel.Downsample (E4T finds the levels by it)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, context=None):
+        return self.op(x)
+
+
 class TinyUNet(nn.Module):
-    """input_blocks / middle_block / output_blocks as ComfyUI's UNetModel has them; ``nan_after`` calls later every
-    output is NaN (a diverging run)."""
+    """input_blocks / middle_block / output_blocks as ComfyUI's UNetModel has them (two levels: a Downsample ends
+    the first); ``nan_after`` calls later every output is NaN (a diverging run)."""
 
     in_channels = 4
 
@@ -47,8 +59,10 @@ class TinyUNet(nn.Module):
         super().__init__()
         self.conv_in = nn.Conv2d(4, ch, 3, padding=1)
         self.time_embed = nn.Linear(1, ch)
-        self.input_blocks = nn.ModuleList([nn.ModuleList([SpatialTransformer(ch, CTX)])])
-        self.middle_block = nn.ModuleList([])
+        self.input_blocks = nn.ModuleList([nn.ModuleList([SpatialTransformer(ch, CTX)]),
+                                           nn.ModuleList([Downsample(ch)]),
+                                           nn.ModuleList([SpatialTransformer(ch, CTX)])])
+        self.middle_block = nn.ModuleList([SpatialTransformer(ch, CTX)])
         self.output_blocks = nn.ModuleList([nn.ModuleList([SpatialTransformer(ch, CTX)])])
         self.conv_out = nn.Conv2d(ch, 4, 3, padding=1)
         self.calls, self.nan_after = 0, None
@@ -56,13 +70,32 @@ class TinyUNet(nn.Module):
     def forward(self, x, timesteps, context=None, y=None, transformer_options=None):
         self.calls += 1
         h = self.conv_in(x) + self.time_embed(timesteps.float()[:, None] / 1000)[..., None, None]
-        for block in [*self.input_blocks, self.middle_block, *self.output_blocks]:
+        for block in [*self.input_blocks, self.middle_block]:
+            for layer in block:
+                h = layer(h, context)
+        h = F.interpolate(h, size=x.shape[-2:], mode="nearest")
+        for block in self.output_blocks:
             for layer in block:
                 h = layer(h, context)
         out = self.conv_out(h)
         if self.nan_after is not None and self.calls > self.nan_after:
             out = out * float("nan")
         return out
+
+
+def attention_layers() -> dict[str, list[int]]:
+    """Path -> [out, in] of every Linear inside a SpatialTransformer of the fake UNet."""
+    unet = TinyUNet()
+    return {n: list(m.weight.shape) for n, m in unet.named_modules()
+            if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "proj_out")}
+
+
+DIFFUSERS = "fake"  # the fake's "diffusers" names: fake.<ComfyUI path>
+
+
+def unet_to_diffusers(unet_config) -> dict[str, str]:
+    """diffusers key -> ComfyUI key, as comfy.utils.unet_to_diffusers maps them (for the attention layers)."""
+    return {f"{DIFFUSERS}.{n}.weight": f"{n}.weight" for n in attention_layers()}
 
 
 class ModelSampling:
@@ -200,18 +233,49 @@ class VAE:
         return torch.einsum("oc,nchw->nohw", self.mix, x)
 
 
+class ClipVision:
+    """ComfyUI's CLIP_VISION: ``model(pixel_values, intermediate_output="all")`` -> (last, [B, layers, T, D])."""
+
+    image_size, image_mean, image_std = 32, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+    def __init__(self, width: int = 16, layers: int = 2):
+        g = torch.Generator().manual_seed(2)
+        self.proj = [torch.randn(3 * 16, width, generator=g) * 0.3 for _ in range(layers)]
+        self.patcher, self.load_device = object(), torch.device("cpu")
+
+    def model(self, pixel_values, intermediate_output=None):
+        patches = F.avg_pool2d(pixel_values, 8).flatten(2).transpose(1, 2)  # [B, 16, 3]
+        x = patches.reshape(len(pixel_values), 1, -1)  # one token of all patches
+        hidden = torch.stack([torch.cat([x @ p, torch.tanh(x @ p)], dim=1) for p in self.proj], dim=1)
+        return hidden[:, -1], hidden
+
+
+def clip_preprocess(image, size=224, mean=None, std=None, crop=True):
+    x = F.interpolate(image.movedim(-1, 1), size=(size, size), mode="bilinear", align_corners=False)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
 def model_lora_keys_unet(model, key_map=None):
+    """kohya names -> the model's keys, by ComfyUI path and by diffusers path, as ComfyUI maps both."""
     key_map = {} if key_map is None else key_map
     for k in model.state_dict():
         if k.startswith("diffusion_model.") and k.endswith(".weight"):
-            key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
+            path = k[len("diffusion_model."):-len(".weight")]
+            key_map["lora_unet_" + path.replace(".", "_")] = k
+            key_map["lora_unet_" + f"{DIFFUSERS}.{path}".replace(".", "_")] = k
     return key_map
 
 
 def load_lora(lora, to_load, log_missing=True):
-    return {key: ("lora", (lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"],
-                           lora.get(f"{name}.alpha"), None, None, None))
-            for name, key in to_load.items() if f"{name}.lora_up.weight" in lora}
+    """ComfyUI's patch tuples for the two kinds of file the nodes make: LoRA pairs and full weight diffs."""
+    patches = {}
+    for name, key in to_load.items():
+        if f"{name}.lora_up.weight" in lora:
+            patches[key] = ("lora", (lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"],
+                                     lora.get(f"{name}.alpha"), None, None, None))
+        elif f"{name}.diff" in lora:
+            patches[key] = ("diff", (lora[f"{name}.diff"],))
+    return patches
 
 
 class Interrupt:
@@ -243,12 +307,33 @@ def modules(interrupt: Interrupt) -> dict[str, types.ModuleType]:
             self.current = value
 
     utils.ProgressBar = ProgressBar
-    utils.unet_to_diffusers = lambda config: {}
+    utils.unet_to_diffusers = unet_to_diffusers
     lora = types.ModuleType("comfy.lora")
     lora.model_lora_keys_unet = model_lora_keys_unet
     lora.load_lora = load_lora
-    comfy.model_management, comfy.utils, comfy.lora = mm, utils, lora
-    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "comfy.lora": lora}
+    clip_vision = types.ModuleType("comfy.clip_vision")
+    clip_vision.clip_preprocess = clip_preprocess
+    openaimodel = types.ModuleType("comfy.ldm.modules.diffusionmodules.openaimodel")
+    openaimodel.Downsample = Downsample
+    comfy.model_management, comfy.utils, comfy.lora, comfy.clip_vision = mm, utils, lora, clip_vision
+    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "comfy.lora": lora,
+            "comfy.clip_vision": clip_vision, "comfy.ldm": types.ModuleType("comfy.ldm"),
+            "comfy.ldm.modules": types.ModuleType("comfy.ldm.modules"),
+            "comfy.ldm.modules.diffusionmodules": types.ModuleType("comfy.ldm.modules.diffusionmodules"),
+            "comfy.ldm.modules.diffusionmodules.openaimodel": openaimodel}
+
+
+def e4t_file(**overrides):
+    """An untrained E4T of the fake model's shape (a fresh one predicts the class word and has Δ = 0)."""
+    from boothkit.backend.e4t import E4T, E4TConfig
+
+    layers = attention_layers()
+    cfg = dict(family="sd1", word_dims=[CTX], vision_dim=16, vision_layers=[1, 2], unet_dims=[8, 8, 8],
+               targets=[f"{DIFFUSERS}.{n}" for n in layers], target_shapes=list(layers.values()), class_word="cat",
+               hidden=16, tune_steps=2, tune_batch=2)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return E4T(E4TConfig(**cfg))
 
 
 @contextmanager

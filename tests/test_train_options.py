@@ -102,8 +102,8 @@ def test_same_image_false_conditions_on_other_images_of_the_identity(parts, tmp_
 
 
 def test_subject_weight_weights_the_masked_pixels(parts):
-    """loss(w) = (L·N + w·L_m·M) / (N + w·M): L the plain mean, L_m the masked loss, N the pixels, M the masked pixels
-    (per channel), all on the same draws; the masks are a box, so the three losses differ."""
+    """loss(w) = (L·N + w·L_m·M) / (N + w·M): L the plain mean, L_m the masked loss, N the pixels, M the masked
+    pixels (per channel), all on the same draws; the masks are a box, so the three losses differ."""
     idx = [0, 3]
     m = method(parts)
     plain = float(loss(m, idx))
