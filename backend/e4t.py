@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import (FormatError, _Fields, check_bounds, check_finite, load_module, read_safetensors,
+from .files import (FormatError, _Fields, check_bounds, check_finite, check_shapes, load_module, read_safetensors,
                     write_safetensors)
 from .instantbooth import FAMILIES
 from .lora import UNET_PREFIX, LoRATensors, find_targets, kohya_name
@@ -689,15 +689,7 @@ def load_e4t_concept(path: str | Path, family: str | None = None, widths: Mappin
             expected[f"scale.{name}"] = (o,)
     for key in keys:
         expected[f"embedding.{key}"] = (num_vectors, file_widths[key])
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise FormatError(f"{path}: tensors do not match the metadata (targets, modulation, widths); missing "
-                          f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                          f"{'...' if len(unexpected) > 3 else ''}")
-    for k, shape in expected.items():
-        if tuple(tensors[k].shape) != shape:
-            raise FormatError(f"{path}: tensor '{k}' has shape {tuple(tensors[k].shape)}, the metadata implies {shape}")
+    check_shapes(path, expected, {k: tuple(t.shape) for k, t in tensors.items()}, "targets, modulation and widths")
     check_finite(path, tensors)
     config = E4TConfig(family=fam, word_dims=[file_widths[k] for k in keys], vision_dim=1, vision_layers=[0],
                        unet_dims=[1], targets=targets, target_shapes=shapes, identifier=identifier,

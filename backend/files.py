@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import tempfile
 from pathlib import Path
 
@@ -82,10 +81,16 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         raise TypeError(f"safetensors metadata values must be strings; not strings: {bad}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     check_finite(path, tensors)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(path: Path, write) -> Path:
+    """``write(tmp)`` into a temp file beside ``path``, then one rename: a crash or an error never leaves half a file
+    (and never touches an existing ``path``). The file gets the umask's mode (mkstemp's 0600 is for secrets)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -94,7 +99,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     return path
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path: str | Path, read):
+    """``read(safe_open handle)`` on a .safetensors file, with one-line errors naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -102,11 +108,13 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise FormatError(f"{path}: BoothKit reads only .safetensors files (no pickles), got '{path.suffix}'")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return read(f)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise FormatError(f"{path}: not a readable safetensors file ({e})") from e
-    return tensors, metadata
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return _read(path, lambda f: ({k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -116,16 +124,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_shapes(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Tensor shapes and metadata from the header alone, loading no tensor."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix != ".safetensors":
-        raise FormatError(f"{path}: BoothKit reads only .safetensors files (no pickles), got '{path.suffix}'")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:
-        raise FormatError(f"{path}: not a readable safetensors file ({e})") from e
+    return _read(path, lambda f: ({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}))
 
 
 def check_version(path, metadata: dict[str, str], supported: int) -> int:

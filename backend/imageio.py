@@ -206,12 +206,10 @@ def read_images_and_masks(source) -> tuple[torch.Tensor, torch.Tensor]:
 def save_png(images: torch.Tensor, path: str | Path) -> Path:
     """[3, H, W] or [N, 3, H, W] in [0, 1] -> PNG (a batch is laid out in one row). Refuses non-finite pixels (a
     NaN image would be written as black); written atomically with the umask's mode."""
-    import os
-    import tempfile
 
     from PIL import Image
 
-    from .files import NonFiniteError, file_mode
+    from .files import NonFiniteError, atomic_write
 
     path = Path(path)
     if images.ndim == 4:
@@ -222,13 +220,4 @@ def save_png(images: torch.Tensor, path: str | Path) -> Path:
                              f"nothing written (the model or its settings produced non-finite output)")
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = (images.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
