@@ -97,7 +97,7 @@ def test_generate_with_an_embedding_on_sdxl_goes_through_its_pipeline(tmp_path, 
     from types import SimpleNamespace
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from test_quicktune import WORDS, make_sdxl
+    from test_quicktune import make_sdxl
     from tiny_models import tiny_unet, tiny_vae
 
     from boothkit.backend.embedding import Embedding, save_embedding
@@ -122,3 +122,56 @@ def test_generate_with_an_embedding_on_sdxl_goes_through_its_pipeline(tmp_path, 
         outs.append(np.asarray(Image.open(out)))
     assert outs[0].shape == (32, 32, 3), "the SDXL pipeline's size: sample_size x the VAE's factor, not enlarged"
     assert not np.array_equal(outs[0], outs[1])
+
+
+def test_generate_on_sdxl_goes_through_the_sdxl_pipeline_with_the_concept(tmp_path):
+    """SDXL (two text encoders, pooled and time conditioning; ctx 768 + 1280 = 2048) in the diffusers host: the
+    SDXL pipeline samples with the concept row and the adapters; the same seed gives the same image, and α and β
+    each change it."""
+    from argparse import Namespace
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from tiny_models import tiny_tokenizer, tiny_vae
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from boothkit.commands.generate import _generate_sdxl
+    from boothkit.hosts.diffusers.instantbooth import encode_images
+    from boothkit.hosts.diffusers.loading import SDModel, family_of
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    vocab = len(tok.get_vocab())
+
+    def text(hidden, cls, **kw):
+        return cls(CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                                  pad_token_id=1, **kw)).eval()
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=2048, attention_head_dim=2,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4,
+    ).eval()
+    assert family_of(unet) == "sdxl"
+    model = SDModel(unet, text(768, CLIPTextModel), tok, DDPMScheduler(num_train_timesteps=1000), tiny_vae(), "sdxl",
+                    16, text(1280, CLIPTextModelWithProjection, projection_dim=16), tok)
+    vision = tiny_clip_vision()
+    ib = InstantBooth(InstantBoothConfig(vision_global_dim=16, vision_token_dim=24, tokens_per_image=17,
+                                         ctx_dim=2048, layout=adapter_layout(unet), family="sdxl", class_noun="cat",
+                                         image_size=32))
+    with torch.no_grad():
+        for a in ib.adapters:
+            a.gate.fill_(1.0)
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    masks = torch.ones(2, 1, 40, 40)
+    concept = ib.encode(*encode_images(vision, images, masks, ib))
+    args = Namespace(negative_prompt="", skip_levels=[], steps=2, num_images=1, seed=1)
+
+    def run(alpha, beta):
+        return _generate_sdxl(model, ib, concept, "a photo of sks cat on grass", args, alpha, beta, 5.0)
+
+    out = run(0.4, 0.3)
+    assert out.shape == (1, 3, 16, 16) and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert torch.equal(out, run(0.4, 0.3)), "one seed, one image"
+    assert not torch.allclose(out, run(0.0, 0.3), atol=1e-4), "α: the concept row reaches the UNet"
+    assert not torch.allclose(out, run(0.4, 0.0), atol=1e-4), "β: the adapters run inside the SDXL pipeline"

@@ -83,8 +83,9 @@ def check_value(where: str, key: str, value, hint) -> None:
             raise ValueError(f"{name} is {value!r}, expected a finite number")
         if value < 0 and key not in SIGNED:
             raise ValueError(f"{name} is {value!r}, expected a number >= 0")
-        if (key == "lr" or key.startswith("lr_") or key.endswith("_lr")) and not 0 < value <= 10:
-            raise ValueError(f"{name} is {value!r}, expected a learning rate with 0 < lr <= 10")
+        # 0 freezes a parameter group (e.g. lr_heads = 0 trains the adapters alone); above 10 Adam overflows
+        if (key == "lr" or key.startswith("lr_") or key.endswith("_lr")) and not 0 <= value <= 10:
+            raise ValueError(f"{name} is {value!r}, expected a learning rate with 0 <= lr <= 10")
         return
     if int in args or float in args:
         raise ValueError(f"{name} is {value!r}, expected a number")
