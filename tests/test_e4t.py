@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from test_quicktune import assert_untouched, images, make_model, make_sdxl, snapshot
 from test_train_instantbooth import write_dataset
-from tiny_models import tiny_clip_vision, tiny_sd_folder
+from tiny_models import tiny_clip_vision, tiny_sd_folder, training_world, write_config
 
 from boothkit.backend.e4t import E4T, E4TConfig, DomainEncoder, WeightOffsets, attention_targets, fix_scales
 from boothkit.backend.embedding import load_embedding
@@ -423,39 +423,15 @@ def test_file_round_trip_and_errors(tmp_path):
         de.class_vectors(model, "photo cat")
 
 
-def tiny_training_world(tmp_path):
-    """What a pre-training run reads, tiny: a diffusers folder with a VAE, a CLIP vision folder (``tmp_path /
-    'vision'``), a training set and a two-image validation set."""
-    sd = tiny_sd_folder(tmp_path / "sd", with_vae=True)
-    tiny_clip_vision().save_pretrained(tmp_path / "vision")
-    return sd, write_dataset(tmp_path / "data"), write_dataset(tmp_path / "val", n=2)
-
-
 def test_train_two_steps_writes_the_file_tune_loads(tmp_path, capsys):
     from boothkit.commands.train import main as train_main
     from boothkit.commands.tune import main as tune_main
 
-    sd, data, val = tiny_training_world(tmp_path)
-    cfg = tmp_path / "e4t.toml"
-    cfg.write_text(f"""
-[model]
-base = "{sd}"
-clip_vision = "{tmp_path / 'vision'}"
-[data]
-train = "{data}"
-validation = "{val}"
-[method]
-category = "cat"
-lr = 1e-2
-hidden = 16
-modulation_rank = 2
-sample_steps = 2
-validation_images = 1
-[train]
-batch_size = 2
-steps = 2
-checkpoint_every = 2
-""")
+    sd, vision, data, val = training_world(tmp_path, validation=2)
+    cfg = write_config(tmp_path / "e4t.toml", sd, vision, data, val,
+                       method=dict(category="cat", lr=1e-2, hidden=16, modulation_rank=2, sample_steps=2,
+                                   validation_images=1),
+                       train=dict(batch_size=2, steps=2, checkpoint_every=2))
     out = tmp_path / "run"
     assert train_main(["e4t", "--config", str(cfg), "--output-dir", str(out)]) == 0
     tensors, meta = read_safetensors(out / "e4t.safetensors")
@@ -630,7 +606,7 @@ def test_the_sd15_recipe_runs_on_tiny_models(tmp_path):
 
     from boothkit.commands.train import main as train_main
 
-    sd, data, val = tiny_training_world(tmp_path)
+    sd, _, data, val = training_world(tmp_path, validation=2)
     recipe = Path(__file__).parents[1] / "training" / "configs" / "e4t_sd15.toml"
     out = tmp_path / "run"
     sets = [f"model.base={sd}", f"model.clip_vision={tmp_path / 'vision'}", f"data.train={data}",
@@ -649,7 +625,7 @@ def test_the_sd15_recipe_runs_on_tiny_models(tmp_path):
 
 def _check_compact_concept(model, concept, path, modulation_rank):
     """The compact file holds what sampling needs: loaded back, it samples exactly as the tuned concept does."""
-    from boothkit.backend.e4t import E4T_CONCEPT_FORMAT, load_e4t_concept
+    from boothkit.backend.e4t import E4T_CONCEPT_FORMAT
 
     tensors, meta = read_safetensors(path)
     assert meta["format"] == E4T_CONCEPT_FORMAT and meta["method"] == "e4t" and meta["family"] == "toy"

@@ -218,7 +218,7 @@ def png_header_only(path, width, height):
 def test_image_bombs_are_refused_before_decoding(tmp_path, side):
     from boothkit.backend.imageio import read_images_and_masks
 
-    bomb = png_header_only(tmp_path / "bomb.png", side, side)
+    png_header_only(tmp_path / "bomb.png", side, side)
     with pytest.raises(ValueError, match=rf"bomb\.png: image (is {side}x{side}|too large)"):
         read_images_and_masks(tmp_path)
 
@@ -333,29 +333,13 @@ def test_tune_loop_undoes_a_step_that_makes_the_parameters_non_finite():
 
 @pytest.fixture(scope="module")
 def train_setup(tmp_path_factory):
-    from tiny_models import tiny_clip_vision, tiny_sd_folder, write_image_folder
+    from tiny_models import training_world, write_config, write_image_folder
 
     root = tmp_path_factory.mktemp("robust_train")
-    sd = tiny_sd_folder(root / "sd", with_vae=True)
-    tiny_clip_vision().save_pretrained(root / "vision")
     data = write_image_folder(root / "data", 4, 32, (4, 24, 6, 28), ["a photo of a cat on grass"])
-    cfg = root / "ib.toml"
-    cfg.write_text(f"""
-[model]
-base = "{sd}"
-clip_vision = "{root / 'vision'}"
-[data]
-train = "{data}"
-[method]
-category = "cat"
-lr_adapters = 1e-3
-sample_steps = 1
-[train]
-batch_size = 2
-steps = 2
-checkpoint_every = 1
-keep_last = 5
-""")
+    cfg = write_config(root / "ib.toml", *training_world(root, data),
+                       method=dict(category="cat", lr_adapters=1e-3, sample_steps=1),
+                       train=dict(batch_size=2, steps=2, checkpoint_every=1, keep_last=5))
     return root, cfg
 
 

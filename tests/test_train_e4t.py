@@ -5,8 +5,7 @@ import logging
 import pytest
 import torch
 from checkpoints import adam_steps, tamper, trained_weights
-from test_train_instantbooth import write_dataset
-from tiny_models import tiny_clip_vision, tiny_sd_folder
+from tiny_models import training_world, write_config
 
 from boothkit.backend.files import read_safetensors
 from boothkit.commands.train import main as train_main
@@ -17,28 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     root = tmp_path_factory.mktemp("e4t")
-    sd = tiny_sd_folder(root / "sd", with_vae=True)
-    tiny_clip_vision().save_pretrained(root / "vision")
-    data = write_dataset(root / "data")
-    cfg = root / "e4t.toml"
-    cfg.write_text(f"""
-[model]
-base = "{sd}"
-clip_vision = "{root / 'vision'}"
-[data]
-train = "{data}"
-[method]
-category = "cat"
-lr = 1e-3
-hidden = 16
-modulation_rank = 2
-[train]
-batch_size = 2
-steps = 2
-checkpoint_every = 2
-ema_decay = 0.5
-""")
-    return cfg
+    return write_config(root / "e4t.toml", *training_world(root),
+                        method=dict(category="cat", lr=1e-3, hidden=16, modulation_rank=2),
+                        train=dict(batch_size=2, steps=2, checkpoint_every=2, ema_decay=0.5))
 
 
 def weights(path):

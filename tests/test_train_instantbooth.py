@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from checkpoints import adam_steps, tamper, trained_weights
-from tiny_models import tiny_clip_vision, tiny_sd_folder, write_image_folder
+from tiny_models import training_world, write_config, write_image_folder
 
 from boothkit.backend.instantbooth import load_instantbooth
 from boothkit.backend.files import read_safetensors
@@ -27,29 +27,9 @@ def write_dataset(folder, n=6, size=32):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    sd = tiny_sd_folder(root / "sd", with_vae=True)
-    tiny_clip_vision().save_pretrained(root / "vision")
-    data = write_dataset(root / "data")
-    val = write_dataset(root / "val", n=2)
-    cfg = root / "ib.toml"
-    cfg.write_text(f"""
-[model]
-base = "{sd}"
-clip_vision = "{root / 'vision'}"
-[data]
-train = "{data}"
-validation = "{val}"
-[method]
-category = "cat"
-lr_adapters = 1e-3
-sample_steps = 2
-validation_images = 1
-[train]
-batch_size = 2
-steps = 2
-checkpoint_every = 2
-log_every = 1
-""")
+    cfg = write_config(root / "ib.toml", *training_world(root, validation=2),
+                       method=dict(category="cat", lr_adapters=1e-3, sample_steps=2, validation_images=1),
+                       train=dict(batch_size=2, steps=2, checkpoint_every=2, log_every=1))
     return root, cfg
 
 

@@ -110,3 +110,26 @@ def write_image_folder(folder, n: int, size: int, box: tuple[int, int, int, int]
         if captions:
             (folder / f"{i:03d}.txt").write_text(captions[i % len(captions)])
     return folder
+
+
+def training_world(root, data=None, validation: int = 0):
+    """What a trainer reads, tiny: a diffusers folder with a VAE (``root/sd``), a CLIP vision folder (``root/vision``),
+    a training set (``data``: a folder, default 6 captioned cats) and ``validation`` images (0: none)."""
+    captions = ["a photo of a cat on grass", "a cat on the beach"]
+    sd = tiny_sd_folder(root / "sd", with_vae=True)
+    tiny_clip_vision().save_pretrained(root / "vision")
+    data = data or write_image_folder(root / "data", 6, 32, (4, 24, 6, 28), captions)
+    val = write_image_folder(root / "val", validation, 32, (4, 24, 6, 28), captions) if validation else None
+    return sd, root / "vision", data, val
+
+
+def write_config(path, sd, vision, data, validation=None, method: dict | None = None, train: dict | None = None):
+    """A trainer config (TOML) over tiny models: [model] and [data] from the paths, then [method] and [train] from
+    the dicts (strings quoted, numbers as written). Returns the path."""
+    def section(name, values):
+        return f"[{name}]\n" + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in (values or {}).items())
+    text = f'[model]\nbase = "{sd}"\nclip_vision = "{vision}"\n[data]\ntrain = "{data}"\n'
+    if validation is not None:
+        text += f'validation = "{validation}"\n'
+    path.write_text(text + section("method", method) + section("train", train))
+    return path
