@@ -6,13 +6,17 @@ import torch
 from torch import nn
 
 
-class ConceptEncoder(nn.Module):
-    """E_c's head: maps each image's global feature into the text space and averages over the N images,
-    giving the compact concept embedding f_c that stands in for the identifier."""
+class _Head(nn.Module):
+    """A fully-connected map from the backbone's width into the text space (the file's ``*.fc.*`` tensors)."""
 
     def __init__(self, vision_dim: int, ctx_dim: int):
         super().__init__()
         self.fc = nn.Linear(vision_dim, ctx_dim)
+
+
+class ConceptEncoder(_Head):
+    """E_c's head: maps each image's global feature into the text space and averages over the N images,
+    giving the compact concept embedding f_c that stands in for the identifier."""
 
     def forward(self, global_features: torch.Tensor) -> torch.Tensor:
         """[N, vision_dim] -> f_c [ctx_dim], or batched [B, N, vision_dim] -> [B, ctx_dim]."""
@@ -21,13 +25,9 @@ class ConceptEncoder(nn.Module):
         return self.fc(global_features).mean(dim=-2)
 
 
-class PatchEncoder(nn.Module):
+class PatchEncoder(_Head):
     """E_p's head: maps every token of every image (257 per image for ViT-L/14) into the text space and concatenates
     them over the N images, giving the rich patch feature f_p the adapters attend to."""
-
-    def __init__(self, vision_dim: int, ctx_dim: int):
-        super().__init__()
-        self.fc = nn.Linear(vision_dim, ctx_dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[N, T, vision_dim] -> f_p [N*T, ctx_dim], or batched [B, N, T, vision_dim] -> [B, N*T, ctx_dim]."""

@@ -32,10 +32,7 @@ DEFAULT_METHODS = ["e4t-15", "instantbooth"]
 LABELS = {
     "instantbooth": ("InstantBooth", "zero-shot, all photos"),
     "e4t-0": ("E4T-0", "encoder only, photo 1"),
-    "e4t-5": ("E4T-5", "5 steps, photo 1"),
-    "e4t-15": ("E4T-15", "15 steps, photo 1"),
-    "e4t-30": ("E4T-30", "30 steps, photo 1"),
-    "e4t-60": ("E4T-60", "60 steps, photo 1"),
+    **{f"e4t-{n}": (f"E4T-{n}", f"{n} steps, photo 1") for n in (5, 15, 30, 60)},
     "e4t-15-untrained": ("E4T-15 untrained", "no pre-training"),
     "quicktune": ("quick-tune", "100+200 steps"),
     "quicktune-demo": ("quick-tune, short", "20+80 steps"),

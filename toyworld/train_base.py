@@ -34,7 +34,7 @@ from ..training.checkpoint import list_checkpoints, load_checkpoint, optimizer_f
 
 log = logging.getLogger("boothkit.toyworld.train_base")
 
-DEFAULT_RUN_DIR = "/work/runs/toy_base"
+DEFAULT_RUN_DIR = "runs/toy_base"
 SAMPLE_PROMPTS = [
     "a photo of a cat on grass at day", "a photo of a robot on grass at day",
     "a photo of a cat on snow at night with a tree", "a photo of a robot on snow at night with a tree",

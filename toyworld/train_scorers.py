@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m boothkit.toyworld.train_scorers",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=store.WEIGHTS_DIR, help="weights folder (holds MANIFEST.json)")
-    p.add_argument("--run-dir", type=Path, default=Path("/work/runs/toy_scorers"), help="checkpoints and logs")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/toy_scorers"), help="checkpoints and logs")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
