@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 class FormatError(ValueError):
     """A file is not what BoothKit expects; the message says which file, which field, found and expected."""
 
+    __module__ = "boothkit"  # its name in ComfyUI's error dialog, whatever folder the pack is cloned into
+
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write atomically: a temp file in the same folder, then rename, so a crash never leaves half a file."""

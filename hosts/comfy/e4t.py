@@ -26,10 +26,14 @@ from .common import model_name
 log = logging.getLogger(__name__)
 
 
-def load(path: str | Path) -> E4T:
+def load(path: str | Path, model=None) -> E4T:
+    """The E4T file at ``path``; with ``model``, a file pre-trained for another family is refused here, naming the
+    file. The file's name goes with it (``source``) for later messages."""
     from ...backend.e4t import load_e4t
 
-    return load_e4t(path).eval()
+    e4t = load_e4t(path, family=None if model is None else common.model_family(model)).eval()
+    e4t.source = Path(path).name
+    return e4t
 
 
 def encoder_blocks(dm) -> list[torch.nn.Module]:
@@ -106,13 +110,34 @@ def per_prompt(encoder: common.PromptEncoder):
 
 
 class Progress(common.Progress):
-    """Quick-tune's progress (bar, text line, Cancel within one step) with one stage."""
+    """E4T Tune's progress from its first second: the preparation phases (each a tick of the bar and a line of text,
+    Cancel checked between them) and then each step (loss in the text)."""
 
-    def __init__(self, total: int):
-        super().__init__(total, stage1_steps=0)
+    PHASES = ("encoding the photo", "CLIP vision features", "loading the models", "starting the tune")
+
+    def __init__(self, steps: int):
+        super().__init__(steps + len(self.PHASES), stage1_steps=0)
+        self.steps = steps
+
+    def phase(self, name: str) -> None:
+        import comfy.model_management
+
+        i = self.PHASES.index(name)
+        self.last = f"E4T: {name} ({i + 1}/{len(self.PHASES)})"
+        self.bar.update_absolute(i + 1, self.steps + len(self.PHASES))
+        common.send_text(self.last)
+        comfy.model_management.throw_exception_if_processing_interrupted()
 
     def text(self, done: int, total: int, loss: float) -> str:
         return f"E4T step {done}/{total}, loss {loss:.4f}"
+
+    def __call__(self, done: int, total: int, loss: float) -> None:
+        import comfy.model_management
+
+        self.last = self.text(done, total, loss)
+        self.bar.update_absolute(done + len(self.PHASES), total + len(self.PHASES))
+        common.send_text(self.last)
+        comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 @dataclass
@@ -138,8 +163,10 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
     class_noun = (class_noun or "").strip() or c.class_word
     identifier = check_identifier((identifier or "").strip(), class_noun)
     family, prediction_type = common.check_model(model)
+    source = getattr(e4t, "source", "the E4T file")
     if family != c.family:
-        raise ValueError(f"the E4T file was pre-trained for {c.family}; the model is {model_name(model)} ({family})")
+        raise ValueError(f"E4T file '{source}' was pre-trained for base family '{c.family}', but the model is "
+                         f"{model_name(model)} ('{family}'): load an E4T file made for {family}")
     slots = common.text_slots(clip, family, model)
     if [s.width for s in slots] != list(c.word_dims):
         raise ValueError(f"the CLIP's text encoders are {[s.width for s in slots]} wide; the E4T file predicts "
@@ -150,15 +177,19 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         raise ValueError(f"steps must be 0 or more, got {steps}")
     device = model.load_device
     prompt = DEFAULT_TEMPLATE.format(identifier=identifier, class_noun=class_noun)
-    with torch.inference_mode(False):
+    progress = Progress(steps)
+    with torch.inference_mode(False), common.interruptible(model.get_model_object("diffusion_model")):
         count = len(common.image_list(image))
         if count > 1:
             log.info("E4T tunes on one image; using the first of %d", count)
         pixels, pmasks, note = common.prepare(image[:1], None if mask is None else mask[:1], resolution)
         if c.tune_flip:
             pixels, pmasks = with_mirrors(pixels, pmasks)
+        progress.phase("encoding the photo")
         data = common.encode_images(vae, model, pixels, pmasks, device)
+        progress.phase("CLIP vision features")
         tokens = class_tokens(clip_vision, pixels, pmasks, e4t).to(device)
+        progress.phase("loading the models")
         mm.load_models_gpu([model, clip.patcher])
         dm = model.get_model_object("diffusion_model")
         tuned = copy.deepcopy(e4t).to(device).float().train()
@@ -172,13 +203,13 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         class_vectors = [s.layer.weight[i].detach().float().clone().to(device) for s, i in zip(slots, class_ids)]
         batch = e4t_backend.Batch(data.mean, tokens, class_vectors, torch.zeros(len(pixels), dtype=torch.long),
                                   data.masks)
-        mm.throw_exception_if_processing_interrupted()
+        progress.phase("starting the tune")
         result = None
         with common.frozen(dm, clip.cond_stage_model), common.trainable(dm, clip.cond_stage_model), \
                 common.checkpointed(dm, gradient_checkpointing):
             if steps > 0:
                 result = e4t_backend.tune(tuned, batch, features, encode, predict, schedule, modules, steps,
-                                          lr if lr > 0 else None, seed, Progress(steps))
+                                          lr if lr > 0 else None, seed, progress)
             vectors = e4t_backend.fix_concept(tuned, batch, features, encode, schedule, modules, seed)
         # as the CLIP will hold them (its token table may be fp16), so the clone and the saved embedding agree
         vectors = [v.to(s.layer.weight.dtype).float() for s, v in zip(slots, vectors)]
