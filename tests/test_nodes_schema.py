@@ -248,7 +248,7 @@ def test_workflow_matches_the_schemas(pack, path):
     outputs, inputs = {}, {}
     for node in wf["nodes"]:
         t = node["type"]
-        values = node.get("widgets_values", [])
+        values = node.get("widgets_values") or []
         if t in s:
             spec = boothkit_widgets(s[t])
             outputs[node["id"]] = [o.io_type for o in s[t].outputs]
@@ -299,7 +299,35 @@ WORKFLOW_NODES = {
                        "CLIPTextEncode", "KSampler", "SaveImage"},
     "e4t.json": {"BoothKitLoadE4T", "BoothKitE4TTune", "BoothKitSaveConcept", "CLIPVisionLoader", "LoadImage",
                  "CLIPTextEncode", "KSampler", "SaveImage"},
+    "toy_instantbooth.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitLoadInstantBooth",
+                              "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply", "KSampler", "SaveImage"},
+    "toy_e4t.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitLoadE4T", "BoothKitE4TTune",
+                     "KSampler", "SaveImage"},
+    "toy_quicktune.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitQuickTuneConcept",
+                           "KSampler", "SaveImage"},
+    "toy_compare.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitInstantBoothApply",
+                         "BoothKitE4TTune", "BoothKitQuickTuneConcept", "SaveImage"},
 }
+
+
+def test_every_method_has_a_toy_template_and_sd_templates_say_what_they_need():
+    """A toy template per method (and the comparison) runs with nothing but the pack: it names no file outside it.
+    Each SD template carries a Note naming the files it needs and the command that makes them."""
+    names = {p.name for p in workflow_files()}
+    assert {"toy_instantbooth.json", "toy_e4t.json", "toy_quicktune.json", "toy_compare.json"} <= names
+    for path in workflow_files():
+        wf = json.loads(path.read_text())
+        types = {n["type"] for n in wf["nodes"]}
+        notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
+        assert len(notes) == 1, f"{path.name}: one Note says what the template needs"
+        if "toy" in path.name:
+            assert not types & {"CheckpointLoaderSimple", "CLIPVisionLoader", "LoadImage"}, path.name
+            files = [v for n in wf["nodes"] for v in n.get("widgets_values") or [] if str(v).endswith(".safetensors")]
+            assert all(f.startswith("toy_") for f in files), f"{path.name}: {files}"
+        else:
+            method = path.stem
+            assert "checkpoint" in notes[0] and (method == "quicktune" or f"boothkit train {method}" in notes[0]), \
+                f"{path.name}: its Note must name the files and how to make them"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -345,7 +373,7 @@ def test_loader_lists_validates_and_loads(pack, models_dir):
     (folder / "notes.txt").write_text("not a model")
     loader = ib_nodes.LoadInstantBooth
     combo = loader.define_schema().inputs[0]
-    assert combo.options == ["ok.safetensors"], "only .safetensors files are offered"
+    assert combo.options == ["ok.safetensors", "toy_instantbooth.safetensors"], "only .safetensors files, then the toy's"
     assert loader.validate_inputs(instantbooth_name="ok.safetensors") is True
     msg = loader.validate_inputs(instantbooth_name="gone.safetensors")
     assert "gone.safetensors" in msg and "instantbooth" in msg
