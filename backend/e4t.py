@@ -552,3 +552,174 @@ def load_e4t(path: str | Path, family: str | None = None):
     except (TypeError, ValueError) as e:
         raise f.error("config", str(raw)[:80], f"the fields of an E4T configuration ({e})") from None
     return load_checked(path, E4T(config), tensors, "configuration")
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tuned E4T concept, compact: what sampling needs and nothing else (no encoder)
+
+E4T_CONCEPT_FORMAT = "boothkit.e4t_concept"
+E4T_CONCEPT_VERSION = 1
+# the configuration fields a concept needs to rebuild its offsets and to say what it is; the encoder's (hidden,
+# vision layers, regularisers) stay with the pre-trained file
+CONCEPT_CONFIG_KEYS = ("family", "word_dims", "targets", "target_shapes", "identifier", "class_word", "rank",
+                       "modulation_rank")
+
+
+@dataclass
+class E4TConceptData:
+    """A tuned E4T concept as the compact file holds it: the weight offsets (U·V of each target, diffusers module
+    paths; the photo's fixed output-channel scales set on them, or None), the identifier's embedding, the class word
+    and the file's metadata. Apply with ``offsets.applied(modules)`` (a host maps ``offsets.names`` to its modules)
+    and splice ``embedding`` into the prompt, as after a tune; no encoder is needed."""
+    offsets: WeightOffsets
+    embedding: Any  # backend.embedding.Embedding
+    class_word: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.embedding.family
+
+    @property
+    def identifier(self) -> str:
+        return self.embedding.identifier
+
+
+def concept_tensors(offsets: WeightOffsets, embedding) -> dict[str, torch.Tensor]:
+    """The compact file's tensors: ``offset.<target>.up`` [out, r] and ``.down`` [r, in] per target, ``scale.<target>``
+    [out] per target when the concept has the photo's scales, ``embedding.<key>`` [n, width] per text encoder (the
+    keys of a textual-inversion file: ``emb_params``; SDXL ``clip_l``, ``clip_g``)."""
+    out = {}
+    for name, o in zip(offsets.names, offsets.offsets):
+        out[f"offset.{name}.up"] = o.up.detach().float()
+        out[f"offset.{name}.down"] = o.down.detach().float()
+    if offsets.scales is not None:
+        for name, s in zip(offsets.names, offsets.scales):
+            if s.ndim != 1:
+                raise ValueError(f"scale of {name!r} is {tuple(s.shape)}; a concept's scales are fixed to its photo "
+                                 f"([out] per target, fix_scales)")
+            out[f"scale.{name}"] = s.detach().float()
+    for key, v in embedding.vectors.items():
+        out[f"embedding.{key}"] = v.detach().float()
+    return out
+
+
+def save_e4t_concept(path: str | Path, config: E4TConfig, offsets: WeightOffsets, embedding, class_word: str,
+                     training: Mapping[str, object] | None = None, overwrite: bool = False) -> Path:
+    """Write a tuned concept compactly (:func:`concept_tensors`, fp32): 2.2 MB on the toy world (rank 16, 110
+    layers), about 2.4 MB at rank 1 on SD1.5's 160 layers, against 0.48 GB of fp16 weight diffs for the stock export. Metadata: format, version, method, family,
+    identifier, class_word, rank, num_vectors, widths (JSON {key: width}), targets (JSON list, the offsets' order),
+    target_shapes (JSON [[out, in]]), modulation ("1" when scales are in), config (JSON, the fields of
+    CONCEPT_CONFIG_KEYS), training (JSON)."""
+    from dataclasses import asdict
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    if embedding.family != config.family:
+        raise ValueError(f"the embedding is for '{embedding.family}', the offsets for '{config.family}'")
+    if list(offsets.names) != list(config.targets):
+        raise ValueError("the offsets' targets are not the configuration's")
+    cfg = {k: v for k, v in asdict(config).items() if k in CONCEPT_CONFIG_KEYS}
+    cfg["identifier"] = embedding.identifier
+    cfg["class_word"] = class_word
+    metadata = {"format": E4T_CONCEPT_FORMAT, "version": str(E4T_CONCEPT_VERSION), "method": "e4t",
+                "family": config.family, "identifier": embedding.identifier, "class_word": class_word,
+                "rank": str(config.rank), "num_vectors": str(embedding.num_vectors),
+                "widths": json.dumps(embedding.widths(), sort_keys=True),
+                "targets": json.dumps(list(config.targets)), "target_shapes": json.dumps(config.target_shapes),
+                "modulation": "1" if offsets.scales is not None else "0",
+                "config": json.dumps(cfg, sort_keys=True),
+                "training": json.dumps(dict(training or {}), sort_keys=True, default=str)}
+    return write_safetensors(path, concept_tensors(offsets, embedding), metadata)
+
+
+def load_e4t_concept(path: str | Path, family: str | None = None, widths: Mapping[str, int] | None = None
+                     ) -> E4TConceptData:
+    """Read and validate a compact E4T concept. ``family`` and ``widths`` ({key: width} of the model's text
+    encoders) are those of the model it will be applied to; a mismatch names the field, what the file holds and
+    what the model needs. The offsets' modules are checked when they are applied (``WeightOffsets.attach``)."""
+    from .embedding import Embedding, keys_for
+
+    tensors, metadata = read_safetensors(path)
+    f = _Fields(path, metadata)
+    f.kind(E4T_CONCEPT_FORMAT, E4T_CONCEPT_VERSION, "e4t", "a compact E4T concept")
+    fam = f.str("family", set(FAMILIES))
+    if family is not None and family != fam:
+        raise FormatError(f"{path}: metadata field 'family' is {fam!r}, but the model is '{family}'; this E4T concept "
+                          f"was tuned on another base model")
+    identifier = f.str("identifier")
+    class_word = f.str("class_word")
+    rank = f.int("rank")
+    num_vectors = f.int("num_vectors")
+    targets, shapes, file_widths = f.json("targets"), f.json("target_shapes"), f.json("widths")
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise f.error("targets", metadata["targets"][:80], "a non-empty JSON list of module paths")
+    if not (isinstance(shapes, list) and len(shapes) == len(targets)
+            and all(isinstance(s, list) and len(s) == 2 and all(isinstance(d, int) and d > 0 for d in s)
+                    for s in shapes)):
+        raise f.error("target_shapes", metadata["target_shapes"][:80], f"{len(targets)} [out, in] pairs")
+    keys = keys_for(fam)
+    if not isinstance(file_widths, dict) or sorted(file_widths) != sorted(keys):
+        raise f.error("widths", metadata["widths"], f"a JSON object with the keys {list(keys)} ({fam})")
+    for key, width in (widths or {}).items():
+        if key in file_widths and file_widths[key] != width:
+            raise FormatError(f"{path}: metadata field 'widths' gives '{key}' {file_widths[key]} wide, but the model's "
+                              f"text encoder is {width} wide; the concept is for another base model")
+    modulation = f.str("modulation", {"0", "1"}) == "1"
+    # the offsets rebuilt from the metadata; every tensor name and shape is then checked against them
+    config = E4TConfig(family=fam, word_dims=[file_widths[k] for k in keys], vision_dim=1, vision_layers=[0],
+                       unet_dims=[1], targets=targets, target_shapes=shapes, identifier=identifier,
+                       class_word=class_word, rank=rank)
+    offsets = WeightOffsets(config)
+    expected = {}
+    for name, (o, i) in zip(targets, shapes):
+        expected[f"offset.{name}.up"] = (o, rank)
+        expected[f"offset.{name}.down"] = (rank, i)
+        if modulation:
+            expected[f"scale.{name}"] = (o,)
+    for key in keys:
+        expected[f"embedding.{key}"] = (num_vectors, file_widths[key])
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"{path}: tensors do not match the metadata (targets, modulation, widths); missing "
+                          f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                          f"{'...' if len(unexpected) > 3 else ''}")
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != shape:
+            raise FormatError(f"{path}: tensor '{k}' has shape {tuple(tensors[k].shape)}, the metadata implies {shape}")
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise FormatError(f"{path}: tensor '{bad[0]}' holds NaN or infinite values")
+    with torch.no_grad():
+        for name, o in zip(targets, offsets.offsets):
+            o.up.copy_(tensors[f"offset.{name}.up"])
+            o.down.copy_(tensors[f"offset.{name}.down"])
+    offsets.requires_grad_(False)
+    if modulation:
+        offsets.scales = [tensors[f"scale.{name}"].float() for name in targets]
+    embedding = Embedding({k: tensors[f"embedding.{k}"].float() for k in keys}, fam, identifier, class_word,
+                          {"method": "e4t"})
+    return E4TConceptData(offsets, embedding, class_word, dict(metadata))
+
+
+WEIGHT_DIFF_FORMAT = "boothkit.weight_diff"
+
+
+def load_weight_diff(path: str | Path, family: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An E4T stock export (:func:`weight_diff_file`): {kohya layer name: W ∘ Δ} and the metadata; ``family`` is the
+    model's. Any file of ``<layer>.diff`` keys under ``lora_unet_`` (ComfyUI's "diff" patches) reads the same."""
+    tensors, meta = read_safetensors(path)
+    fmt = meta.get("format")
+    if fmt is not None:
+        f = _Fields(path, meta)
+        f.kind(WEIGHT_DIFF_FORMAT, 1, "e4t", "a weight-diff file")
+        fam = f.str("family", set(FAMILIES))
+        if family is not None and fam != family:
+            raise FormatError(f"{path}: metadata field 'family' is {fam!r}, but the model is '{family}'; these weight "
+                              f"diffs were made for another base model")
+    bad = [k for k in tensors if not (k.startswith(UNET_PREFIX + "_") and k.endswith(".diff"))]
+    if bad or not tensors:
+        raise FormatError(f"{path}: tensors {bad[:3] or '(none)'} are not denoiser weight diffs; expected "
+                          f"'{UNET_PREFIX}_<layer>.diff' keys")
+    return {k[: -len(".diff")]: v for k, v in tensors.items()}, meta

@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 # safetensors only: BoothKit never reads pickles
-MODEL_FOLDERS = {"instantbooth": {".safetensors"}, "e4t": {".safetensors"}}
+MODEL_FOLDERS = {"instantbooth": {".safetensors"}, "e4t": {".safetensors"}, "e4t_concepts": {".safetensors"}}
 
 # the node menu: one sub-category per method (ComfyUI shows "BoothKit" with these under it)
 CATEGORIES = {"instantbooth": "BoothKit/InstantBooth", "e4t": "BoothKit/E4T", "quicktune": "BoothKit/quick-tune",
@@ -39,20 +39,21 @@ def host(method: str):
 
 
 # the toy world's method files, shipped with the pack, listed by the loaders after the user's own files
-TOY_FILES = {"instantbooth": "toy_instantbooth.safetensors", "e4t": "toy_e4t.safetensors"}
+TOY_FILES = {"instantbooth": "toy_instantbooth.safetensors", "e4t": "toy_e4t.safetensors", "e4t_concepts": None}
 
 
 def file_options(folder: str) -> list[str]:
     """A loader's dropdown: the files in models/<folder>, then the toy world's file (it runs on the toy world's
     model only: Toy World Loader)."""
     names = list(folder_paths.get_filename_list(folder))
-    return names + [TOY_FILES[folder]] if TOY_FILES[folder] not in names else names
+    toy = TOY_FILES[folder]
+    return names + [toy] if toy is not None and toy not in names else names
 
 
 def file_path(folder: str, name: str, required: bool = True) -> str | None:
     """The file behind a dropdown option: the user's in models/<folder>, else the shipped toy file."""
     path = folder_paths.get_full_path(folder, name)
-    if path is None and name == TOY_FILES[folder]:
+    if path is None and name is not None and name == TOY_FILES[folder]:
         path = str(host("toyworld").toy_file(folder, name))
     if path is None and required:
         raise FileNotFoundError(f"{folder} file '{name}' is not in models/{folder} (searched "
@@ -64,7 +65,8 @@ def check_file(folder: str, name: str, what: str) -> bool | str:
     """A loader's validate_inputs: True, or the message for a file that is neither the user's nor the toy's."""
     if name == TOY_FILES[folder] or folder_paths.get_full_path(folder, name) is not None:
         return True
-    return f"{what} file '{name}' is not in models/{folder} (searched {', '.join(folder_paths.get_folder_paths(folder))})"
+    searched = ", ".join(folder_paths.get_folder_paths(folder))
+    return f"{what} file '{name}' is not in models/{folder} (searched {searched})"
 
 
 def file_fingerprint(folder: str, name: str):

@@ -1,6 +1,6 @@
 """E4T nodes (the E4T paper): load a pre-trained E4T file (domain encoder + weight offsets) and tune it on one photo for
 5-15 steps; the result is applied to copies of MODEL and CLIP and can be written by Save Concept. Thin: the work is
-in e4t_host.py (ComfyUI side) and backend/e4t.py. Nothing heavy is imported until a node runs."""
+in hosts/comfy/e4t.py (ComfyUI side) and backend/e4t.py. Nothing heavy is imported until a node runs."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -12,10 +12,8 @@ CATEGORY = CATEGORIES["e4t"]
 MODEL_FOLDER = "e4t"  # models/e4t, registered (and created) in nodes/__init__.py
 
 E4TType = io.Custom("BOOTHKIT_E4T")
-
-
-def _host():
-    return host("e4t")
+E4TConceptType = io.Custom("BOOTHKIT_E4T_CONCEPT")  # hosts.comfy.e4t.TunedConcept
+CONCEPTS_FOLDER = "e4t_concepts"  # models/e4t_concepts: Save Concept writes <name>_e4t.safetensors there
 
 
 class LoadE4T(io.ComfyNode):
@@ -47,7 +45,7 @@ class LoadE4T(io.ComfyNode):
 
     @classmethod
     def execute(cls, e4t_name, model=None) -> io.NodeOutput:
-        return io.NodeOutput(_host().load(file_path(MODEL_FOLDER, e4t_name), model))
+        return io.NodeOutput(host("e4t").load(file_path(MODEL_FOLDER, e4t_name), model))
 
 
 class E4TTune(io.ComfyNode):
@@ -91,16 +89,58 @@ class E4TTune(io.ComfyNode):
                                 tooltip="The tuned offsets as weight diffs (fp16, about 2 bytes per UNet weight they "
                                         "touch), for Save Concept; also ComfyUI's LORA_MODEL."),
                 io.String.Output(display_name="report", tooltip="Steps and losses of the run."),
+                E4TConceptType.Output(display_name="concept",
+                                      tooltip="The tuned concept, compact (offsets, the photo's scales, the "
+                                              "embedding; a few MB): Save Concept writes it to models/e4t_concepts, "
+                                              "Load E4T Concept applies it."),
             ],
         )
 
     @classmethod
     def execute(cls, e4t, model, clip, clip_vision, vae, image, steps, learning_rate, identifier, class_noun,
                 resolution, seed, gradient_checkpointing=True, mask=None) -> io.NodeOutput:
-        out = _host().e4t_tune(model, clip, clip_vision, vae, e4t, image, class_noun, identifier=identifier,
+        out = host("e4t").e4t_tune(model, clip, clip_vision, vae, e4t, image, class_noun, identifier=identifier,
                                mask=mask, steps=steps, lr=learning_rate, resolution=resolution, seed=seed,
                                gradient_checkpointing=gradient_checkpointing)
-        return io.NodeOutput(out.model, out.clip, out.embedding, host("common").as_lora_model(out.lora), out.report)
+        return io.NodeOutput(out.model, out.clip, out.embedding, host("common").as_lora_model(out.lora), out.report,
+                             out.concept)
 
 
-NODES = [LoadE4T, E4TTune]
+class LoadE4TConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BoothKitLoadE4TConcept",
+            display_name="Load E4T Concept",
+            category=CATEGORY,
+            description="Applies a saved E4T concept (Save Concept's <name>_e4t.safetensors in models/e4t_concepts, "
+                        "or `boothkit tune --method e4t`) to copies of MODEL and CLIP: the tuned offsets as weight "
+                        "patches, the identifier's embedding in the CLIP. The inputs are not changed. A concept "
+                        "tuned on another base model is refused.",
+            inputs=[
+                io.Combo.Input("concept_name", options=file_options(CONCEPTS_FOLDER),
+                               tooltip="A compact E4T concept in models/e4t_concepts (empty: none saved yet)."),
+                io.Model.Input("model", tooltip="The model the concept was tuned on."),
+                io.Clip.Input("clip", tooltip="That model's CLIP."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A copy of the model with the concept's offsets."),
+                io.Clip.Output(display_name="clip", tooltip="A copy of the CLIP with the identifier's embedding."),
+                io.String.Output(display_name="report", tooltip="The concept's identifier and class word."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, concept_name) -> bool | str:
+        return check_file(CONCEPTS_FOLDER, concept_name, "E4T concept")
+
+    @classmethod
+    def fingerprint_inputs(cls, concept_name, model=None, clip=None):
+        return file_fingerprint(CONCEPTS_FOLDER, concept_name)
+
+    @classmethod
+    def execute(cls, concept_name, model, clip) -> io.NodeOutput:
+        return io.NodeOutput(*host("e4t").load_concept(file_path(CONCEPTS_FOLDER, concept_name), model, clip))
+
+
+NODES = [LoadE4T, E4TTune, LoadE4TConcept]

@@ -1,6 +1,6 @@
 """InstantBooth nodes: load a file, encode concept images, patch the MODEL with the adapters, put the concept
-token into the prompt. Each node is thin: the work is in instantbooth_host.py (ComfyUI side) and backend/. Nothing
-heavy is imported until a node runs."""
+token into the prompt. Each node is thin: the work is in hosts/comfy/instantbooth.py (ComfyUI side) and backend/.
+Nothing heavy is imported until a node runs."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -16,10 +16,6 @@ INSTANTBOOTH_TIP = "The loaded InstantBooth file (from Load InstantBooth)."
 CONCEPT_TIP = "The subject's concept (from InstantBooth Encode Concept)."
 
 
-def _host():
-    return host("instantbooth")
-
-
 class LoadInstantBooth(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -28,9 +24,9 @@ class LoadInstantBooth(io.ComfyNode):
             display_name="Load InstantBooth",
             category=CATEGORY,
             description="Loads an InstantBooth file (concept encoder, patch encoder and adapters) from "
-                        "models/instantbooth and checks its metadata (and, with a model connected, that it was made for "
-                        "that model's family)." + empty_folder_note(MODEL_FOLDER, "train one with `boothkit train "
-                                                                    "instantbooth`"),
+                        "models/instantbooth and checks its metadata (and, with a model connected, that it was made "
+                        "for that model's family)." + empty_folder_note(MODEL_FOLDER, "train one with `boothkit train "
+                                                                        "instantbooth`"),
             inputs=[
                 io.Combo.Input("instantbooth_name", options=file_options(MODEL_FOLDER),
                                tooltip="An InstantBooth .safetensors file in models/instantbooth."),
@@ -54,11 +50,11 @@ class LoadInstantBooth(io.ComfyNode):
     def execute(cls, instantbooth_name, model=None) -> io.NodeOutput:
         from ..backend.instantbooth import load_instantbooth
 
-        host = _host()
+        ib_host = host("instantbooth")
         path = file_path(MODEL_FOLDER, instantbooth_name)
-        family, width = host.check_family_for_load(model) if model is not None else (None, None)
+        family, width = ib_host.check_family_for_load(model) if model is not None else (None, None)
         instantbooth = load_instantbooth(path, family=family, ctx_dim=width).eval().requires_grad_(False)
-        return io.NodeOutput(host.BoothModel(instantbooth, instantbooth_name))
+        return io.NodeOutput(ib_host.BoothModel(instantbooth, instantbooth_name))
 
 
 class InstantBoothEncodeConcept(io.ComfyNode):
@@ -87,7 +83,7 @@ class InstantBoothEncodeConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, instantbooth, clip_vision, images, masks=None) -> io.NodeOutput:
-        return io.NodeOutput(_host().encode_concept(instantbooth, clip_vision, images, masks))
+        return io.NodeOutput(host("instantbooth").encode_concept(instantbooth, clip_vision, images, masks))
 
 
 class InstantBoothApply(io.ComfyNode):
@@ -123,7 +119,8 @@ class InstantBoothApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, concept, beta, start_percent, end_percent, skip_levels="", skip_blocks=""
                 ) -> io.NodeOutput:
-        return io.NodeOutput(_host().apply(model, concept, beta, start_percent, end_percent, skip_levels, skip_blocks))
+        return io.NodeOutput(host("instantbooth").apply(model, concept, beta, start_percent, end_percent, skip_levels,
+                                                        skip_blocks))
 
 
 class InstantBoothCondition(io.ComfyNode):
@@ -149,7 +146,7 @@ class InstantBoothCondition(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, clip, concept, text, alpha) -> io.NodeOutput:
-        return io.NodeOutput(_host().condition(conditioning, clip, text, concept, alpha))
+        return io.NodeOutput(host("instantbooth").condition(conditioning, clip, text, concept, alpha))
 
 
 class InstantBoothTextEncode(io.ComfyNode):
@@ -176,7 +173,7 @@ class InstantBoothTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, concept, text, alpha, insert_identifier=True) -> io.NodeOutput:
-        return io.NodeOutput(_host().encode_text(clip, text, concept, alpha, insert_identifier))
+        return io.NodeOutput(host("instantbooth").encode_text(clip, text, concept, alpha, insert_identifier))
 
 
 class InstantBoothInsertIdentifier(io.ComfyNode):
@@ -198,7 +195,7 @@ class InstantBoothInsertIdentifier(io.ComfyNode):
 
     @classmethod
     def execute(cls, concept, text) -> io.NodeOutput:
-        return io.NodeOutput(_host().with_identifier(text, concept))
+        return io.NodeOutput(host("instantbooth").with_identifier(text, concept))
 
 
 NODES = [

@@ -1,6 +1,6 @@
 """Two-stage quick-tune nodes: tune a concept from a few photos inside ComfyUI (textual inversion of the
 identifier, then a LoRA on the denoiser) and save it as files stock ComfyUI and A1111 load. Thin: the work is in
-quicktune_host.py (ComfyUI side) and backend/quicktune.py. Nothing heavy is imported until a node runs."""
+hosts/comfy/quicktune.py (ComfyUI side) and backend/quicktune.py. Nothing heavy is imported until a node runs."""
 from __future__ import annotations
 
 import folder_paths
@@ -33,10 +33,6 @@ def checkpointing_input() -> io.Boolean.Input:
                             tooltip="Recompute the denoiser's activations in the backward pass: the same result "
                                     "with about a third of the memory, somewhat more time. On by default, as in "
                                     "ComfyUI's own Train LoRA node; off only on a card with room to spare.")
-
-
-def _host():
-    return host("quicktune")
 
 
 class QuickTuneConcept(io.ComfyNode):
@@ -102,10 +98,11 @@ class QuickTuneConcept(io.ComfyNode):
     def execute(cls, model, clip, vae, images, identifier, class_noun, init_word, embedding_steps, embedding_lr,
                 denoiser_steps, denoiser_lr, lora_rank, resolution, seed, gradient_checkpointing=True,
                 mask=None) -> io.NodeOutput:
-        out = _host().quick_tune(model, clip, vae, images, class_noun, identifier=identifier, init_word=init_word,
-                                 masks=mask, embedding_steps=embedding_steps, embedding_lr=embedding_lr,
-                                 denoiser_steps=denoiser_steps, denoiser_lr=denoiser_lr, rank=lora_rank,
-                                 resolution=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing)
+        out = host("quicktune").quick_tune(model, clip, vae, images, class_noun, identifier=identifier,
+                                           init_word=init_word, masks=mask, embedding_steps=embedding_steps,
+                                           embedding_lr=embedding_lr, denoiser_steps=denoiser_steps,
+                                           denoiser_lr=denoiser_lr, rank=lora_rank, resolution=resolution, seed=seed,
+                                           gradient_checkpointing=gradient_checkpointing)
         return io.NodeOutput(out.model, out.clip, out.embedding, host("common").as_lora_model(out.lora), out.report)
 
 
@@ -117,15 +114,21 @@ class SaveConcept(io.ComfyNode):
             display_name="Save Concept",
             category=CATEGORIES["concepts"],
             description="Saves a learned embedding to models/embeddings/<name>.safetensors (prompt with "
-                        "embedding:<name> in ComfyUI, <name> in A1111) and a LoRA to "
-                        "models/loras/<name>_lora.safetensors (LoraLoader). Existing files are kept unless "
-                        "overwrite is on.",
+                        "embedding:<name> in ComfyUI, <name> in A1111), a LoRA to "
+                        "models/loras/<name>_lora.safetensors (LoraLoader), and an E4T concept compactly to "
+                        "models/e4t_concepts/<name>_e4t.safetensors (Load E4T Concept). Existing files are kept "
+                        "unless overwrite is on.",
             inputs=[
                 EmbeddingType.Input("embedding", optional=True,
                                     tooltip="A learned embedding (Quick-Tune Concept, E4T Tune)."),
                 LoRAType.Input("lora", optional=True,
                                tooltip="A BoothKit LoRA (Quick-Tune Concept, E4T Tune); for Train LoRA's output use "
                                        "ComfyUI's Save LoRA."),
+                io.Custom("BOOTHKIT_E4T_CONCEPT").Input(
+                    "e4t_concept", optional=True,
+                    tooltip="E4T Tune's concept: the compact native file (a few MB; E4T's default save). E4T Tune's "
+                            "lora is the stock-loader export: fp16 weight diffs, about 2 bytes per weight the "
+                            "offsets touch (~0.5 GB for SD1.5)."),
                 io.String.Input("name", default="my_concept",
                                 tooltip="File name: letters, digits, '.', '_' and '-' (anything else becomes '_'; "
                                         "folders are dropped)."),
@@ -148,10 +151,11 @@ class SaveConcept(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, name, overwrite, embedding=None, lora=None) -> io.NodeOutput:
-        paths = _host().save_concept(embedding, host("common").from_lora_model(lora), name, overwrite,
+    def execute(cls, name, overwrite, embedding=None, lora=None, e4t_concept=None) -> io.NodeOutput:
+        paths = host("quicktune").save_concept(embedding, host("common").from_lora_model(lora), name, overwrite,
                                      folder_paths.get_folder_paths(EMBEDDINGS_FOLDER)[0],
-                                     folder_paths.get_folder_paths(LORAS_FOLDER)[0])
+                                     folder_paths.get_folder_paths(LORAS_FOLDER)[0], e4t_concept,
+                                     folder_paths.get_folder_paths("e4t_concepts")[0])
         text = "\n".join(str(p) for p in paths)
         return io.NodeOutput(text, ui={"text": [text]})
 

@@ -148,7 +148,9 @@ def test_e4t_nodes_follow_the_paper_and_take_one_image(pack):
     checkpointing = tune["gradient_checkpointing"]
     assert checkpointing.io_type == "BOOLEAN" and checkpointing.kwargs["default"] is True
     assert [o.io_type for o in s["BoothKitE4TTune"].outputs] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING",
-                                                                 "LORA_MODEL", "STRING"]
+                                                                 "LORA_MODEL", "STRING", "BOOTHKIT_E4T_CONCEPT"]
+    assert [i.io_type for i in s["BoothKitLoadE4TConcept"].inputs] == ["COMBO", "MODEL", "CLIP"]
+    assert {i.id: i.io_type for i in s["BoothKitSaveConcept"].inputs}["e4t_concept"] == "BOOTHKIT_E4T_CONCEPT"
     nodes, _, _ = pack
     assert nodes.MODEL_FOLDERS["e4t"] == {".safetensors"}, "models/e4t holds safetensors only"
 
@@ -300,7 +302,8 @@ WORKFLOW_NODES = {
     "e4t.json": {"BoothKitLoadE4T", "BoothKitE4TTune", "BoothKitSaveConcept", "CLIPVisionLoader", "LoadImage",
                  "CLIPTextEncode", "KSampler", "SaveImage"},
     "toy_instantbooth.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitLoadInstantBooth",
-                              "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply", "KSampler", "SaveImage"},
+                              "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply", "KSampler",
+                              "SaveImage"},
     "toy_e4t.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitLoadE4T", "BoothKitE4TTune",
                      "KSampler", "SaveImage"},
     "toy_quicktune.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitQuickTuneConcept",
@@ -373,7 +376,7 @@ def test_loader_lists_validates_and_loads(pack, models_dir):
     (folder / "notes.txt").write_text("not a model")
     loader = ib_nodes.LoadInstantBooth
     combo = loader.define_schema().inputs[0]
-    assert combo.options == ["ok.safetensors", "toy_instantbooth.safetensors"], "only .safetensors files, then the toy's"
+    assert combo.options == ["ok.safetensors", "toy_instantbooth.safetensors"], "only .safetensors, then the toy's"
     assert loader.validate_inputs(instantbooth_name="ok.safetensors") is True
     msg = loader.validate_inputs(instantbooth_name="gone.safetensors")
     assert "gone.safetensors" in msg and "instantbooth" in msg

@@ -414,6 +414,11 @@ class LoraModel(dict):
         super().__init__(lora.tensors)
         self.metadata = dict(lora.metadata)
 
+    @property
+    def tensors(self) -> dict:
+        """LoRATensors' field: the tensors (the dict itself), so code written for LoRATensors reads it."""
+        return self
+
 
 def as_lora_model(lora: LoRATensors | None) -> LoraModel | None:
     return None if lora is None else LoraModel(lora)

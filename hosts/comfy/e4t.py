@@ -141,6 +141,21 @@ class Progress(common.Progress):
 
 
 @dataclass
+class TunedConcept:
+    """What E4T Tune hands to Save Concept (ComfyUI type BOOTHKIT_E4T_CONCEPT): the tuned offsets with the photo's
+    scales fixed, the embedding, and what the compact file records (backend.e4t.save_e4t_concept)."""
+    config: object  # backend.e4t.E4TConfig
+    offsets: torch.nn.Module  # backend.e4t.WeightOffsets, on the CPU
+    embedding: Embedding
+    class_word: str
+    training: dict
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        return e4t_backend.save_e4t_concept(path, self.config, self.offsets, self.embedding, self.class_word,
+                                            self.training, overwrite=overwrite)
+
+
+@dataclass
 class E4TOutput:
     model: object
     clip: object
@@ -148,6 +163,43 @@ class E4TOutput:
     lora: LoRATensors
     report: str
     result: tune.TuneResult | None
+    concept: TunedConcept | None = None
+
+
+def stock_export(lora: LoRATensors) -> LoRATensors:
+    """The weight diffs as the stock-loader file holds them: fp16 (half of fp32; 2 bytes per weight the offsets
+    touch, ~0.5 GB for SD1.5's targets)."""
+    return LoRATensors({k: v.to(torch.float16) if v.is_floating_point() and v.element_size() > 2 else v
+                        for k, v in lora.tensors.items()}, dict(lora.metadata))
+
+
+def apply_offsets(model, offsets, family: str, identifier: str) -> tuple[object, LoRATensors]:
+    """A clone of ``model`` with the offsets as exact weight changes (``.diff`` patches, through LoraLoader's key
+    map), and those weight diffs."""
+    modules = offset_modules(model, offsets.names)
+    missing = [n for n in offsets.names if n not in modules]
+    if missing:
+        raise ValueError(f"the model has no layer for the E4T offsets {missing[:3]}: the concept is for another "
+                         f"architecture")
+    lora = e4t_backend.weight_diff_file(offsets, effective_weights(model, modules), family, identifier,
+                                        BASE_MODEL_VERSIONS.get(family, family))
+    return common.apply_lora(model, lora), lora
+
+
+def load_concept(path: str | Path, model, clip) -> tuple[object, object, str]:
+    """Copies of MODEL and CLIP with a compact E4T concept applied (its offsets as weight patches, its embedding on the
+    identifier's token row), and a one-line report. The file is refused, naming it, when it was tuned on another
+    family or text-encoder width."""
+    family, _ = common.check_model(model)
+    slots = common.text_slots(clip, family, model)
+    data = e4t_backend.load_e4t_concept(path, family=family, widths={s.key: s.width for s in slots})
+    identifier_ids = common.token_ids(clip, slots, data.identifier, "identifier")
+    with torch.inference_mode(False):
+        model_out, _ = apply_offsets(model, data.offsets, family, data.identifier)
+        vectors = [data.embedding.vectors[s.key].float() for s in slots]
+        clip_out = common.apply_embedding(clip, slots, identifier_ids, vectors)
+    return model_out, clip_out, (f"E4T concept '{Path(path).name}': prompt with '{data.identifier} "
+                                 f"{data.class_word}'")
 
 
 def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, identifier: str = "sks",
@@ -220,15 +272,17 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         embedding = Embedding({s.key: v.detach().cpu().reshape(1, -1) for s, v in zip(slots, vectors)}, family,
                               identifier, class_noun)
         embedding.metadata = embedding_metadata(embedding, training, prediction_type)
-        weights = effective_weights(model, modules)
-        lora = e4t_backend.weight_diff_file(tuned.offsets, weights, family, identifier,
-                                            BASE_MODEL_VERSIONS.get(family, family))
-        model_out = common.apply_lora(model, lora)
+        model_out, lora = apply_offsets(model, tuned.offsets, family, identifier)
         clip_out = common.apply_embedding(clip, slots, identifier_ids, vectors)
+        offsets = copy.deepcopy(tuned.offsets).cpu()
+        offsets.weight_of = None
+        if offsets.scales is not None:  # a plain list: .cpu() does not move it
+            offsets.scales = [s.detach().cpu() for s in offsets.scales]
+        concept = TunedConcept(c, offsets, embedding, class_noun, training)
     status = result.status if result else tune.DONE
     losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result and result.losses else ""
     report = (f"E4T {'finished' if status == tune.DONE else f'stopped ({status})'}: "
               f"{result.steps if result else 0}/{steps} steps{losses}" + (f"; note: {note}" if note else "") +
               (f"; {result.message}" if result and result.message else ""))
     common.send_text(report)
-    return E4TOutput(model_out, clip_out, embedding, lora, report, result)
+    return E4TOutput(model_out, clip_out, embedding, stock_export(lora), report, result, concept)
