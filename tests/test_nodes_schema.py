@@ -748,3 +748,35 @@ def test_encode_concept_crops_to_the_mask_and_fills_the_background(pack):
         host.encode_concept(booth, FakeClipVision(), images, torch.ones(3, 40, 60))
     with pytest.raises(ValueError, match="gives 7 tokens per image.*trained with 5"):
         host.encode_concept(booth, FakeClipVision(tokens=7), images)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the toy world's host parts that need no ComfyUI
+
+
+def test_toy_subject_photos_are_a_subjects_images_and_masks(pack):
+    import boothkit.hosts.comfy.toyworld as toy
+
+    images, masks, noun = toy.subject_photos(1000, 3, seed=0)
+    assert images.shape == (3, 32, 32, 3) and masks.shape == (3, 32, 32) and noun in ("cat", "robot")
+    assert 0 <= float(images.min()) and float(images.max()) <= 1 and set(masks.unique().tolist()) == {0.0, 1.0}
+    again, _, _ = toy.subject_photos(1000, 3, seed=0)
+    other, _, _ = toy.subject_photos(1000, 3, seed=1)
+    assert torch.equal(images, again) and not torch.equal(images, other)
+    with pytest.raises(ValueError, match="no toy-world identity with id 500"):
+        toy.subject_photos(500, 1, seed=0)
+
+
+def test_toy_unet_config_and_files(pack):
+    """The toy UNet's diffusers config read as ComfyUI's UNet arguments; the loaders' toy names resolve to the
+    shipped, sha-checked files and nothing else."""
+    import boothkit.hosts.comfy.toyworld as toy
+
+    dcfg = json.loads((ROOT / "toyworld" / "weights" / "base" / "unet" / "config.json").read_text())
+    cfg = toy.unet_config_from_diffusers(dcfg)
+    assert cfg["model_channels"] * cfg["channel_mult"][-1] == dcfg["block_out_channels"][-1]
+    assert cfg["context_dim"] == dcfg["cross_attention_dim"] and cfg["in_channels"] == 3
+    assert len(cfg["transformer_depth_output"]) == len(dcfg["block_out_channels"]) * (dcfg["layers_per_block"] + 1)
+    assert toy.toy_file("instantbooth", "toy_instantbooth.safetensors").name == "instantbooth.safetensors"
+    assert toy.toy_file("e4t", "toy_e4t.safetensors").name == "e4t.safetensors"
+    assert toy.toy_file("e4t", "toy_instantbooth.safetensors") is None

@@ -175,7 +175,7 @@ def stock_export(lora: LoRATensors) -> LoRATensors:
 
 def apply_offsets(model, offsets, family: str, identifier: str) -> tuple[object, LoRATensors]:
     """A clone of ``model`` with the offsets as exact weight changes (``.diff`` patches, through LoraLoader's key
-    map), and those weight diffs."""
+    map), and those weight diffs. ``model`` must be the loaded one (``load_models_gpu``)."""
     modules = offset_modules(model, offsets.names)
     missing = [n for n in offsets.names if n not in modules]
     if missing:
@@ -194,6 +194,11 @@ def load_concept(path: str | Path, model, clip) -> tuple[object, object, str]:
     slots = common.text_slots(clip, family, model)
     data = e4t_backend.load_e4t_concept(path, family=family, widths={s.key: s.width for s in slots})
     identifier_ids = common.token_ids(clip, slots, data.identifier, "identifier")
+    import comfy.model_management as mm
+
+    # the diffs are W ∘ Δ of this model's weights: load it, so its layers hold its own weights (another clone of
+    # the same UNet, loaded last, leaves its patches in them)
+    mm.load_models_gpu([model])
     with torch.inference_mode(False):
         model_out, _ = apply_offsets(model, data.offsets, family, data.identifier)
         vectors = [data.embedding.vectors[s.key].float() for s in slots]

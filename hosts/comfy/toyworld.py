@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ...toyworld import domain
-from ...toyworld.store import WEIGHTS_DIR, verified, verified_dir
+from ...toyworld.store import verified, verified_dir
 
 FAMILY = "toy"
 # the shipped method files, as the pack's loaders list them (beside the user's files in models/instantbooth, models/e4t)
@@ -271,7 +271,3 @@ def subject_photos(identity_id: int, count: int, seed: int) -> tuple[torch.Tenso
     images = torch.stack([s.image for s in samples]).movedim(1, -1).contiguous()
     masks = torch.stack([s.mask[0] for s in samples]).contiguous()
     return images, masks, identity.class_name
-
-
-def weights_dir() -> Path:
-    return WEIGHTS_DIR

@@ -135,7 +135,11 @@ def main(argv=None) -> int:
         "stock_bytes": os.path.getsize(os.path.join(a.work, "loras", f"{NAME}_lora.safetensors")),
         "listed": folder_paths.get_filename_list("e4t_concepts"), "report": c_report,
         "weights_equal_tune": all(torch.equal(sd_c[k], sd_e[k]) for k in sd_e),
+        "weights_differing": sorted(k for k in sd_e if not torch.equal(sd_c[k], sd_e[k]))[:5],
+        "weights_max_diff": max(float((sd_c[k].float() - sd_e[k].float()).abs().max()) for k in sd_e),
         "token_table_equal_tune": bool(torch.equal(token_table(c_clip, token_layer), token_table(e_clip, token_layer))),
+        "token_max_diff": float((token_table(c_clip, token_layer).float()
+                                 - token_table(e_clip, token_layer).float()).abs().max()),
         "again_without_overwrite": error_of(lambda: run("BoothKitSaveConcept", e4t_concept=concept, name=NAME,
                                                         overwrite=False)),
     }

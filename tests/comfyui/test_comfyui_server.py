@@ -129,7 +129,8 @@ def test_object_info_lists_every_boothkit_node(server):
     assert set(ours) == {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply",
                          "BoothKitInstantBoothCondition", "BoothKitInstantBoothTextEncode",
                          "BoothKitQuickTuneConcept", "BoothKitSaveConcept", "BoothKitLoadE4T", "BoothKitE4TTune",
-                         "BoothKitInstantBoothInsertIdentifier", "BoothKitToyWorldLoader", "BoothKitToySubjectPhotos"}
+                         "BoothKitInstantBoothInsertIdentifier", "BoothKitToyWorldLoader", "BoothKitToySubjectPhotos",
+                         "BoothKitLoadE4TConcept"}
     assert all(v["category"].startswith("BoothKit/") and v["python_module"] == f"custom_nodes.{PACK_FOLDER}"
                for v in ours.values())
     options = ours["BoothKitLoadInstantBooth"]["input"]["required"]["instantbooth_name"][1]["options"]

@@ -66,7 +66,9 @@ def test_the_compact_concept_is_small_and_loads_to_the_tunes_weights(e4t_run):
     c = e4t_run[0]["concept"]
     assert c["file"] == "e4t_cat_e4t.safetensors" and c["listed"] == ["e4t_cat_e4t.safetensors"]
     assert c["bytes"] < c["stock_bytes"] / 2, (c["bytes"], c["stock_bytes"])
-    assert c["weights_equal_tune"] and c["token_table_equal_tune"] and "'sks cat'" in c["report"]
+    assert c["weights_equal_tune"], (c["weights_differing"], c["weights_max_diff"])
+    assert c["token_table_equal_tune"], c["token_max_diff"]
+    assert "'sks cat'" in c["report"]
     assert "already exist" in c["again_without_overwrite"]
     assert e4t_run[0]["untouched_after_concept"] == UNTOUCHED
 
