@@ -81,14 +81,15 @@ try {
       });
       await sleep(500);
       await page.screenshot({ path: path.join(outDir, `${name}.png`) });
-      // and the result up close: the Save Image node, enlarged and centred
+      // and the result up close: the Save Image node centred at 3x (the toy images are 32x32)
       await page.evaluate(() => {
         const canvas = window.app.canvas;
         const save = window.app.graph._nodes.find((n) => n.type === 'SaveImage');
         if (!save) return;
-        save.size = [560, 300];
-        canvas.ds.scale = 1.5;
-        canvas.ds.offset = [-save.pos[0] + 200, -save.pos[1] + 120];
+        const scale = 3;
+        const [w, h] = [canvas.canvas.width / (window.devicePixelRatio || 1), canvas.canvas.height / (window.devicePixelRatio || 1)];
+        canvas.ds.scale = scale;  // screen = (graph + offset) * scale
+        canvas.ds.offset = [w / 2 / scale - (save.pos[0] + save.size[0] / 2), h / 2 / scale - (save.pos[1] + save.size[1] / 2)];
         canvas.setDirty(true, true);
       });
       await sleep(1500);

@@ -96,7 +96,8 @@ def test_encode_concept_with_masks_and_several_images(driver_run):
     results, t, _ = driver_run
     assert results["concept2"] == {"num_images": 2, "f_p_shape": [2 * 257, 768]}
     assert t["f_p"].shape == (257, 768) and t["f_c"].shape == (768,)
-    assert results["loader_options"] == ["ib_gamma0.safetensors", "ib_random.safetensors", "ib_sd2.safetensors"]
+    assert results["loader_options"] == ["ib_gamma0.safetensors", "ib_random.safetensors", "ib_sd2.safetensors",
+                                         "toy_instantbooth.safetensors"], "the folder's files, then the toy's"
 
 
 def test_sdxl_shaped_unet_two_block_transformers(driver_run):
