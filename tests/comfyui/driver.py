@@ -189,7 +189,10 @@ def main(argv=None) -> int:
     tensors["plain"] = sample(model)
     results["t_sample_plain"] = time.perf_counter() - t
     tensors["gamma0"] = sample(apply(concept0, 0.3))
+    # the node's beta 0 means the file's β; a file whose β is 0 turns the adapters off (no patch at all)
+    concept.booth.model.config.beta, file_beta = 0.0, concept.booth.model.config.beta
     tensors["beta0"] = sample(apply(concept, 0.0))
+    concept.booth.model.config.beta = file_beta
     patched = apply(concept, 0.3)
     t = time.perf_counter()
     tensors["patched"] = sample(patched)
@@ -317,6 +320,7 @@ def sdxl_checks(torch, run, host, ibm, clip_vision, image, ib_dir, formats, node
     (concept,) = run("BoothKitInstantBoothEncodeConcept", instantbooth=booth, clip_vision=clip_vision, images=image)
     patched = run("BoothKitInstantBoothApply", model=model, concept=concept, beta=0.3, start_percent=0.0,
                   end_percent=1.0, skip_levels="", skip_blocks="")[0]
+    concept.booth.model.config.beta = 0.0  # beta 0 = the file's β, here 0: adapters off
     beta0 = run("BoothKitInstantBoothApply", model=model, concept=concept, beta=0.0, start_percent=0.0,
                 end_percent=1.0, skip_levels="", skip_blocks="")[0]
     seen = []
