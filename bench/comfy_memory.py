@@ -1,6 +1,6 @@
 """`boothkit bench comfy-memory`: peak memory of the E4T Tune or Quick-Tune Concept node's work inside a real ComfyUI,
 without and with the node's gradient checkpointing, each in a fresh process. The models are random-weight files in
-the SD1.5 layout (bench/comfy/make_models.py, built once into a cache folder: the whole SD1.5 UNet, CLIP-L, the SD
+the SD1.5 layout (bench/comfy_support/make_models.py, built once into a cache folder: the whole SD1.5 UNet, CLIP-L, the SD
 VAE and a ViT-L/14 vision tower), the E4T an untrained one sized for that UNet (offsets of rank 1 on every Linear of
 the transformer blocks, as `boothkit bench e4t --model sd15`). Peak RSS (and the CUDA peak where ComfyUI runs on a
 GPU) is read after the loaded models, so "above the models" is what the node adds. The last line's `ratio` is the
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-MODELS_SCRIPT = PACK_ROOT / "bench" / "comfy" / "make_models.py"
+MODELS_SCRIPT = PACK_ROOT / "bench" / "comfy_support" / "make_models.py"
 
 
 def parse_args(argv):

@@ -80,7 +80,7 @@ def load_pack() -> str:
 
 def worker(a, comfy_path: Path) -> int:
     """Runs inside ComfyUI's python (this file executed as a script)."""
-    sys.path.insert(0, str(PACK_ROOT / "bench" / "comfy"))
+    sys.path.insert(0, str(PACK_ROOT / "bench" / "comfy_support"))
     from make_models import UNETS, random_booth, setup_comfy
     from node_runner import pack_modules
 

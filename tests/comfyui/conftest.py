@@ -44,7 +44,7 @@ def comfy_models(comfy):
     """models dir with checkpoints/boothkit_tiny_sd15.safetensors and clip_vision/boothkit_vitl14.safetensors."""
     default = Path.home() / ".cache" / "boothkit" / "comfyui-test-models"
     out = Path(os.environ.get("BOOTHKIT_COMFY_TEST_MODELS", default))
-    run_logged([comfy["python"], str(HERE.parents[1] / "bench" / "comfy" / "make_models.py"), "--comfyui", str(comfy["path"]), "--out", str(out)],
+    run_logged([comfy["python"], str(HERE.parents[1] / "bench" / "comfy_support" / "make_models.py"), "--comfyui", str(comfy["path"]), "--out", str(out)],
                "building the test models", timeout=900)
     return out
 

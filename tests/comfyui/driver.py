@@ -17,7 +17,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy")  # node_runner, make_models
+SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy_support")  # node_runner, make_models
 PROMPT = "a photo of sks person on the beach"
 NEGATIVE = "blurry"
 LONG_PROMPT = ", ".join(["a very detailed photograph"] * 16) + ", a photo of sks person"  # > 77 tokens

@@ -15,7 +15,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy")  # node_runner, make_models
+SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy_support")  # node_runner, make_models
 IDENTIFIER, CLASS_NOUN, NAME = "sks", "cat", "sks_cat"
 PROMPT = f"a photo of {IDENTIFIER} {CLASS_NOUN} on the beach"
 STEPS = 3  # per stage
