@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 class FormatError(ValueError):
     """A file is not what BoothKit expects; the message says which file, which field, found and expected."""
 
+    __module__ = "boothkit"  # its name in ComfyUI's error dialog, whatever folder the pack is cloned into
+
 
 class NonFiniteError(ValueError):
     """Tensors about to be written (or just read) hold NaN or infinity; the message names the file and the tensors."""

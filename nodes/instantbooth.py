@@ -1,24 +1,19 @@
 """InstantBooth nodes: load a file, encode concept images, patch the MODEL with the adapters, put the concept
-token into the prompt. Each node is thin: the work is in instantbooth_host.py (ComfyUI side) and backend/. Nothing
-heavy is imported until a node runs."""
+token into the prompt. Each node is thin: the work is in hosts/comfy/instantbooth.py (ComfyUI side) and backend/.
+Nothing heavy is imported until a node runs."""
 from __future__ import annotations
 
-import os
-
-import folder_paths
 from comfy_api.latest import io
 
-CATEGORY = "BoothKit"
-MODEL_FOLDER = "instantbooth"  # models/instantbooth, registered in nodes/__init__.py
+from . import CATEGORIES, check_file, empty_folder_note, file_fingerprint, file_options, file_path, host
 
-InstantBoothType = io.Custom("INSTANTBOOTH")
-ConceptType = io.Custom("INSTANTBOOTH_CONCEPT")
+CATEGORY = CATEGORIES["instantbooth"]
+MODEL_FOLDER = "instantbooth"  # models/instantbooth, registered (and created) in nodes/__init__.py
 
-
-def _host():
-    from ..hosts.comfy import instantbooth as instantbooth_host
-
-    return instantbooth_host
+InstantBoothType = io.Custom("BOOTHKIT_INSTANTBOOTH")
+ConceptType = io.Custom("BOOTHKIT_INSTANTBOOTH_CONCEPT")
+INSTANTBOOTH_TIP = "The loaded InstantBooth file (from Load InstantBooth)."
+CONCEPT_TIP = "The subject's concept (from InstantBooth Encode Concept)."
 
 
 class LoadInstantBooth(io.ComfyNode):
@@ -29,38 +24,37 @@ class LoadInstantBooth(io.ComfyNode):
             display_name="Load InstantBooth",
             category=CATEGORY,
             description="Loads an InstantBooth file (concept encoder, patch encoder and adapters) from "
-                        "models/instantbooth and checks its metadata.",
+                        "models/instantbooth and checks its metadata (and, with a model connected, that it was made "
+                        "for that model's family)." + empty_folder_note(MODEL_FOLDER, "train one with `boothkit train "
+                                                                        "instantbooth`"),
             inputs=[
-                io.Combo.Input("instantbooth_name", options=folder_paths.get_filename_list(MODEL_FOLDER),
+                io.Combo.Input("instantbooth_name", options=file_options(MODEL_FOLDER),
                                tooltip="An InstantBooth .safetensors file in models/instantbooth."),
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: the model it will patch, to reject a file made for another base "
                                        "model right away."),
             ],
-            outputs=[InstantBoothType.Output(display_name="instantbooth")],
+            outputs=[InstantBoothType.Output(display_name="instantbooth",
+                                             tooltip="The InstantBooth encoders and adapters, checked.")],
         )
 
     @classmethod
     def validate_inputs(cls, instantbooth_name) -> bool | str:
-        if folder_paths.get_full_path(MODEL_FOLDER, instantbooth_name) is None:
-            return (f"InstantBooth file '{instantbooth_name}' is not in models/{MODEL_FOLDER} (searched "
-                    f"{', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))})")
-        return True
+        return check_file(MODEL_FOLDER, instantbooth_name, "InstantBooth")
 
     @classmethod
     def fingerprint_inputs(cls, instantbooth_name, model=None):
-        path = folder_paths.get_full_path(MODEL_FOLDER, instantbooth_name)
-        return os.path.getmtime(path) if path else instantbooth_name  # a rewritten file is loaded again
+        return file_fingerprint(MODEL_FOLDER, instantbooth_name)
 
     @classmethod
     def execute(cls, instantbooth_name, model=None) -> io.NodeOutput:
         from ..backend.instantbooth import load_instantbooth
 
-        host = _host()
-        path = folder_paths.get_full_path_or_raise(MODEL_FOLDER, instantbooth_name)
-        family, width = host.check_family_for_load(model) if model is not None else (None, None)
+        ib_host = host("instantbooth")
+        path = file_path(MODEL_FOLDER, instantbooth_name)
+        family, width = ib_host.check_family_for_load(model) if model is not None else (None, None)
         instantbooth = load_instantbooth(path, family=family, ctx_dim=width).eval().requires_grad_(False)
-        return io.NodeOutput(host.BoothModel(instantbooth, instantbooth_name))
+        return io.NodeOutput(ib_host.BoothModel(instantbooth, instantbooth_name))
 
 
 class InstantBoothEncodeConcept(io.ComfyNode):
@@ -73,7 +67,7 @@ class InstantBoothEncodeConcept(io.ComfyNode):
             description="Encodes N photos of one subject into a concept: crops each photo to its mask, fills the "
                         "background, runs CLIP vision, then the concept and patch encoders.",
             inputs=[
-                InstantBoothType.Input("instantbooth"),
+                InstantBoothType.Input("instantbooth", tooltip=INSTANTBOOTH_TIP),
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the InstantBooth file was trained "
                                                            "with (ViT-L/14 for the published setup)."),
                 io.Image.Input("images", tooltip="Photos of the subject; a batch of N images gives one concept."),
@@ -82,12 +76,14 @@ class InstantBoothEncodeConcept(io.ComfyNode):
                                       "images are used. LoadImage's alpha mask is 1 on the transparent part: invert "
                                       "it first."),
             ],
-            outputs=[ConceptType.Output(display_name="concept")],
+            outputs=[ConceptType.Output(display_name="concept",
+                                        tooltip="The concept: its token f_c and patch features f_p, with the "
+                                                "file's identifier and defaults.")],
         )
 
     @classmethod
     def execute(cls, instantbooth, clip_vision, images, masks=None) -> io.NodeOutput:
-        return io.NodeOutput(_host().encode_concept(instantbooth, clip_vision, images, masks))
+        return io.NodeOutput(host("instantbooth").encode_concept(instantbooth, clip_vision, images, masks))
 
 
 class InstantBoothApply(io.ComfyNode):
@@ -100,8 +96,8 @@ class InstantBoothApply(io.ComfyNode):
             description="Adds the concept's adapters to every transformer block of a copy of the model (between "
                         "self- and cross-attention). The input model is not changed.",
             inputs=[
-                io.Model.Input("model"),
-                ConceptType.Input("concept"),
+                io.Model.Input("model", tooltip="The model to patch (a copy is patched; this one is unchanged)."),
+                ConceptType.Input("concept", tooltip=CONCEPT_TIP),
                 io.Float.Input("beta", default=0.0, min=0.0, max=2.0, step=0.01,
                                tooltip="β, the adapters' weight; 0 = the file's β (its trainer writes the value it "
                                        "was chosen at; the paper's is 0.3, the toy file's 1.0). Lower keeps more of "
@@ -117,13 +113,14 @@ class InstantBoothApply(io.ComfyNode):
                                 tooltip="Single transformer blocks without adapters, by index in execution order, "
                                         "comma-separated (empty = none)."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A copy of the model with the concept's adapters.")],
         )
 
     @classmethod
     def execute(cls, model, concept, beta, start_percent, end_percent, skip_levels="", skip_blocks=""
                 ) -> io.NodeOutput:
-        return io.NodeOutput(_host().apply(model, concept, beta, start_percent, end_percent, skip_levels, skip_blocks))
+        return io.NodeOutput(host("instantbooth").apply(model, concept, beta, start_percent, end_percent, skip_levels,
+                                                        skip_blocks))
 
 
 class InstantBoothCondition(io.ComfyNode):
@@ -137,19 +134,19 @@ class InstantBoothCondition(io.ComfyNode):
             inputs=[
                 io.Conditioning.Input("conditioning", tooltip="The encoded prompt (e.g. from CLIPTextEncode)."),
                 io.Clip.Input("clip", tooltip="The CLIP that encoded the prompt (its tokenizer finds the rows)."),
-                ConceptType.Input("concept"),
+                ConceptType.Input("concept", tooltip=CONCEPT_TIP),
                 io.String.Input("text", multiline=True, default="",
                                 tooltip="The prompt that was encoded into the conditioning, with the identifier in it. "
                                         "Tip: convert it to an input and share one text with CLIPTextEncode."),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=2.0, step=0.01,
                                tooltip="α, the concept token's scale; 0 = the file's α (the paper's is 0.4)."),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip="The prompt with the concept token in the identifier's rows.")],
         )
 
     @classmethod
     def execute(cls, conditioning, clip, concept, text, alpha) -> io.NodeOutput:
-        return io.NodeOutput(_host().condition(conditioning, clip, text, concept, alpha))
+        return io.NodeOutput(host("instantbooth").condition(conditioning, clip, text, concept, alpha))
 
 
 class InstantBoothTextEncode(io.ComfyNode):
@@ -162,8 +159,8 @@ class InstantBoothTextEncode(io.ComfyNode):
             description="CLIPTextEncode and InstantBooth Condition in one: encodes the prompt (inserting the "
                         "identifier before the class noun if it is missing) and puts in the concept token.",
             inputs=[
-                io.Clip.Input("clip"),
-                ConceptType.Input("concept"),
+                io.Clip.Input("clip", tooltip="The model's CLIP (text encoder and tokenizer)."),
+                ConceptType.Input("concept", tooltip=CONCEPT_TIP),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, default="a photo of a person",
                                 tooltip="The prompt."),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=2.0, step=0.01,
@@ -171,12 +168,12 @@ class InstantBoothTextEncode(io.ComfyNode):
                 io.Boolean.Input("insert_identifier", default=True,
                                  tooltip="Insert the identifier before the first class noun when the prompt lacks it."),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip="The prompt with the concept token in the identifier's rows.")],
         )
 
     @classmethod
     def execute(cls, clip, concept, text, alpha, insert_identifier=True) -> io.NodeOutput:
-        return io.NodeOutput(_host().encode_text(clip, text, concept, alpha, insert_identifier))
+        return io.NodeOutput(host("instantbooth").encode_text(clip, text, concept, alpha, insert_identifier))
 
 
 class InstantBoothInsertIdentifier(io.ComfyNode):
@@ -189,15 +186,16 @@ class InstantBoothInsertIdentifier(io.ComfyNode):
             description="Inserts the concept's identifier before the first class noun: 'a photo of a person' -> "
                         "'a photo of a sks person'. A prompt that has it already is unchanged.",
             inputs=[
-                ConceptType.Input("concept"),
-                io.String.Input("text", multiline=True, default="a photo of a person"),
+                ConceptType.Input("concept", tooltip=CONCEPT_TIP),
+                io.String.Input("text", multiline=True, default="a photo of a person",
+                                tooltip="The prompt; the identifier is inserted before its first class noun."),
             ],
-            outputs=[io.String.Output(display_name="text")],
+            outputs=[io.String.Output(display_name="text", tooltip="The prompt with the identifier in it.")],
         )
 
     @classmethod
     def execute(cls, concept, text) -> io.NodeOutput:
-        return io.NodeOutput(_host().with_identifier(text, concept))
+        return io.NodeOutput(host("instantbooth").with_identifier(text, concept))
 
 
 NODES = [

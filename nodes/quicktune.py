@@ -1,18 +1,30 @@
 """Two-stage quick-tune nodes: tune a concept from a few photos inside ComfyUI (textual inversion of the
 identifier, then a LoRA on the denoiser) and save it as files stock ComfyUI and A1111 load. Thin: the work is in
-quicktune_host.py (ComfyUI side) and backend/quicktune.py. Nothing heavy is imported until a node runs."""
+hosts/comfy/quicktune.py (ComfyUI side) and backend/quicktune.py. Nothing heavy is imported until a node runs."""
 from __future__ import annotations
 
 import folder_paths
 from comfy_api.latest import io
 
-CATEGORY = "BoothKit"
+from . import CATEGORIES, host
+
+CATEGORY = CATEGORIES["quicktune"]
 EMBEDDINGS_FOLDER, LORAS_FOLDER = "embeddings", "loras"  # ComfyUI's own model folders
 
-# the values travelling on these links: backend.embedding.Embedding and backend.lora.LoRATensors; other methods (E4T)
-# produce the same types, so one Save Concept node writes them all
+# the values travelling on these links: backend.embedding.Embedding, and ComfyUI's own LORA_MODEL (a state dict that
+# Load LoRA Model and Save LoRA take; ours is hosts.comfy.common.LoraModel, which also carries the file's metadata);
+# other methods (E4T) produce the same types, so one Save Concept node writes them all
 EmbeddingType = io.Custom("BOOTHKIT_EMBEDDING")
-LoRAType = io.Custom("BOOTHKIT_LORA")
+LoRAType = io.LoraModel
+EMBEDDING_TIP = "The learned embedding (the identifier's token vector), for Save Concept."
+LORA_TIP = ("The learned LoRA (kohya keys), for Save Concept; also ComfyUI's LORA_MODEL, so Load LoRA Model and Save "
+            "LoRA take it.")
+
+
+def seed_input(tooltip: str) -> io.Int.Input:
+    """A tune's seed: no 'control after generate' (declared, so the frontend adds none): a seed that changed after
+    every run would tune again at every Queue; a fixed seed reruns only what changed downstream."""
+    return io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False, tooltip=tooltip)
 
 
 def checkpointing_input() -> io.Boolean.Input:
@@ -21,12 +33,6 @@ def checkpointing_input() -> io.Boolean.Input:
                             tooltip="Recompute the denoiser's activations in the backward pass: the same result "
                                     "with about a third of the memory, somewhat more time. On by default, as in "
                                     "ComfyUI's own Train LoRA node; off only on a card with room to spare.")
-
-
-def _host():
-    from ..hosts.comfy import quicktune as quicktune_host
-
-    return quicktune_host
 
 
 class QuickTuneConcept(io.ComfyNode):
@@ -65,11 +71,11 @@ class QuickTuneConcept(io.ComfyNode):
                 io.Float.Input("denoiser_lr", default=0.0001, min=0.000001, max=1.0, step=0.000001,
                                tooltip="Stage 2 (LoRA) learning rate."),
                 io.Int.Input("lora_rank", default=4, min=1, max=128, tooltip="Rank of the denoiser LoRA."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
+                io.Int.Input("resolution", default=512, min=32, max=2048, step=32,
                              tooltip="Training size: photos are resized (shorter side) and centre-cropped to it. "
-                                     "512 for SD1.x, 768 for SD2.x-768, 1024 for SDXL."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed of the LoRA's start, batches, noise and timesteps."),
+                                     "512 for SD1.x, 768 for SD2.x-768, 1024 for SDXL, 32 for the toy world."),
+                seed_input("Seed of the LoRA's start, batches, noise and timesteps (fixed: Queue again reruns only "
+                           "what changed after this node)."),
                 # on, unlike QuickTuneConfig (the CLI's --gradient-checkpointing): ComfyUI's own Train LoRA node
                 # defaults to it, and the node trains beside the loaded models on the user's card
                 checkpointing_input(),
@@ -82,8 +88,8 @@ class QuickTuneConcept(io.ComfyNode):
                 io.Model.Output(display_name="model", tooltip="A copy of the model with the LoRA applied."),
                 io.Clip.Output(display_name="clip",
                                tooltip="A copy of the CLIP whose identifier token is the learned vector."),
-                EmbeddingType.Output(display_name="embedding", tooltip="The learned embedding, for Save Concept."),
-                LoRAType.Output(display_name="lora", tooltip="The learned LoRA, for Save Concept."),
+                EmbeddingType.Output(display_name="embedding", tooltip=EMBEDDING_TIP),
+                LoRAType.Output(display_name="lora", tooltip=LORA_TIP),
                 io.String.Output(display_name="report", tooltip="Steps, losses and notes of the run."),
             ],
         )
@@ -92,11 +98,12 @@ class QuickTuneConcept(io.ComfyNode):
     def execute(cls, model, clip, vae, images, identifier, class_noun, init_word, embedding_steps, embedding_lr,
                 denoiser_steps, denoiser_lr, lora_rank, resolution, seed, gradient_checkpointing=True,
                 mask=None) -> io.NodeOutput:
-        out = _host().quick_tune(model, clip, vae, images, class_noun, identifier=identifier, init_word=init_word,
-                                 masks=mask, embedding_steps=embedding_steps, embedding_lr=embedding_lr,
-                                 denoiser_steps=denoiser_steps, denoiser_lr=denoiser_lr, rank=lora_rank,
-                                 resolution=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing)
-        return io.NodeOutput(out.model, out.clip, out.embedding, out.lora, out.report)
+        out = host("quicktune").quick_tune(model, clip, vae, images, class_noun, identifier=identifier,
+                                           init_word=init_word, masks=mask, embedding_steps=embedding_steps,
+                                           embedding_lr=embedding_lr, denoiser_steps=denoiser_steps,
+                                           denoiser_lr=denoiser_lr, rank=lora_rank, resolution=resolution, seed=seed,
+                                           gradient_checkpointing=gradient_checkpointing)
+        return io.NodeOutput(out.model, out.clip, out.embedding, host("common").as_lora_model(out.lora), out.report)
 
 
 class SaveConcept(io.ComfyNode):
@@ -105,14 +112,23 @@ class SaveConcept(io.ComfyNode):
         return io.Schema(
             node_id="BoothKitSaveConcept",
             display_name="Save Concept",
-            category=CATEGORY,
+            category=CATEGORIES["concepts"],
             description="Saves a learned embedding to models/embeddings/<name>.safetensors (prompt with "
-                        "embedding:<name> in ComfyUI, <name> in A1111) and a LoRA to "
-                        "models/loras/<name>_lora.safetensors (LoraLoader). Existing files are kept unless "
-                        "overwrite is on.",
+                        "embedding:<name> in ComfyUI, <name> in A1111), a LoRA to "
+                        "models/loras/<name>_lora.safetensors (LoraLoader), and an E4T concept compactly to "
+                        "models/e4t_concepts/<name>_e4t.safetensors (Load E4T Concept). Existing files are kept "
+                        "unless overwrite is on.",
             inputs=[
-                EmbeddingType.Input("embedding", optional=True),
-                LoRAType.Input("lora", optional=True),
+                EmbeddingType.Input("embedding", optional=True,
+                                    tooltip="A learned embedding (Quick-Tune Concept, E4T Tune)."),
+                LoRAType.Input("lora", optional=True,
+                               tooltip="A BoothKit LoRA (Quick-Tune Concept, E4T Tune); for Train LoRA's output use "
+                                       "ComfyUI's Save LoRA."),
+                io.Custom("BOOTHKIT_E4T_CONCEPT").Input(
+                    "e4t_concept", optional=True,
+                    tooltip="E4T Tune's concept: the compact native file (a few MB; E4T's default save). E4T Tune's "
+                            "lora is the stock-loader export: fp16 weight diffs, about 2 bytes per weight the "
+                            "offsets touch (~0.5 GB for SD1.5)."),
                 io.String.Input("name", default="my_concept",
                                 tooltip="File name: letters, digits, '.', '_' and '-' (anything else becomes '_'; "
                                         "folders are dropped)."),
@@ -135,10 +151,11 @@ class SaveConcept(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, name, overwrite, embedding=None, lora=None) -> io.NodeOutput:
-        paths = _host().save_concept(embedding, lora, name, overwrite,
+    def execute(cls, name, overwrite, embedding=None, lora=None, e4t_concept=None) -> io.NodeOutput:
+        paths = host("quicktune").save_concept(embedding, host("common").from_lora_model(lora), name, overwrite,
                                      folder_paths.get_folder_paths(EMBEDDINGS_FOLDER)[0],
-                                     folder_paths.get_folder_paths(LORAS_FOLDER)[0])
+                                     folder_paths.get_folder_paths(LORAS_FOLDER)[0], e4t_concept,
+                                     folder_paths.get_folder_paths("e4t_concepts")[0])
         text = "\n".join(str(p) for p in paths)
         return io.NodeOutput(text, ui={"text": [text]})
 

@@ -50,7 +50,7 @@ def schemas(pack):
 # schemas and the extension
 
 
-def test_every_node_is_listed_prefixed_and_in_the_boothkit_category(pack):
+def test_every_node_is_listed_prefixed_and_in_a_boothkit_category(pack):
     nodes, ib_nodes, _ = pack
     listed = asyncio.run(nodes.BoothKitExtension().get_node_list())
     assert listed[: len(ib_nodes.NODES)] == ib_nodes.NODES
@@ -59,11 +59,62 @@ def test_every_node_is_listed_prefixed_and_in_the_boothkit_category(pack):
     assert set(ids) >= {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply",
                         "BoothKitInstantBoothCondition", "BoothKitQuickTuneConcept", "BoothKitSaveConcept",
                         "BoothKitLoadE4T", "BoothKitE4TTune"}
+    categories = set()
     for cls in listed:
         s = cls.define_schema()
-        assert s.node_id.startswith("BoothKit") and s.category == "BoothKit" and s.display_name and s.description
+        assert s.node_id.startswith("BoothKit") and s.display_name and s.description
+        assert s.category.startswith("BoothKit/"), f"{s.node_id}: category {s.category!r}"
+        categories.add(s.category)
         ids_ = [i.id for i in s.inputs] + [o.id for o in s.outputs if o.id]
         assert len(set(ids_)) == len(ids_), f"{s.node_id}: duplicate input/output ids"
+    assert categories == {"BoothKit/InstantBooth", "BoothKit/E4T", "BoothKit/quick-tune", "BoothKit/concepts",
+                          "BoothKit/toy world"}
+
+
+# ComfyUI's own link types; every other type a node declares is BoothKit's and carries its prefix
+COMFY_TYPES = {"MODEL", "CLIP", "VAE", "CLIP_VISION", "CONDITIONING", "IMAGE", "MASK", "LATENT", "LORA_MODEL", "INT",
+               "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def test_every_input_and_output_has_a_tooltip_and_custom_types_are_prefixed(pack):
+    for node_id, s in schemas(pack).items():
+        for slot in list(s.inputs) + list(s.outputs):
+            name = slot.id or slot.display_name or slot.io_type
+            assert slot.tooltip and len(slot.tooltip) > 10, f"{node_id}.{name}: no tooltip"
+            assert slot.io_type in COMFY_TYPES or slot.io_type.startswith("BOOTHKIT_"), f"{node_id}.{name}: " \
+                                                                                          f"{slot.io_type}"
+
+
+def test_the_lora_outputs_are_comfyuis_lora_model(pack):
+    """ComfyUI's Load LoRA Model / Save LoRA take what Quick-Tune Concept and E4T Tune give, and Save Concept takes it
+    back (with the file's metadata); a LORA_MODEL without it (Train LoRA's) is refused with the node that saves it."""
+    s = schemas(pack)
+    for node_id in ("BoothKitQuickTuneConcept", "BoothKitE4TTune"):
+        assert {o.display_name: o.io_type for o in s[node_id].outputs}["lora"] == "LORA_MODEL"
+    assert {i.id: i.io_type for i in s["BoothKitSaveConcept"].inputs}["lora"] == "LORA_MODEL"
+    import boothkit.hosts.comfy.common as common
+    from boothkit.backend.lora import LoRATensors
+
+    lora = LoRATensors({"lora_unet_x.lora_up.weight": torch.ones(4, 2)}, {"format": "boothkit.lora"})
+    value = common.as_lora_model(lora)
+    assert isinstance(value, dict) and torch.equal(value["lora_unet_x.lora_up.weight"], torch.ones(4, 2))
+    back = common.from_lora_model(value)
+    assert back.metadata == lora.metadata and set(back.tensors) == set(lora.tensors)
+    with pytest.raises(TypeError, match="Save LoRA"):
+        common.from_lora_model({"x.lora_up.weight": torch.ones(1)})
+
+
+def test_model_folders_are_created_and_the_loaders_list_the_toy_files(pack, models_dir):
+    nodes, ib_nodes, _ = pack
+    assert (models_dir / "instantbooth").is_dir() and (models_dir / "e4t").is_dir()
+    s = schemas(pack)
+    for node_id, name, folder in (("BoothKitLoadInstantBooth", "instantbooth_name", "instantbooth"),
+                                  ("BoothKitLoadE4T", "e4t_name", "e4t")):
+        combo = {i.id: i for i in s[node_id].inputs}[name]
+        assert combo.options[-1] == nodes.TOY_FILES[folder], combo.options
+        assert f"models/{folder}" in s[node_id].description and "refresh" in s[node_id].description
+    assert ib_nodes.LoadInstantBooth.validate_inputs("toy_instantbooth.safetensors") is True
+    assert "not in models/instantbooth" in ib_nodes.LoadInstantBooth.validate_inputs("nothing.safetensors")
 
 
 def test_the_quicktune_nodes_are_listed(pack):
@@ -82,7 +133,7 @@ def test_defaults_match_the_paper(pack):
     assert apply["beta"].kwargs["default"] == 0 and cond["alpha"].kwargs["default"] == 0
     assert "file's" in apply["beta"].tooltip and "file's" in cond["alpha"].tooltip
     assert (apply["start_percent"].kwargs["default"], apply["end_percent"].kwargs["default"]) == (0.0, 1.0)
-    assert [i.io_type for i in s["BoothKitInstantBoothApply"].inputs[:2]] == ["MODEL", "INSTANTBOOTH_CONCEPT"]
+    assert [i.io_type for i in s["BoothKitInstantBoothApply"].inputs[:2]] == ["MODEL", "BOOTHKIT_INSTANTBOOTH_CONCEPT"]
     enc = {i.id: i for i in s["BoothKitInstantBoothEncodeConcept"].inputs}
     assert enc["masks"].optional and not enc["images"].optional
 
@@ -97,7 +148,9 @@ def test_e4t_nodes_follow_the_paper_and_take_one_image(pack):
     checkpointing = tune["gradient_checkpointing"]
     assert checkpointing.io_type == "BOOLEAN" and checkpointing.kwargs["default"] is True
     assert [o.io_type for o in s["BoothKitE4TTune"].outputs] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING",
-                                                                 "BOOTHKIT_LORA", "STRING"]
+                                                                 "LORA_MODEL", "STRING", "BOOTHKIT_E4T_CONCEPT"]
+    assert [i.io_type for i in s["BoothKitLoadE4TConcept"].inputs] == ["COMBO", "MODEL", "CLIP"]
+    assert {i.id: i.io_type for i in s["BoothKitSaveConcept"].inputs}["e4t_concept"] == "BOOTHKIT_E4T_CONCEPT"
     nodes, _, _ = pack
     assert nodes.MODEL_FOLDERS["e4t"] == {".safetensors"}, "models/e4t holds safetensors only"
 
@@ -133,15 +186,28 @@ CORE_WIDGETS = {
                  ("scheduler", "STRING", None), ("denoise", "FLOAT", (0.0, 1.0))],
     "VAEDecode": [],
     "SaveImage": [("filename_prefix", "STRING", None)],
+    "EmptyChromaRadianceLatentImage": [("width", "INT", (16, 16384)), ("height", "INT", (16, 16384)),
+                                       ("batch_size", "INT", (1, 4096))],
+    "Note": [("text", "STRING", None)],
+    "ImageBatch": [],
 }
 CORE_OUTPUTS = {
     "CheckpointLoaderSimple": ["MODEL", "CLIP", "VAE"], "CLIPVisionLoader": ["CLIP_VISION"],
     "LoadImage": ["IMAGE", "MASK"], "CLIPTextEncode": ["CONDITIONING"], "EmptyLatentImage": ["LATENT"],
-    "KSampler": ["LATENT"], "VAEDecode": ["IMAGE"], "SaveImage": [],
+    "KSampler": ["LATENT"], "VAEDecode": ["IMAGE"], "SaveImage": [], "EmptyChromaRadianceLatentImage": ["LATENT"],
+    "Note": [], "ImageBatch": ["IMAGE"],
 }
 
 
+def has_seed_control(i) -> bool:
+    """The frontend's rule (useIntWidget): an INT input gets a 'control after generate' widget after it when its
+    spec says control_after_generate, or, when the spec does not say, when it is named seed or noise_seed."""
+    declared = i.kwargs.get("control_after_generate")
+    return i.io_type == "INT" and (declared if declared is not None else i.id in ("seed", "noise_seed"))
+
+
 def boothkit_widgets(schema) -> list[tuple[str, str, object]]:
+    """The widget values the frontend makes for a node, in order."""
     out = []
     for i in schema.inputs:
         if not i.is_widget:
@@ -151,7 +217,18 @@ def boothkit_widgets(schema) -> list[tuple[str, str, object]]:
         else:
             lo, hi = i.kwargs.get("min"), i.kwargs.get("max")
             out.append((i.id, i.io_type, (lo, hi) if lo is not None else None))
+        if has_seed_control(i):
+            out.append(("control_after_generate", "CONTROL", None))
     return out
+
+
+def test_seeds_declare_their_control_and_tunes_keep_a_fixed_seed(pack):
+    """Every INT named seed declares control_after_generate (the frontend's hidden rule is not relied on); the tunes'
+    seeds are fixed (no control): a seed that changed after each run would tune again at every Queue."""
+    seeds = {(node_id, i.id): i.kwargs.get("control_after_generate") for node_id, s in schemas(pack).items()
+             for i in s.inputs if i.io_type == "INT" and "seed" in i.id}
+    assert seeds and all(v is not None for v in seeds.values()), seeds
+    assert seeds[("BoothKitQuickTuneConcept", "seed")] is False and seeds[("BoothKitE4TTune", "seed")] is False
 
 
 def workflow_files():
@@ -173,7 +250,7 @@ def test_workflow_matches_the_schemas(pack, path):
     outputs, inputs = {}, {}
     for node in wf["nodes"]:
         t = node["type"]
-        values = node.get("widgets_values", [])
+        values = node.get("widgets_values") or []
         if t in s:
             spec = boothkit_widgets(s[t])
             outputs[node["id"]] = [o.io_type for o in s[t].outputs]
@@ -224,7 +301,36 @@ WORKFLOW_NODES = {
                        "CLIPTextEncode", "KSampler", "SaveImage"},
     "e4t.json": {"BoothKitLoadE4T", "BoothKitE4TTune", "BoothKitSaveConcept", "CLIPVisionLoader", "LoadImage",
                  "CLIPTextEncode", "KSampler", "SaveImage"},
+    "toy_instantbooth.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitLoadInstantBooth",
+                              "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply", "KSampler",
+                              "SaveImage"},
+    "toy_e4t.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitLoadE4T", "BoothKitE4TTune",
+                     "KSampler", "SaveImage"},
+    "toy_quicktune.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitQuickTuneConcept",
+                           "KSampler", "SaveImage"},
+    "toy_compare.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitInstantBoothApply",
+                         "BoothKitE4TTune", "BoothKitQuickTuneConcept", "SaveImage"},
 }
+
+
+def test_every_method_has_a_toy_template_and_sd_templates_say_what_they_need():
+    """A toy template per method (and the comparison) runs with nothing but the pack: it names no file outside it.
+    Each SD template carries a Note naming the files it needs and the command that makes them."""
+    names = {p.name for p in workflow_files()}
+    assert {"toy_instantbooth.json", "toy_e4t.json", "toy_quicktune.json", "toy_compare.json"} <= names
+    for path in workflow_files():
+        wf = json.loads(path.read_text())
+        types = {n["type"] for n in wf["nodes"]}
+        notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
+        assert len(notes) == 1, f"{path.name}: one Note says what the template needs"
+        if "toy" in path.name:
+            assert not types & {"CheckpointLoaderSimple", "CLIPVisionLoader", "LoadImage"}, path.name
+            files = [v for n in wf["nodes"] for v in n.get("widgets_values") or [] if str(v).endswith(".safetensors")]
+            assert all(f.startswith("toy_") for f in files), f"{path.name}: {files}"
+        else:
+            method = path.stem
+            assert "checkpoint" in notes[0] and (method == "quicktune" or f"boothkit train {method}" in notes[0]), \
+                f"{path.name}: its Note must name the files and how to make them"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,7 +376,7 @@ def test_loader_lists_validates_and_loads(pack, models_dir):
     (folder / "notes.txt").write_text("not a model")
     loader = ib_nodes.LoadInstantBooth
     combo = loader.define_schema().inputs[0]
-    assert combo.options == ["ok.safetensors"], "only .safetensors files are offered"
+    assert combo.options == ["ok.safetensors", "toy_instantbooth.safetensors"], "only .safetensors, then the toy's"
     assert loader.validate_inputs(instantbooth_name="ok.safetensors") is True
     msg = loader.validate_inputs(instantbooth_name="gone.safetensors")
     assert "gone.safetensors" in msg and "instantbooth" in msg
@@ -654,3 +760,35 @@ def test_encode_concept_crops_to_the_mask_and_fills_the_background(pack):
         host.encode_concept(booth, FakeClipVision(), images, torch.ones(3, 40, 60))
     with pytest.raises(ValueError, match="gives 7 tokens per image.*trained with 5"):
         host.encode_concept(booth, FakeClipVision(tokens=7), images)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the toy world's host parts that need no ComfyUI
+
+
+def test_toy_subject_photos_are_a_subjects_images_and_masks(pack):
+    import boothkit.hosts.comfy.toyworld as toy
+
+    images, masks, noun = toy.subject_photos(1000, 3, seed=0)
+    assert images.shape == (3, 32, 32, 3) and masks.shape == (3, 32, 32) and noun in ("cat", "robot")
+    assert 0 <= float(images.min()) and float(images.max()) <= 1 and set(masks.unique().tolist()) == {0.0, 1.0}
+    again, _, _ = toy.subject_photos(1000, 3, seed=0)
+    other, _, _ = toy.subject_photos(1000, 3, seed=1)
+    assert torch.equal(images, again) and not torch.equal(images, other)
+    with pytest.raises(ValueError, match="no toy-world identity with id 500"):
+        toy.subject_photos(500, 1, seed=0)
+
+
+def test_toy_unet_config_and_files(pack):
+    """The toy UNet's diffusers config read as ComfyUI's UNet arguments; the loaders' toy names resolve to the
+    shipped, sha-checked files and nothing else."""
+    import boothkit.hosts.comfy.toyworld as toy
+
+    dcfg = json.loads((ROOT / "toyworld" / "weights" / "base" / "unet" / "config.json").read_text())
+    cfg = toy.unet_config_from_diffusers(dcfg)
+    assert cfg["model_channels"] * cfg["channel_mult"][-1] == dcfg["block_out_channels"][-1]
+    assert cfg["context_dim"] == dcfg["cross_attention_dim"] and cfg["in_channels"] == 3
+    assert len(cfg["transformer_depth_output"]) == len(dcfg["block_out_channels"]) * (dcfg["layers_per_block"] + 1)
+    assert toy.toy_file("instantbooth", "toy_instantbooth.safetensors").name == "instantbooth.safetensors"
+    assert toy.toy_file("e4t", "toy_e4t.safetensors").name == "e4t.safetensors"
+    assert toy.toy_file("e4t", "toy_instantbooth.safetensors") is None

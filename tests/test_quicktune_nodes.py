@@ -58,7 +58,7 @@ def test_both_nodes_are_listed_with_their_ids(pack):
     schemas = [cls.define_schema() for cls in qt_nodes.NODES]
     assert [s.node_id for s in schemas] == ["BoothKitQuickTuneConcept", "BoothKitSaveConcept"]
     for s in schemas:
-        assert s.category == "BoothKit" and s.display_name and s.description
+        assert s.category.startswith("BoothKit/") and s.display_name and s.description
         for i in s.inputs:
             assert i.tooltip or i.io_type.startswith("BOOTHKIT_"), f"{s.node_id}.{i.id} has no tooltip"
 
@@ -72,7 +72,7 @@ def test_quick_tune_inputs_outputs_and_types(pack):
         ("embedding_steps", "INT", False), ("embedding_lr", "FLOAT", False), ("denoiser_steps", "INT", False),
         ("denoiser_lr", "FLOAT", False), ("lora_rank", "INT", False), ("resolution", "INT", False),
         ("seed", "INT", False), ("gradient_checkpointing", "BOOLEAN", False), ("mask", "MASK", True)]
-    assert [o.io_type for o in s.outputs] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING", "BOOTHKIT_LORA", "STRING"]
+    assert [o.io_type for o in s.outputs] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING", "LORA_MODEL", "STRING"]
     assert not s.is_output_node
 
 
@@ -86,7 +86,7 @@ def test_quick_tune_defaults_are_the_backends(pack):
     assert i["lora_rank"]["default"] == sd.rank and i["identifier"]["default"] == DEFAULT_IDENTIFIER
     assert i["init_word"]["default"] == "", "empty: the class noun"
     assert i["embedding_steps"]["min"] == 0 and i["denoiser_steps"]["min"] == 0, "0 skips a stage"
-    assert i["resolution"]["default"] == 512 and i["resolution"]["step"] == 64
+    assert i["resolution"]["default"] == 512 and (i["resolution"]["min"], i["resolution"]["step"]) == (32, 32), "toy: 32"
     # the one default that is not the backend's: on, as in ComfyUI's Train LoRA node (the CLI's flag is off)
     assert i["gradient_checkpointing"]["default"] is True and sd.gradient_checkpointing is False
 
@@ -97,7 +97,7 @@ def test_save_concept_schema_and_name_validation(pack):
     i = inputs_of(s)
     assert s.is_output_node
     assert (i["embedding"].io_type, i["embedding"].optional) == ("BOOTHKIT_EMBEDDING", True)
-    assert (i["lora"].io_type, i["lora"].optional) == ("BOOTHKIT_LORA", True)
+    assert (i["lora"].io_type, i["lora"].optional) == ("LORA_MODEL", True)
     assert i["overwrite"].io_type == "BOOLEAN" and i["overwrite"].kwargs["default"] is False
     assert qt_nodes.SaveConcept.validate_inputs(name="my cat", overwrite=False) is True
     assert "no usable characters" in qt_nodes.SaveConcept.validate_inputs(name="../..", overwrite=False)

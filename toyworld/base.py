@@ -38,6 +38,8 @@ TEXT_ENCODER_FILE = "text_encoder/model.safetensors"
 class BaseModelError(ValueError):
     """A toy base-model file has missing or wrong metadata."""
 
+    __module__ = "boothkit"  # its name in ComfyUI's error dialog, whatever folder the pack is cloned into
+
 
 @dataclass
 class ToyBase:

@@ -42,6 +42,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class ScorerFileError(ValueError):
     """A toy scorer file has missing or wrong metadata."""
 
+    __module__ = "boothkit"  # its name in ComfyUI's error dialog, whatever folder the pack is cloned into
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # identity network (the face-recognition analogue)

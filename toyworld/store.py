@@ -13,6 +13,8 @@ MANIFEST = WEIGHTS_DIR / "MANIFEST.json"
 class WeightsError(RuntimeError):
     """A shipped toy-world file is missing, or its content does not match the manifest."""
 
+    __module__ = "boothkit"  # its name in ComfyUI's error dialog, whatever folder the pack is cloned into
+
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()

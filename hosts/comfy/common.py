@@ -406,6 +406,35 @@ def apply_embedding(clip, slots: Sequence[TextEncoderSlot], identifier_ids: Sequ
     return c
 
 
+class LoraModel(dict):
+    """ComfyUI's LORA_MODEL (the state dict its Load LoRA Model and Save LoRA nodes take) that also keeps the BoothKit
+    file's metadata, so Save Concept writes the same file as before."""
+
+    def __init__(self, lora: LoRATensors):
+        super().__init__(lora.tensors)
+        self.metadata = dict(lora.metadata)
+
+    @property
+    def tensors(self) -> dict:
+        """LoRATensors' field: the tensors (the dict itself), so code written for LoRATensors reads it."""
+        return self
+
+
+def as_lora_model(lora: LoRATensors | None) -> LoraModel | None:
+    return None if lora is None else LoraModel(lora)
+
+
+def from_lora_model(value) -> LoRATensors | None:
+    """The LoRATensors behind a LORA_MODEL link; a LORA_MODEL without BoothKit metadata (ComfyUI's Train LoRA) is
+    refused with the node that saves it."""
+    if value is None or isinstance(value, LoRATensors):
+        return value
+    if isinstance(value, LoraModel):
+        return LoRATensors(dict(value), dict(value.metadata))
+    raise TypeError(f"Save Concept saves the LoRA of Quick-Tune Concept or E4T Tune (with its metadata); got a "
+                    f"{type(value).__name__} without BoothKit metadata: save ComfyUI's own LoRAs with Save LoRA")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # progress and cancel
 
@@ -433,6 +462,24 @@ class Progress:
         self.bar.update_absolute(done, total)
         send_text(self.last)
         comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+@contextmanager
+def interruptible(dm: torch.nn.Module) -> Iterator[None]:
+    """Cancel checked before every block of ComfyUI's UNet (forward, and the recomputed forward of a checkpointed
+    backward), so a Cancel stops a long phase (features, a step) within one block, not at the end of it."""
+    import comfy.model_management
+
+    def check(module, args):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    blocks = [b for name in ("input_blocks", "middle_block", "output_blocks") for b in getattr(dm, name, [])]
+    handles = [b.register_forward_pre_hook(check) for b in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def send_text(text: str) -> None:
@@ -464,6 +511,11 @@ def model_text_width(model) -> int | None:
 
 
 def model_family(model) -> str | None:
+    """The model's base family: the one its config declares (``boothkit_family``: the toy world's loader sets it),
+    else the one its text width means."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    if getattr(config, "boothkit_family", None):
+        return config.boothkit_family
     width = model_text_width(model)
     return FAMILY_BY_CTX.get(width) if width is not None else None
 

@@ -26,10 +26,14 @@ from .common import model_name
 log = logging.getLogger(__name__)
 
 
-def load(path: str | Path) -> E4T:
+def load(path: str | Path, model=None) -> E4T:
+    """The E4T file at ``path``; with ``model``, a file pre-trained for another family is refused here, naming the
+    file. The file's name goes with it (``source``) for later messages."""
     from ...backend.e4t import load_e4t
 
-    return load_e4t(path).eval()
+    e4t = load_e4t(path, family=None if model is None else common.model_family(model)).eval()
+    e4t.source = Path(path).name
+    return e4t
 
 
 def encoder_blocks(dm) -> list[torch.nn.Module]:
@@ -106,13 +110,49 @@ def per_prompt(encoder: common.PromptEncoder):
 
 
 class Progress(common.Progress):
-    """Quick-tune's progress (bar, text line, Cancel within one step) with one stage."""
+    """E4T Tune's progress from its first second: the preparation phases (each a tick of the bar and a line of text,
+    Cancel checked between them) and then each step (loss in the text)."""
 
-    def __init__(self, total: int):
-        super().__init__(total, stage1_steps=0)
+    PHASES = ("encoding the photo", "CLIP vision features", "loading the models", "starting the tune")
+
+    def __init__(self, steps: int):
+        super().__init__(steps + len(self.PHASES), stage1_steps=0)
+        self.steps = steps
+
+    def phase(self, name: str) -> None:
+        import comfy.model_management
+
+        i = self.PHASES.index(name)
+        self.last = f"E4T: {name} ({i + 1}/{len(self.PHASES)})"
+        self.bar.update_absolute(i + 1, self.steps + len(self.PHASES))
+        common.send_text(self.last)
+        comfy.model_management.throw_exception_if_processing_interrupted()
 
     def text(self, done: int, total: int, loss: float) -> str:
         return f"E4T step {done}/{total}, loss {loss:.4f}"
+
+    def __call__(self, done: int, total: int, loss: float) -> None:
+        import comfy.model_management
+
+        self.last = self.text(done, total, loss)
+        self.bar.update_absolute(done + len(self.PHASES), total + len(self.PHASES))
+        common.send_text(self.last)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+@dataclass
+class TunedConcept:
+    """What E4T Tune hands to Save Concept (ComfyUI type BOOTHKIT_E4T_CONCEPT): the tuned offsets with the photo's
+    scales fixed, the embedding, and what the compact file records (backend.e4t.save_e4t_concept)."""
+    config: object  # backend.e4t.E4TConfig
+    offsets: torch.nn.Module  # backend.e4t.WeightOffsets, on the CPU
+    embedding: Embedding
+    class_word: str
+    training: dict
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        return e4t_backend.save_e4t_concept(path, self.config, self.offsets, self.embedding, self.class_word,
+                                            self.training, overwrite=overwrite)
 
 
 @dataclass
@@ -123,6 +163,48 @@ class E4TOutput:
     lora: LoRATensors
     report: str
     result: tune.TuneResult | None
+    concept: TunedConcept | None = None
+
+
+def stock_export(lora: LoRATensors) -> LoRATensors:
+    """The weight diffs as the stock-loader file holds them: fp16 (half of fp32; 2 bytes per weight the offsets
+    touch, ~0.5 GB for SD1.5's targets)."""
+    return LoRATensors({k: v.to(torch.float16) if v.is_floating_point() and v.element_size() > 2 else v
+                        for k, v in lora.tensors.items()}, dict(lora.metadata))
+
+
+def apply_offsets(model, offsets, family: str, identifier: str) -> tuple[object, LoRATensors]:
+    """A clone of ``model`` with the offsets as exact weight changes (``.diff`` patches, through LoraLoader's key
+    map), and those weight diffs. ``model`` must be the loaded one (``load_models_gpu``)."""
+    modules = offset_modules(model, offsets.names)
+    missing = [n for n in offsets.names if n not in modules]
+    if missing:
+        raise ValueError(f"the model has no layer for the E4T offsets {missing[:3]}: the concept is for another "
+                         f"architecture")
+    lora = e4t_backend.weight_diff_file(offsets, effective_weights(model, modules), family, identifier,
+                                        BASE_MODEL_VERSIONS.get(family, family))
+    return common.apply_lora(model, lora), lora
+
+
+def load_concept(path: str | Path, model, clip) -> tuple[object, object, str]:
+    """Copies of MODEL and CLIP with a compact E4T concept applied (its offsets as weight patches, its embedding on the
+    identifier's token row), and a one-line report. The file is refused, naming it, when it was tuned on another
+    family or text-encoder width."""
+    family, _ = common.check_model(model)
+    slots = common.text_slots(clip, family, model)
+    data = e4t_backend.load_e4t_concept(path, family=family, widths={s.key: s.width for s in slots})
+    identifier_ids = common.token_ids(clip, slots, data.identifier, "identifier")
+    import comfy.model_management as mm
+
+    # the diffs are W ∘ Δ of this model's weights: load it, so its layers hold its own weights (another clone of
+    # the same UNet, loaded last, leaves its patches in them)
+    mm.load_models_gpu([model])
+    with torch.inference_mode(False):
+        model_out, _ = apply_offsets(model, data.offsets, family, data.identifier)
+        vectors = [data.embedding.vectors[s.key].float() for s in slots]
+        clip_out = common.apply_embedding(clip, slots, identifier_ids, vectors)
+    return model_out, clip_out, (f"E4T concept '{Path(path).name}': prompt with '{data.identifier} "
+                                 f"{data.class_word}'")
 
 
 def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, identifier: str = "sks",
@@ -138,8 +220,10 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
     class_noun = (class_noun or "").strip() or c.class_word
     identifier = check_identifier((identifier or "").strip(), class_noun)
     family, prediction_type = common.check_model(model)
+    source = getattr(e4t, "source", "the E4T file")
     if family != c.family:
-        raise ValueError(f"the E4T file was pre-trained for {c.family}; the model is {model_name(model)} ({family})")
+        raise ValueError(f"E4T file '{source}' was pre-trained for base family '{c.family}', but the model is "
+                         f"{model_name(model)} ('{family}'): load an E4T file made for {family}")
     slots = common.text_slots(clip, family, model)
     if [s.width for s in slots] != list(c.word_dims):
         raise ValueError(f"the CLIP's text encoders are {[s.width for s in slots]} wide; the E4T file predicts "
@@ -150,15 +234,19 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         raise ValueError(f"steps must be 0 or more, got {steps}")
     device = model.load_device
     prompt = DEFAULT_TEMPLATE.format(identifier=identifier, class_noun=class_noun)
-    with torch.inference_mode(False):
+    progress = Progress(steps)
+    with torch.inference_mode(False), common.interruptible(model.get_model_object("diffusion_model")):
         count = len(common.image_list(image))
         if count > 1:
             log.info("E4T tunes on one image; using the first of %d", count)
         pixels, pmasks, note = common.prepare(image[:1], None if mask is None else mask[:1], resolution)
         if c.tune_flip:
             pixels, pmasks = with_mirrors(pixels, pmasks)
+        progress.phase("encoding the photo")
         data = common.encode_images(vae, model, pixels, pmasks, device)
+        progress.phase("CLIP vision features")
         tokens = class_tokens(clip_vision, pixels, pmasks, e4t).to(device)
+        progress.phase("loading the models")
         mm.load_models_gpu([model, clip.patcher])
         dm = model.get_model_object("diffusion_model")
         tuned = copy.deepcopy(e4t).to(device).float().train()
@@ -172,13 +260,13 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         class_vectors = [s.layer.weight[i].detach().float().clone().to(device) for s, i in zip(slots, class_ids)]
         batch = e4t_backend.Batch(data.mean, tokens, class_vectors, torch.zeros(len(pixels), dtype=torch.long),
                                   data.masks)
-        mm.throw_exception_if_processing_interrupted()
+        progress.phase("starting the tune")
         result = None
         with common.frozen(dm, clip.cond_stage_model), common.trainable(dm, clip.cond_stage_model), \
                 common.checkpointed(dm, gradient_checkpointing):
             if steps > 0:
                 result = e4t_backend.tune(tuned, batch, features, encode, predict, schedule, modules, steps,
-                                          lr if lr > 0 else None, seed, Progress(steps))
+                                          lr if lr > 0 else None, seed, progress)
             vectors = e4t_backend.fix_concept(tuned, batch, features, encode, schedule, modules, seed)
         # as the CLIP will hold them (its token table may be fp16), so the clone and the saved embedding agree
         vectors = [v.to(s.layer.weight.dtype).float() for s, v in zip(slots, vectors)]
@@ -189,15 +277,17 @@ def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, id
         embedding = Embedding({s.key: v.detach().cpu().reshape(1, -1) for s, v in zip(slots, vectors)}, family,
                               identifier, class_noun)
         embedding.metadata = embedding_metadata(embedding, training, prediction_type)
-        weights = effective_weights(model, modules)
-        lora = e4t_backend.weight_diff_file(tuned.offsets, weights, family, identifier,
-                                            BASE_MODEL_VERSIONS.get(family, family))
-        model_out = common.apply_lora(model, lora)
+        model_out, lora = apply_offsets(model, tuned.offsets, family, identifier)
         clip_out = common.apply_embedding(clip, slots, identifier_ids, vectors)
+        offsets = copy.deepcopy(tuned.offsets).cpu()
+        offsets.weight_of = None
+        if offsets.scales is not None:  # a plain list: .cpu() does not move it
+            offsets.scales = [s.detach().cpu() for s in offsets.scales]
+        concept = TunedConcept(c, offsets, embedding, class_noun, training)
     status = result.status if result else tune.DONE
     losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result and result.losses else ""
     report = (f"E4T {'finished' if status == tune.DONE else f'stopped ({status})'}: "
               f"{result.steps if result else 0}/{steps} steps{losses}" + (f"; note: {note}" if note else "") +
               (f"; {result.message}" if result and result.message else ""))
     common.send_text(report)
-    return E4TOutput(model_out, clip_out, embedding, lora, report, result)
+    return E4TOutput(model_out, clip_out, embedding, stock_export(lora), report, result, concept)

@@ -179,13 +179,15 @@ def quick_tune(model, clip, vae, images, class_noun: str, identifier: str = DEFA
 
 
 def save_concept(embedding: Embedding | None, lora: LoRATensors | None, name: str, overwrite: bool,
-                 embeddings_dir: str | Path, loras_dir: str | Path) -> list[Path]:
+                 embeddings_dir: str | Path, loras_dir: str | Path, e4t_concept=None,
+                 concepts_dir: str | Path | None = None) -> list[Path]:
     """Write the embedding to ``<embeddings_dir>/<name>.safetensors`` (``embedding:<name>`` in ComfyUI, ``<name>`` in
-    A1111) and the LoRA to ``<loras_dir>/<name>_lora.safetensors``. The name is sanitised (no folders, no traversal);
+    A1111), the LoRA to ``<loras_dir>/<name>_lora.safetensors`` and an E4T concept (hosts.comfy.e4t.TunedConcept)
+    compactly to ``<concepts_dir>/<name>_e4t.safetensors``. The name is sanitised (no folders, no traversal);
     existing files are refused unless ``overwrite``, before anything is written."""
-    if embedding is None and lora is None:
-        raise ValueError("Save Concept got nothing to save: connect the embedding and/or the LoRA output of "
-                         "Quick-Tune Concept")
+    if embedding is None and lora is None and e4t_concept is None:
+        raise ValueError("Save Concept got nothing to save: connect the concept output of E4T Tune, or the "
+                         "embedding and/or LoRA output of Quick-Tune Concept or E4T Tune")
     if embedding is not None and not isinstance(embedding, Embedding):
         raise TypeError(f"embedding must be a BoothKit embedding, got {type(embedding).__name__}")
     if lora is not None and not isinstance(lora, LoRATensors):
@@ -197,12 +199,18 @@ def save_concept(embedding: Embedding | None, lora: LoRATensors | None, name: st
         targets.append((embedding, path))
     if lora is not None:
         targets.append((lora, files.output_paths(loras_dir, stem, ["lora"], overwrite=True)["lora"]))
+    if e4t_concept is not None:
+        targets.append((e4t_concept, files.output_paths(concepts_dir, stem, ["e4t"], overwrite=True)["e4t"]))
     existing = [str(p) for _, p in targets if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"Save Concept: {' and '.join(existing)} already exist(s); turn on 'overwrite' to "
                               f"replace, or choose another name (nothing was written)")
     written = []
     for value, path in targets:
+        if not isinstance(value, (Embedding, LoRATensors)):  # the E4T concept writes its own compact file
+            written.append(value.save(path, overwrite=True))
+            log.info("Save Concept: wrote %s", path)
+            continue
         # the file's name is chosen here, after training: kohya's name fields follow it (the inputs stay as they are,
         # ComfyUI may hand them to other nodes)
         meta = {**value.metadata, **{k: stem for k in NAME_FIELDS if k in value.metadata}}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from boothkit.bench.comfy_overhead import comfyui_python  # one lookup of ComfyUI's python for bench and tests
+from comfy_server import PACK_FOLDER
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -50,7 +51,8 @@ def comfy_models(comfy):
 
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory, comfy_models):
-    """A ComfyUI --base-directory: models (the test models + instantbooth/), custom_nodes/boothkit -> this repo,
+    """A ComfyUI --base-directory: models (the test models + instantbooth/), custom_nodes/ComfyUI-BoothKit -> this repo
+    (a hyphenated folder, as a git clone names it),
     input/, output/, temp/, user/. Nothing is written into the ComfyUI checkout."""
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "models").mkdir()
@@ -58,7 +60,7 @@ def comfy_base(tmp_path_factory, comfy_models):
         (base / "models" / sub).symlink_to(comfy_models / sub, target_is_directory=True)
     for sub in ("models/instantbooth", "custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True)
-    (base / "custom_nodes" / "boothkit").symlink_to(ROOT, target_is_directory=True)
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
     return base
 
 
@@ -68,7 +70,7 @@ def driver_run(comfy, comfy_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("driver_out")
     ib_dir = comfy_base / "models" / "instantbooth"
     run_logged([comfy["python"], str(HERE / "driver.py"), "--comfyui", str(comfy["path"]),
-                "--pack", str(comfy_base / "custom_nodes" / "boothkit"), "--models", str(comfy_base / "models"),
+                "--pack", str(comfy_base / "custom_nodes" / PACK_FOLDER), "--models", str(comfy_base / "models"),
                 "--instantbooth-dir", str(ib_dir), "--out", str(out)],
                "the ComfyUI driver", timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     from safetensors.torch import load_file
@@ -80,7 +82,7 @@ def driver_run(comfy, comfy_base, tmp_path_factory):
 def run_tuning_driver(comfy, comfy_models, comfy_base, script: str, work, out, what: str) -> None:
     """A tuning driver (node_runner.start's arguments) run in ComfyUI's python, one thread, offline."""
     run_logged([comfy["python"], str(HERE / script), "--comfyui", str(comfy["path"]),
-                "--pack", str(comfy_base / "custom_nodes" / "boothkit"), "--models", str(comfy_models),
+                "--pack", str(comfy_base / "custom_nodes" / PACK_FOLDER), "--models", str(comfy_models),
                 "--work", str(work), "--out", str(out)],
                what, timeout=900, cwd=comfy["path"], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 

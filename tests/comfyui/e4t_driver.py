@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     host, qh, backend, formats = pack_modules(pack, "hosts.comfy.e4t", "hosts.comfy.common", "backend.e4t",
                                               "backend.e4t")
     add_model_folders(a.models)
-    work_folders(a.work, ("e4t", "embeddings", "loras"))
+    work_folders(a.work, ("e4t", "embeddings", "loras", "e4t_concepts"))
 
 
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: progress.append(value))
     args = dict(e4t=loaded, model=model, clip=clip, clip_vision=clip_vision, vae=vae, image=image, steps=STEPS,
                 learning_rate=0.0, identifier=IDENTIFIER, class_noun=CLASS_NOUN, resolution=64, seed=0)
-    e_model, e_clip, embedding, lora, report = run("BoothKitE4TTune", **args)
+    e_model, e_clip, embedding, lora, report, concept = run("BoothKitE4TTune", **args)
     comfy.utils.set_progress_bar_global_hook(None)
     results["report"], results["progress"] = report, progress
     results["embedding"] = {"keys": sorted(embedding.vectors), "shape": list(embedding.vectors["emb_params"].shape),
@@ -118,9 +118,32 @@ def main(argv=None) -> int:
     results["saved"] = paths.splitlines()
     lora_model, _, results["lora_loader_warnings"] = stock_lora_loader(run, model, clip, f"{NAME}_lora.safetensors")
     sd_l = unet_state(lora_model)
-    results["lora_loader_equals_tune"] = all(torch.equal(sd_l[k], sd_e[k]) for k in sd_e)
+    # the stock export is fp16: the same weights up to fp16 rounding of the diffs
+    results["lora_dtypes"] = sorted({str(v.dtype) for v in lora.tensors.values()})
+    results["lora_loader_max_diff"] = max(float((sd_l[k].float() - sd_e[k].float()).abs().max()) for k in sd_e)
     results["max_weight_change"] = max(float((sd_e[k] - before["sd"][k]).abs().max()) for k in changed) if changed \
         else 0.0
+
+    # ---- the compact E4T concept: Save Concept's default for E4T, Load E4T Concept gives E4T Tune's weights back -----
+    (concept_paths,) = run("BoothKitSaveConcept", e4t_concept=concept, name=NAME, overwrite=False)
+    concept_path = concept_paths.splitlines()[0]
+    c_model, c_clip, c_report = run("BoothKitLoadE4TConcept", concept_name=os.path.basename(concept_path),
+                                    model=model, clip=clip)
+    sd_c = unet_state(c_model)
+    results["concept"] = {
+        "file": os.path.basename(concept_path), "bytes": os.path.getsize(concept_path),
+        "stock_bytes": os.path.getsize(os.path.join(a.work, "loras", f"{NAME}_lora.safetensors")),
+        "listed": folder_paths.get_filename_list("e4t_concepts"), "report": c_report,
+        "weights_equal_tune": all(torch.equal(sd_c[k], sd_e[k]) for k in sd_e),
+        "weights_differing": sorted(k for k in sd_e if not torch.equal(sd_c[k], sd_e[k]))[:5],
+        "weights_max_diff": max(float((sd_c[k].float() - sd_e[k].float()).abs().max()) for k in sd_e),
+        "token_table_equal_tune": bool(torch.equal(token_table(c_clip, token_layer), token_table(e_clip, token_layer))),
+        "token_max_diff": float((token_table(c_clip, token_layer).float()
+                                 - token_table(e_clip, token_layer).float()).abs().max()),
+        "again_without_overwrite": error_of(lambda: run("BoothKitSaveConcept", e4t_concept=concept, name=NAME,
+                                                        overwrite=False)),
+    }
+    results["untouched_after_concept"] = untouched_report(before)
     (cond_e,) = run("CLIPTextEncode", clip=e_clip, text=PROMPT)
     (cond_emb,) = run("CLIPTextEncode", clip=clip, text=PROMPT.replace(IDENTIFIER, f"embedding:{NAME}"))
     (cond_plain,) = run("CLIPTextEncode", clip=clip, text=PROMPT)
@@ -149,7 +172,7 @@ def main(argv=None) -> int:
     try:
         # the blob moved to the left: the main run's centred blob is its own mirror image
         left = torch.roll(image, -16, dims=2)
-        *_, flip_lora, flip_report = run("BoothKitE4TTune", **{**args, "e4t": flip_e4t, "image": left})
+        *_, flip_lora, flip_report, _ = run("BoothKitE4TTune", **{**args, "e4t": flip_e4t, "image": left})
     finally:
         backend.objective, qh.encode_images = real_objective, real_encode
     with torch.inference_mode(False), torch.no_grad():
@@ -157,27 +180,33 @@ def main(argv=None) -> int:
                                        "sd1").tensors
     kv = [k for k in pre if k.endswith(("attn2_to_k.diff", "attn2_to_v.diff"))]
     results["flip"] = {"report": flip_report, "draws": drawn, "encoded_mirror": encoded, "kv": len(kv),
-                       "kv_kept": all(torch.equal(flip_lora.tensors[k], pre[k]) for k in kv),
-                       "others_moved": all(not torch.equal(flip_lora.tensors[k], pre[k]) for k in pre if k not in kv)}
+                       "kv_kept": all(torch.equal(flip_lora.tensors[k], pre[k].half()) for k in kv),
+                       "others_moved": all(not torch.equal(flip_lora.tensors[k], pre[k].half()) for k in pre
+                                           if k not in kv)}
     results["untouched_after_flip"] = untouched_report(before)
 
-    # ---- Cancel after step 1 ------------------------------------------------------------------------------------------
-    seen = []
+    # ---- Cancel: in the first preparation phase, and after step 1 (the 4 phases are the bar's first 4 ticks) -----------
+    phases = len(host.Progress.PHASES)
+    for where, at in (("phase", 1), ("step", phases + 1)):
+        seen = []
 
-    def hook(value, total, preview, node_id=None):
-        seen.append(value)
-        if value == 1:
-            mm.interrupt_current_processing(True)
+        def hook(value, total, preview, node_id=None):
+            seen.append(value)
+            if value == at:
+                mm.interrupt_current_processing(True)
 
-    comfy.utils.set_progress_bar_global_hook(hook)
-    results["cancel_error"] = error_of(lambda: run("BoothKitE4TTune", **{**args, "steps": 5}))
-    mm.interrupt_current_processing(False)
-    comfy.utils.set_progress_bar_global_hook(None)
-    results["cancel_progress"] = seen
+        comfy.utils.set_progress_bar_global_hook(hook)
+        results[f"cancel_{where}_error"] = error_of(lambda: run("BoothKitE4TTune", **{**args, "steps": 5}))
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+        results[f"cancel_{where}_progress"] = seen
+    results["phases"] = phases
     results["untouched_at_end"] = untouched_report(before)
     results["errors"] = {
         "class_multi_token": error_of(lambda: run("BoothKitE4TTune", **{**args, "class_noun": "orange cat"})),
         "missing_file": error_of(lambda: run("BoothKitLoadE4T", e4t_name="nope.safetensors")),
+        # the shipped toy file on an SD1.5 model: refused at Load E4T, naming the file
+        "toy_file_on_sd15": error_of(lambda: run("BoothKitLoadE4T", e4t_name="toy_e4t.safetensors", model=model)),
     }
 
     # ---- gradient checkpointing: the same tune, less held for the backward pass, the layers' forwards put back -------

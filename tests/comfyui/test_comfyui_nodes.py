@@ -14,14 +14,15 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
 
 NODE_IDS = {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply",
             "BoothKitInstantBoothCondition", "BoothKitInstantBoothTextEncode", "BoothKitInstantBoothInsertIdentifier",
-            "BoothKitQuickTuneConcept", "BoothKitSaveConcept", "BoothKitLoadE4T", "BoothKitE4TTune"}
+            "BoothKitQuickTuneConcept", "BoothKitSaveConcept", "BoothKitLoadE4T", "BoothKitE4TTune",
+            "BoothKitLoadE4TConcept", "BoothKitToyWorldLoader", "BoothKitToySubjectPhotos"}
 
 
 def test_pack_loads_through_comfyuis_loader_without_heavy_imports(driver_run):
     results, _, _ = driver_run
     assert results["pack_loaded"], "nodes.load_custom_node returned False (see ComfyUI's log)"
     assert set(results["nodes"]) == NODE_IDS
-    assert all(v["category"] == "BoothKit" for v in results["nodes"].values())
+    assert all(v["category"].startswith("BoothKit/") for v in results["nodes"].values())
     heavy = {"kornia", "diffusers", "einops"} & set(results["modules_imported_at_load"])
     assert not heavy, f"loading the pack imported {heavy}"
     loaded = results["pack_modules_before_first_run"]
@@ -95,7 +96,8 @@ def test_encode_concept_with_masks_and_several_images(driver_run):
     results, t, _ = driver_run
     assert results["concept2"] == {"num_images": 2, "f_p_shape": [2 * 257, 768]}
     assert t["f_p"].shape == (257, 768) and t["f_c"].shape == (768,)
-    assert results["loader_options"] == ["ib_gamma0.safetensors", "ib_random.safetensors", "ib_sd2.safetensors"]
+    assert results["loader_options"] == ["ib_gamma0.safetensors", "ib_random.safetensors", "ib_sd2.safetensors",
+                                         "toy_instantbooth.safetensors"], "the folder's files, then the toy's"
 
 
 def test_sdxl_shaped_unet_two_block_transformers(driver_run):

@@ -24,7 +24,7 @@ def test_nodes_register_with_their_types(e4t_run):
     r, _ = e4t_run
     assert r["pack_loaded"] and r["listed"] == ["e4t_random.safetensors"]
     tune = r["schemas"]["BoothKitE4TTune"]
-    assert tune["outputs"] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING", "BOOTHKIT_LORA", "STRING"]
+    assert tune["outputs"] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING", "LORA_MODEL", "STRING", "BOOTHKIT_E4T_CONCEPT"]
     req = tune["inputs"]["required"]
     assert [req[k][0] for k in ("e4t", "model", "clip", "clip_vision", "vae", "image")] == \
         ["BOOTHKIT_E4T", "MODEL", "CLIP", "CLIP_VISION", "VAE", "IMAGE"]
@@ -34,7 +34,8 @@ def test_nodes_register_with_their_types(e4t_run):
 
 def test_tune_applies_offsets_and_embedding_to_clones_only(e4t_run):
     r, _ = e4t_run
-    assert r["progress"] == [1, 2] and r["report"].startswith("E4T finished: 2/2 steps")
+    # the preparation phases first (the bar moves from the first second), then each step
+    assert r["progress"] == list(range(1, r["phases"] + 3)) and r["report"].startswith("E4T finished: 2/2 steps")
     assert "resized" not in r["report"]
     assert r["embedding"] == {"keys": ["emb_params"], "shape": [1, 768], "identifier": "sks"}
     assert r["lora"] == {"num": r["num_targets"], "all_diff": True, "method": "e4t"}
@@ -52,14 +53,32 @@ def test_saved_files_load_in_stock_nodes(e4t_run):
     r, t = e4t_run
     assert [Path(p).name for p in r["saved"]] == ["e4t_cat.safetensors", "e4t_cat_lora.safetensors"]
     assert r["lora_loader_warnings"] == [], "stock LoraLoader must load every key"
-    assert r["lora_loader_equals_tune"] and r["max_weight_change"] > 0
+    # the stock export is fp16 weight diffs: the same weights as the tune's up to fp16 rounding of the changes
+    assert r["lora_dtypes"] == ["torch.float16"] and r["max_weight_change"] > 0
+    assert r["lora_loader_max_diff"] <= 2e-3 * r["max_weight_change"]
     assert torch.equal(t["cond_emb"], t["cond_e"]), "embedding:name == the tuned CLIP with the identifier"
     assert not torch.equal(t["cond_plain"], t["cond_e"])
 
 
-def test_cancel_stops_within_a_step_and_leaves_the_inputs(e4t_run):
+def test_the_compact_concept_is_small_and_loads_to_the_tunes_weights(e4t_run):
+    """E4T's default save: offsets, scales and embedding (no weight diffs); Load E4T Concept gives back exactly the
+    weights and token row E4T Tune gave; an existing file is kept."""
+    c = e4t_run[0]["concept"]
+    assert c["file"] == "e4t_cat_e4t.safetensors" and c["listed"] == ["e4t_cat_e4t.safetensors"]
+    assert c["bytes"] < c["stock_bytes"] / 2, (c["bytes"], c["stock_bytes"])
+    assert c["weights_equal_tune"], (c["weights_differing"], c["weights_max_diff"])
+    assert c["token_table_equal_tune"], c["token_max_diff"]
+    assert "'sks cat'" in c["report"]
+    assert "already exist" in c["again_without_overwrite"]
+    assert e4t_run[0]["untouched_after_concept"] == UNTOUCHED
+
+
+def test_cancel_stops_within_a_phase_or_step_and_leaves_the_inputs(e4t_run):
     r, _ = e4t_run
-    assert r["cancel_error"].startswith("InterruptProcessingException") and r["cancel_progress"] == [1]
+    assert r["cancel_phase_error"].startswith("InterruptProcessingException") and r["cancel_phase_progress"] == [1]
+    assert r["cancel_step_error"].startswith("InterruptProcessingException")
+    assert r["cancel_step_progress"] == list(range(1, r["phases"] + 2))
+    assert "e4t.safetensors" in r["errors"]["toy_file_on_sd15"] and "'toy'" in r["errors"]["toy_file_on_sd15"]
     assert r["untouched_at_end"] == UNTOUCHED
     assert "'orange cat' is 2 tokens" in r["errors"]["class_multi_token"]
     assert "nope.safetensors" in r["errors"]["missing_file"]

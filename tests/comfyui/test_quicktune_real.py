@@ -25,11 +25,12 @@ def test_nodes_register_with_their_types(qt_run):
     r, _, _ = qt_run
     assert r["pack_loaded"]
     tune, save = r["schemas"]["BoothKitQuickTuneConcept"], r["schemas"]["BoothKitSaveConcept"]
-    assert tune["outputs"] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING", "BOOTHKIT_LORA", "STRING"]
+    assert tune["outputs"] == ["MODEL", "CLIP", "BOOTHKIT_EMBEDDING", "LORA_MODEL", "STRING"]
     assert [tune["inputs"]["required"][k][0] for k in ("model", "clip", "vae", "images")] == \
         ["MODEL", "CLIP", "VAE", "IMAGE"]
     assert tune["inputs"]["optional"]["mask"][0] == "MASK"
-    assert save["output_node"] and set(save["inputs"]["optional"]) == {"embedding", "lora"}
+    assert save["output_node"] and set(save["inputs"]["optional"]) == {"embedding", "lora", "e4t_concept"}
+    assert save["inputs"]["optional"]["lora"][0] == "LORA_MODEL"
     assert save["inputs"]["optional"]["embedding"][0] == "BOOTHKIT_EMBEDDING"
     assert save["inputs"]["required"]["overwrite"][1]["default"] is False
 
