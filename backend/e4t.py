@@ -535,17 +535,26 @@ def save_e4t(path: str | Path, model) -> Path:
     return write_safetensors(path, model.state_dict(), metadata)
 
 
+def _fields_of(path, metadata: dict[str, str], fmt: str, version: int, what: str, family: str | None,
+               mismatch: str) -> tuple[_Fields, str]:
+    """The metadata of one of E4T's files, its kind checked, and its base family (refused, with ``mismatch``
+    filled in, when the model's ``family`` is another)."""
+    f = _Fields(path, metadata)
+    f.kind(fmt, version, "e4t", what)
+    fam = f.str("family", set(FAMILIES))
+    if family is not None and family != fam:
+        raise FormatError(f"{path}: " + mismatch.format(file=fam, model=family))
+    return f, fam
+
+
 def load_e4t(path: str | Path, family: str | None = None):
     """Load and validate an E4T file; ``family`` is that of the model it will tune."""
     from .e4t import E4T, E4TConfig
 
     def config_from_metadata(metadata: dict[str, str]) -> E4TConfig:
-        f = _Fields(path, metadata)
-        f.kind(E4T_FORMAT, E4T_VERSION, "e4t", "an E4T file")
-        fam = f.str("family", set(FAMILIES))
-        if family is not None and family != fam:
-            raise FormatError(f"{path}: this E4T file was pre-trained for base family '{fam}', but the model to tune "
-                              f"is '{family}'; load an E4T file made for {family}.")
+        f, fam = _fields_of(path, metadata, E4T_FORMAT, E4T_VERSION, "an E4T file", family,
+                            "this E4T file was pre-trained for base family '{file}', but the model to tune is "
+                            "'{model}'; load an E4T file made for {model}.")
         raw = f.json("config")
         if not isinstance(raw, dict):
             raise f.error("config", str(raw)[:80], "a JSON object")
@@ -653,12 +662,9 @@ def load_e4t_concept(path: str | Path, family: str | None = None, widths: Mappin
     from .embedding import Embedding, keys_for
 
     tensors, metadata = read_safetensors(path)
-    f = _Fields(path, metadata)
-    f.kind(E4T_CONCEPT_FORMAT, E4T_CONCEPT_VERSION, "e4t", "a compact E4T concept")
-    fam = f.str("family", set(FAMILIES))
-    if family is not None and family != fam:
-        raise FormatError(f"{path}: metadata field 'family' is {fam!r}, but the model is '{family}'; this E4T concept "
-                          f"was tuned on another base model")
+    f, fam = _fields_of(path, metadata, E4T_CONCEPT_FORMAT, E4T_CONCEPT_VERSION, "a compact E4T concept", family,
+                        "metadata field 'family' is '{file}', but the model is '{model}'; this E4T concept was tuned "
+                        "on another base model")
     identifier = f.str("identifier")
     class_word = f.str("class_word")
     rank = f.int("rank")

@@ -80,18 +80,13 @@ def start(argv, name: str):
     """What every tuning driver does first: parse the common arguments (--comfyui, --pack, --models, --work, --out),
     set up ComfyUI on the CPU with one thread, load the pack with ComfyUI's own loader. Returns (args, the pack's
     module name, whether it loaded, log(stage))."""
-    import argparse
     import asyncio
     import os
     import sys
     import time
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--comfyui", required=True)
-    p.add_argument("--pack", required=True, help="the pack as ComfyUI sees it: a custom_nodes/<name> path")
-    p.add_argument("--models", required=True, help="dir with checkpoints/ and clip_vision/ (make_models.py)")
+    p = driver_parser()
     p.add_argument("--work", required=True, help="dir for the models/ folders the driver writes")
-    p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     from make_models import setup_comfy
 
@@ -174,3 +169,28 @@ def token_table(clip, layer):
     with torch.inference_mode():
         clip.load_model()
     return layer.weight.detach().clone()
+
+
+def driver_parser():
+    """The arguments every driver takes: --comfyui, --pack (the pack as ComfyUI sees it), --models, --out."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--comfyui", required=True)
+    p.add_argument("--pack", required=True, help="the pack as ComfyUI sees it: a custom_nodes/<name> path")
+    p.add_argument("--models", required=True, help="dir with checkpoints/ and clip_vision/ (make_models.py)")
+    p.add_argument("--out", required=True)
+    return p
+
+
+def run_main(main) -> None:
+    """A driver's entry point: exit with ``main()``'s code; on an error print the traceback (the test shows the
+    driver's stderr) and exit 1."""
+    import sys
+    import traceback
+
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

@@ -8,32 +8,27 @@ and writes what it saw: OUT/results.json (node list, layouts, error messages, ro
 (latents and denoiser outputs). The assertions are in test_*.py, which read these files."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import sys
 import time
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy_support")  # node_runner, make_models
+sys.path[:0] = [HERE, SUPPORT]
 PROMPT = "a photo of sks person on the beach"
 NEGATIVE = "blurry"
 LONG_PROMPT = ", ".join(["a very detailed photograph"] * 16) + ", a photo of sks person"  # > 77 tokens
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--comfyui", required=True)
-    p.add_argument("--pack", required=True, help="the pack as ComfyUI sees it: a custom_nodes/<name> path")
-    p.add_argument("--models", required=True, help="dir with checkpoints/ and clip_vision/ (make_models.py)")
-    p.add_argument("--instantbooth-dir", required=True, help="where to write the test InstantBooth files")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    sys.path[:0] = [HERE, SUPPORT]
     from make_models import CHECKPOINT, CLIP_VISION, setup_comfy
-    from node_runner import add_model_folders, pack_modules
+    from node_runner import add_model_folders, driver_parser, pack_modules
+
+    p = driver_parser()
+    p.add_argument("--instantbooth-dir", required=True, help="where to write the test InstantBooth files")
+    a = p.parse_args(argv)
 
     setup_comfy(a.comfyui, pytorch_attention=True)
     import torch
@@ -351,8 +346,6 @@ def sdxl_checks(torch, run, host, ibm, clip_vision, image, ib_dir, formats, node
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+    from node_runner import run_main
+
+    run_main(main)

@@ -15,11 +15,11 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy_support")  # node_runner, make_models
+sys.path[:0] = [HERE, SUPPORT]
 STEPS = 2
 
 
 def main(argv=None) -> int:
-    sys.path[:0] = [HERE, SUPPORT]
     from make_models import CHECKPOINT, CLIP_VISION, random_booth, random_e4t
     from node_runner import (add_model_folders, instance_forwards, node_runner, pack_modules, start, unet_state,
                              write_results)

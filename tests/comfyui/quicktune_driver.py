@@ -12,17 +12,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUPPORT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "comfy_support")  # node_runner, make_models
+sys.path[:0] = [HERE, SUPPORT]
 IDENTIFIER, CLASS_NOUN, NAME = "sks", "cat", "sks_cat"
 PROMPT = f"a photo of {IDENTIFIER} {CLASS_NOUN} on the beach"
 STEPS = 3  # per stage
 
 
 def main(argv=None) -> int:
-    sys.path[:0] = [HERE, SUPPORT]
     from make_models import CHECKPOINT
     from node_runner import (add_model_folders, error_of, instance_forwards, node_runner, pack_modules,
                              saved_for_backward, start, stock_lora_loader, token_table, unet_state, work_folders,
@@ -322,8 +321,6 @@ def sdxl_case(torch, run, vae, images, emb_dir, lora_dir, unet_state) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+    from node_runner import run_main
+
+    run_main(main)
