@@ -74,7 +74,8 @@ def main(argv=None) -> int:
                                       prompt, concept, alpha)
         uncond = encode_prompt(model.text_encoder, model.tokenizer, args.negative_prompt)
         enabled = ib.config.layout.select(skip_levels=args.skip_levels)
-        with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled):
+        # the sampler's batch is [uncond; cond]: a file with adapters_on_uncond = False keeps the uncond half plain
+        with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled, cond_only=not ib.config.adapters_on_uncond):
             out = sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance)
     path = save_png(out, args.out)
     print(f"wrote {path}")
@@ -98,7 +99,9 @@ def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance):
         raise ValueError("SDXL's two tokenizers place the identifier differently; use a plain single-token identifier")
     pe = inject_concept(pe, rows, concept.f_c, alpha)
     enabled = ib.config.layout.select(skip_levels=args.skip_levels)
-    with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled), torch.no_grad():
+    # diffusers' SDXL pipeline batches [negative; positive] as well
+    with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled,
+                           cond_only=not ib.config.adapters_on_uncond), torch.no_grad():
         out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
                    negative_pooled_prompt_embeds=npooled, num_inference_steps=args.steps,
                    guidance_scale=guidance, num_images_per_prompt=args.num_images,

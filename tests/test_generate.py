@@ -56,5 +56,5 @@ def test_generate_with_the_toy_defaults_uses_the_shipped_instantbooth(tmp_path, 
         assert generate(["--images", str(tmp_path), "--prompt", "a photo of a cat on snow at night", "--steps", "3",
                          "--out", str(out)]) == 0
     assert np.asarray(Image.open(out)).shape == (32, 32, 3)
-    assert "a photo of a sks cat on snow at night  (α=0.40, β=1.00, 2 image(s))" in caplog.text, \
+    assert "a photo of a sks cat on snow at night  (α=0.40, β=1.50, 2 image(s))" in caplog.text, \
         "the identifier is inserted and the file's α, β are used"
