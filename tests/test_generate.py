@@ -56,8 +56,13 @@ def test_generate_with_the_toy_defaults_uses_the_shipped_instantbooth(tmp_path, 
         assert generate(["--images", str(tmp_path), "--prompt", "a photo of a cat on snow at night", "--steps", "3",
                          "--out", str(out)]) == 0
     assert np.asarray(Image.open(out)).shape == (256, 256, 3), "the toy world's 32x32 written 8x, nearest"
-    assert "a photo of a sks cat on snow at night  (α=0.40, β=1.00, 2 image(s))" in caplog.text, \
+    from boothkit.backend.instantbooth import load_instantbooth
+    from boothkit.toyworld.store import verified
+
+    c = load_instantbooth(verified("instantbooth.safetensors")).config
+    assert f"a photo of a sks cat on snow at night  (α={c.alpha:.2f}, β={c.beta:.2f}, 2 image(s))" in caplog.text, \
         "the identifier is inserted and the file's α, β are used"
+    assert c.beta == 1.5, "the shipped file's β, chosen on the development identities"
 
 
 @pytest.mark.parametrize("argv,message", [

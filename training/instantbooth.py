@@ -3,7 +3,12 @@ top of a frozen Stable Diffusion model and a frozen CLIP vision backbone.
 
 Recipe: the identifier is inserted before the class noun; the conditioning images are the (augmented, cropped,
 masked) images themselves, since no paired data is needed; the full image is the denoising target; β = 1; the FC
-heads learn at 1e-4 and the adapters at 1e-6; everything else is frozen."""
+heads learn at 1e-4 and the adapters at 1e-6; everything else is frozen.
+
+Options beyond the paper (InstantBoothSettings, each named as ours there): other images of the identity as the
+conditioning (``same_image = False``), ``hue_jitter``, ``init_from``, ``subject_weight`` / ``masked_loss``,
+``adapters_on_uncond = False`` (a sampling setting written into the file); ``augment_order = "before_crop"`` keeps the
+first toy recipe's order."""
 from __future__ import annotations
 
 import logging
