@@ -102,7 +102,7 @@ def test_e4t_tune_returns_patched_clones_and_leaves_the_inputs(e4t_node):
     E4TTune, _ = e4t_node
     kwargs, before = e4t_inputs()
     model, clip = kwargs["model"], kwargs["clip"]
-    model_out, clip_out, embedding, lora, report = E4TTune.execute(**kwargs).args
+    model_out, clip_out, embedding, lora, report, concept = E4TTune.execute(**kwargs).args
     assert same(before, model.model, clip.cond_stage_model, kwargs["e4t"]), "inputs and the loaded E4T as they were"
     assert model.patches == {} and clip.patches == {}
     assert len(model_out.patches) == 16, "one weight diff per offset target"
@@ -112,10 +112,11 @@ def test_e4t_tune_returns_patched_clones_and_leaves_the_inputs(e4t_node):
     assert torch.equal(vector, embedding.vectors["emb_params"].float())
     cat = clip.cond_stage_model.clip_l.transformer.embeddings.token_embedding.weight[6]
     assert not torch.equal(vector.flatten(), cat), "the tune moved the identifier away from the class word"
-    diffs = {k: v for k, v in lora.tensors.items() if k.endswith(".diff")}
+    diffs = {k: v for k, v in lora.items() if k.endswith(".diff")}  # a LORA_MODEL: ComfyUI's state dict
     assert len(diffs) == 16 and any(float(v.abs().sum()) > 0 for v in diffs.values()), "the tune moved the offsets"
     assert all(p[0][1][0] == "diff" for p in model_out.patches.values()), "weight diffs, as LoraLoader applies them"
     assert report.startswith("E4T finished: 2/2 steps"), report
+    assert concept.embedding is embedding and len(concept.offsets.names) == 16, "the compact concept: every offset"
 
 
 def test_e4t_tune_cancel_raises_and_leaves_the_inputs(e4t_node):
@@ -134,7 +135,7 @@ def test_e4t_tune_non_finite_loss_stops_and_leaves_the_inputs(e4t_node):
     kwargs, before = e4t_inputs(steps=4)
     unet = kwargs["model"].model.diffusion_model
     unet.nan_after = 0
-    model_out, clip_out, embedding, lora, report = E4TTune.execute(**kwargs).args
+    model_out, clip_out, embedding, lora, report, concept = E4TTune.execute(**kwargs).args
     assert "stopped (nan)" in report and "0/4 steps" in report, report
     unet.nan_after = None
     assert same(before, kwargs["model"].model, kwargs["clip"].cond_stage_model, kwargs["e4t"])
