@@ -19,7 +19,7 @@ def test_subjects_are_held_out_and_deterministic():
     assert {s.class_name for s in a} == set(domain.CLASS_NOUNS), "a small eval still covers every class"
     assert all(torch.equal(x.images, y.images) for x, y in zip(a, b))
     assert a[0].images.shape == (3, 3, 32, 32) and a[0].masks.shape == (3, 1, 32, 32)
-    with pytest.raises(ValueError, match="32 heldout identities exist"):
+    with pytest.raises(ValueError, match="only 32 held-out identities exist"):
         make_subjects(10_000, 1, 0)
 
 
