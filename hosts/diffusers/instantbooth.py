@@ -13,6 +13,7 @@ import torch
 from ...backend.identifier import find_identifier_rows, inject_concept
 from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth
 from ...backend.preprocess import prepare_concept_images
+from ...backend.regions import check_mask, token_mask
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,11 @@ class InstantBoothHooks:
     Keys/values of f_p are computed once here and reused at every denoising step."""
 
     def __init__(self, unet, instantbooth: InstantBooth, f_p: torch.Tensor | None, beta: float,
-                 enabled: Sequence[bool] | None = None, cond_only: bool = False):
+                 enabled: Sequence[bool] | None = None, cond_only: bool = False, region: torch.Tensor | None = None):
         """``cond_only``: the batch is [unconditional; conditional] halves (hosts.sampling's layout) and the adapters
-        act on the conditional half only (InstantBoothConfig.adapters_on_uncond = False)."""
+        act on the conditional half only (InstantBoothConfig.adapters_on_uncond = False). ``region``: [H, W] in
+        [0, 1] (backend.regions): the adapter term acts only on the tokens inside it, at every block's resolution;
+        several concepts in one image are several hooks, each with its own region (None: the whole image)."""
         layout = adapter_layout(unet)
         want = instantbooth.config.layout
         if (layout.dims, layout.depths) != (want.dims, want.depths):
@@ -65,6 +68,8 @@ class InstantBoothHooks:
                              f"match the InstantBooth file's (widths {want.dims}, depths {want.depths}); the file is "
                              f"for another base model")
         self.instantbooth, self.beta, self.cond_only = instantbooth, float(beta), bool(cond_only)
+        self.region = None if region is None else check_mask(region)
+        self._token_masks: dict[int, torch.Tensor] = {}
         self.enabled = list(enabled) if enabled is not None else [True] * len(layout)
         self.kv = [None] * len(layout)
         if f_p is not None:
@@ -83,8 +88,8 @@ class InstantBoothHooks:
         if self._handles:
             return
         for i, (block, _, _) in enumerate(transformer_blocks(self.unet)):
-            if self.beta == 0 or not self.enabled[i]:
-                continue
+            if self.beta == 0 or not self.enabled[i] or (self.region is not None and not bool(self.region.any())):
+                continue  # nothing to add: the UNet runs exactly as without the hooks
             state = {}
             self._handles.append(block.register_forward_pre_hook(self._keep_input(state), with_kwargs=True))
             self._handles.append(block.attn1.register_forward_hook(self._add_adapter(i, state)))
@@ -109,10 +114,19 @@ class InstantBoothHooks:
             y = output + state["x"]
             if self.cond_only:
                 h = y.shape[0] // 2
-                r = adapter.residual(y[h:], beta=self.beta, kv=self.kv[i])
-                return output + torch.cat([torch.zeros_like(y[:h]), r])
-            return output + adapter.residual(y, beta=self.beta, kv=self.kv[i])
+                r = torch.cat([torch.zeros_like(y[:h]), adapter.residual(y[h:], beta=self.beta, kv=self.kv[i])])
+            else:
+                r = adapter.residual(y, beta=self.beta, kv=self.kv[i])
+            if self.region is not None:
+                r = r * self.token_mask(y.shape[1]).to(r)[None, :, None]
+            return output + r
         return hook
+
+    def token_mask(self, tokens: int) -> torch.Tensor:
+        """The region at a block of ``tokens`` latent tokens, computed once per resolution."""
+        if tokens not in self._token_masks:
+            self._token_masks[tokens] = token_mask(self.region, tokens)
+        return self._token_masks[tokens]
 
     def remove(self) -> None:
         for h in self._handles:
