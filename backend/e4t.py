@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .files import (FormatError, _Fields, check_bounds, check_finite, check_shapes, load_module, read_safetensors,
-                    write_safetensors)
+                    refuse_existing, write_safetensors)
 from .instantbooth import FAMILIES
 from .lora import UNET_PREFIX, LoRATensors, find_targets, kohya_name
 from .tune import NoiseSchedule, TuneResult, tune_loop
@@ -633,9 +633,7 @@ def save_e4t_concept(path: str | Path, config: E4TConfig, offsets: WeightOffsets
     CONCEPT_CONFIG_KEYS), training (JSON)."""
     from dataclasses import asdict
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    path = refuse_existing(path, overwrite, "overwrite=True (--overwrite)")
     if embedding.family != config.family:
         raise ValueError(f"the embedding is for '{embedding.family}', the offsets for '{config.family}'")
     if list(offsets.names) != list(config.targets):

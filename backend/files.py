@@ -41,6 +41,11 @@ def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
             and v.numel() and not bool(torch.isfinite(v).all())]
 
 
+def all_finite(tensors) -> bool:
+    """Whether every tensor of ``tensors`` is finite, read with one device sync (the guards' per-step check)."""
+    return bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
+
+
 def check_finite(path, tensors: dict[str, torch.Tensor]) -> None:
     bad = nonfinite(tensors)
     if bad:

@@ -3,6 +3,7 @@
 training images, batches and the denoising loss. Host-independent: a host hands in callables and tensors."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -12,7 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
-import logging
+
+from .files import all_finite, nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def tune_loop(params: Iterable[torch.Tensor | dict], loss_fn: Callable[[int], to
     for p in params:
         if not (p.is_leaf and p.requires_grad and p.is_floating_point()):
             raise ValueError("tune_loop parameters must be floating-point leaf tensors with requires_grad=True")
-    bad = [i for i, p in enumerate(params) if not bool(torch.isfinite(p.detach()).all())]
+    bad = nonfinite(dict(enumerate(params)))
     if bad:
         raise ValueError(f"tune_loop: {len(bad)} parameter tensor(s) hold NaN or infinity before the first step; "
                          f"the starting state (a loaded file?) is not finite")
@@ -105,7 +107,7 @@ def tune_loop(params: Iterable[torch.Tensor | dict], loss_fn: Callable[[int], to
             keep = ([p.detach().clone() for p in params] if sum(p.numel() for p in params) <= SNAPSHOT_LIMIT
                     else None)
             optimizer.step()
-            if not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+            if not all_finite(params):
                 result.status = NAN
                 if keep is not None:
                     with torch.no_grad():

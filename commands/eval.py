@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..toyworld.evaluate import __doc__ as METRICS, evaluate, merge, paired, to_markdown
+from . import threads
 from .args import Parser, finite_float, int_range, learning_rate, nonneg_int
 
 
@@ -53,8 +54,6 @@ def parse_args(argv=None):
                         "default --out's eval.json): the mean difference in identity and its standard error")
     p.add_argument("--overwrite", action="store_true", help="replace the table already in --out")
     p.add_argument("--tables", nargs="+", metavar="FILE", help="eval.json files for --paired (distinct subjects)")
-    from . import threads
-
     threads.add_argument(p)
     return p.parse_args(argv)
 
@@ -95,8 +94,6 @@ def nonfinite_fields(obj, where="") -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from . import threads
-
     threads.apply(args.threads)
     if args.paired:
         tables = [read_table(Path(f)) for f in args.tables or [Path(args.out) / "eval.json"]]

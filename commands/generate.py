@@ -182,7 +182,7 @@ def _generate_tuned(model, args, guidance: float) -> torch.Tensor:
 
     embedding, contexts, identifier, extra = None, [], None, []
     if args.embedding:
-        widths = {s.key: int(s.text_encoder.get_input_embeddings().weight.shape[1]) for s in text_slots(model)}
+        widths = {s.key: s.width for s in text_slots(model)}
         embedding = load_embedding(args.embedding, family=model.family, widths=widths)
         identifier, extra = embedding.identifier, _class_noun_of(embedding.metadata)
     elif args.e4t_concept:

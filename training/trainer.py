@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from ..backend.files import all_finite, nonfinite
 from .checkpoint import list_checkpoints, load_checkpoint, optimizer_from_tensors, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,6 @@ def check_output_dir(out: str | Path, name: str, resume: bool, overwrite: bool, 
         for p in found:
             p.unlink(missing_ok=True)
         log.info("--overwrite: deleted %d checkpoint(s) of the earlier run in %s", len(found), out / "checkpoints")
-
-
-def _nonfinite_names(names, tensors) -> list[str]:
-    return [n for n, t in zip(names, tensors) if not bool(torch.isfinite(t.detach()).all())]
 
 
 @dataclass
@@ -213,9 +210,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # the guard checks the weights too: a finite loss with a NaN/inf learning rate or an overflow still poisons
         # them, and no checkpoint may be called good without its tensors checked (write_safetensors refuses them too)
-        finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all()  # one sync, not one each
-        if acc.gather((~finite).float().reshape(1).to(acc.device)).sum() > 0:
-            names = _nonfinite_names(self.names, self.params)
+        broken = torch.tensor([0.0 if all_finite(self.params) else 1.0], device=acc.device)
+        if acc.gather(broken).sum() > 0:
+            names = nonfinite(dict(zip(self.names, self.params)))
             where = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "on another process"
             self._stop(f"weights became non-finite at step {self.step + 1} ({where})")
         if self.ema is not None:

@@ -27,6 +27,11 @@ class TextSlot:
     text_encoder: torch.nn.Module
     tokenizer: object
 
+    @property
+    def width(self) -> int:
+        """The width of the encoder's input token embeddings (an embedding file's vectors for this slot)."""
+        return int(self.text_encoder.get_input_embeddings().weight.shape[1])
+
 
 def text_slots(model) -> list[TextSlot]:
     if model.family == "sdxl":

@@ -67,7 +67,7 @@ def new_config(model, vision, class_word: str, identifier: str = "sks", **overri
     names = e4t_backend.offset_targets(model.unet)
     shapes = [list(model.unet.get_submodule(n).weight.shape) for n in names]
     return E4TConfig(family=model.family,
-                     word_dims=[int(s.text_encoder.get_input_embeddings().weight.shape[1]) for s in text_slots(model)],
+                     word_dims=[s.width for s in text_slots(model)],
                      vision_dim=int(vision.config.hidden_size), vision_layers=default_vision_layers(vision),
                      unet_dims=unet_dims(model.unet), targets=names, target_shapes=shapes,
                      identifier=check_identifier(identifier, class_word), class_word=class_word, **overrides)
@@ -110,9 +110,10 @@ def offsets_applied(model, offsets: e4t_backend.WeightOffsets):
 def load_concept(path: str | Path, model) -> e4t_backend.E4TConceptData:
     """A compact E4T concept file (``boothkit tune --method e4t``) checked against ``model``'s family and text
     encoder widths; apply with :func:`offsets_applied` and ``common.encode_prompt(model, prompt, c.embedding)``."""
-    widths = {s.key: int(s.text_encoder.get_input_embeddings().weight.shape[1]) for s in text_slots(model)}
+    widths = {s.key: s.width for s in text_slots(model)}
     concept = e4t_backend.load_e4t_concept(path, family=model.family, widths=widths)
-    missing = [n for n in concept.offsets.names if n not in offset_modules(model.unet, concept.offsets.names)]
+    present = offset_modules(model.unet, concept.offsets.names)
+    missing = [n for n in concept.offsets.names if n not in present]
     if missing:
         raise e4t_backend.FormatError(f"{path}: the model's denoiser has no module {missing[0]!r} "
                                       f"({len(missing)} of the concept's {len(concept.offsets.names)} targets missing);"
