@@ -176,6 +176,49 @@ class InstantBoothTextEncode(io.ComfyNode):
         return io.NodeOutput(host("instantbooth").encode_text(clip, text, concept, alpha, insert_identifier))
 
 
+class InstantBoothRegion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BoothKitInstantBoothRegion",
+            display_name="InstantBooth Region",
+            category=CATEGORY,
+            description="Several concepts in one image: limits a concept to a region (a mask and/or a box) and can "
+                        "give it its own identifier. Chain one InstantBooth Apply per concept on the same model: each "
+                        "concept's adapter term is multiplied by its region at every transformer block's resolution, "
+                        "so nothing is added outside it; put each concept's token in at its identifier (one "
+                        "Condition / Text Encode per concept, or one masked prompt per region with "
+                        "ConditioningSetMask).",
+            inputs=[
+                ConceptType.Input("concept", tooltip=CONCEPT_TIP),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: the region, 1 inside (soft values weigh the adapters); one mask, "
+                                      "stretched to the image. LoadImage's alpha mask is 1 on the transparent part: "
+                                      "invert it first. An empty mask turns the concept's adapters off."),
+                io.Float.Input("x0", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The box's left edge, a fraction of the image width (the box multiplies the "
+                                       "mask; 0, 0, 1, 1 = the whole image)."),
+                io.Float.Input("y0", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The box's top edge, a fraction of the image height."),
+                io.Float.Input("x1", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The box's right edge, a fraction of the image width."),
+                io.Float.Input("y1", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The box's bottom edge, a fraction of the image height."),
+                io.String.Input("identifier", default="",
+                                tooltip="The word the concept token goes in at, one token (e.g. zwx for a second "
+                                        "subject; the toy world's rare words are sks, zwx, vvk); empty = the file's "
+                                        "identifier."),
+            ],
+            outputs=[ConceptType.Output(display_name="concept",
+                                        tooltip="The concept with its region and identifier, for InstantBooth Apply "
+                                                "and Condition / Text Encode.")],
+        )
+
+    @classmethod
+    def execute(cls, concept, x0, y0, x1, y1, identifier="", mask=None) -> io.NodeOutput:
+        return io.NodeOutput(host("instantbooth").with_region(concept, mask, (x0, y0, x1, y1), identifier))
+
+
 class InstantBoothInsertIdentifier(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -205,4 +248,5 @@ NODES = [
     InstantBoothCondition,
     InstantBoothTextEncode,
     InstantBoothInsertIdentifier,
+    InstantBoothRegion,
 ]

@@ -92,7 +92,8 @@ def make_io() -> types.SimpleNamespace:
                                Custom=lambda io_type: _comfytype(io_type))
     for name, io_type in [("Model", "MODEL"), ("Clip", "CLIP"), ("ClipVision", "CLIP_VISION"),
                           ("Conditioning", "CONDITIONING"), ("Image", "IMAGE"), ("Mask", "MASK"),
-                          ("Latent", "LATENT"), ("Vae", "VAE"), ("LoraModel", "LORA_MODEL")]:
+                          ("Latent", "LATENT"), ("Vae", "VAE"), ("LoraModel", "LORA_MODEL"),
+                          ("Hooks", "HOOKS")]:
         setattr(io, name, _comfytype(io_type))
     for name, io_type in [("Int", "INT"), ("Float", "FLOAT"), ("String", "STRING"), ("Boolean", "BOOLEAN")]:
         setattr(io, name, _comfytype(io_type, widget=True))

@@ -73,7 +73,7 @@ def test_every_node_is_listed_prefixed_and_in_a_boothkit_category(pack):
 
 # ComfyUI's own link types; every other type a node declares is BoothKit's and carries its prefix
 COMFY_TYPES = {"MODEL", "CLIP", "VAE", "CLIP_VISION", "CONDITIONING", "IMAGE", "MASK", "LATENT", "LORA_MODEL", "INT",
-               "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+               "FLOAT", "STRING", "BOOLEAN", "COMBO", "HOOKS"}
 
 
 def test_every_input_and_output_has_a_tooltip_and_custom_types_are_prefixed(pack):

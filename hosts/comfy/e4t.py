@@ -173,17 +173,33 @@ def stock_export(lora: LoRATensors) -> LoRATensors:
                         for k, v in lora.tensors.items()}, dict(lora.metadata))
 
 
-def apply_offsets(model, offsets, family: str, identifier: str) -> tuple[object, LoRATensors]:
-    """A clone of ``model`` with the offsets as exact weight changes (``.diff`` patches, through LoraLoader's key
-    map), and those weight diffs. ``model`` must be the loaded one (``load_models_gpu``)."""
+def weight_diffs(model, offsets, family: str, identifier: str) -> LoRATensors:
+    """The offsets as exact weight changes W ∘ Δ of ``model``'s weights (``.diff`` tensors under kohya names).
+    ``model`` must be the loaded one (``load_models_gpu``)."""
     modules = offset_modules(model, offsets.names)
     missing = [n for n in offsets.names if n not in modules]
     if missing:
         raise ValueError(f"the model has no layer for the E4T offsets {missing[:3]}: the concept is for another "
                          f"architecture")
-    lora = e4t_backend.weight_diff_file(offsets, effective_weights(model, modules), family, identifier,
+    return e4t_backend.weight_diff_file(offsets, effective_weights(model, modules), family, identifier,
                                         BASE_MODEL_VERSIONS.get(family, family))
+
+
+def apply_offsets(model, offsets, family: str, identifier: str) -> tuple[object, LoRATensors]:
+    """A clone of ``model`` with the offsets as exact weight changes (``.diff`` patches, through LoraLoader's key
+    map), and those weight diffs. ``model`` must be the loaded one (``load_models_gpu``)."""
+    lora = weight_diffs(model, offsets, family, identifier)
     return common.apply_lora(model, lora), lora
+
+
+def concept_weight_diffs(model, concept: TunedConcept) -> LoRATensors:
+    """E4T Tune's concept as the weight diffs of ``model`` (for a hook: Concept Hook)."""
+    family, _ = common.check_model(model)
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model])  # the diffs are W ∘ Δ of this model's own weights
+    with torch.inference_mode(False):
+        return weight_diffs(model, concept.offsets, family, concept.embedding.identifier)
 
 
 def load_concept(path: str | Path, model, clip) -> tuple[object, object, str]:

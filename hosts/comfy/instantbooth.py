@@ -11,12 +11,16 @@ weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ...backend.identifier import find_identifier_rows, inject_concept, insert_identifier
+from ...backend.regions import box_mask, check_mask
 from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth
 from .common import model_family, model_name, model_text_width
 
@@ -32,13 +36,36 @@ class BoothModel:
     name: str
 
 
+@dataclass(frozen=True)
+class Region:
+    """Where a concept acts (issue #29): an optional mask ([H, W] in [0, 1], 1 inside, any size: it is stretched to
+    the image) times an optional box (x0, y0, x1, y1, fractions of the image). Neither: the whole image."""
+
+    mask: torch.Tensor | None = None
+    box: tuple[float, float, float, float] | None = None
+
+    def is_empty(self) -> bool:
+        return self.mask is not None and not bool((self.mask > 0).any())
+
+    def at(self, height: int, width: int) -> torch.Tensor:
+        """The region on a [height, width] grid: the mask resampled by area (each cell the mean of the pixels it
+        covers), times the box's exact coverage of each cell (backend.regions.box_mask)."""
+        out = torch.ones(height, width)
+        if self.mask is not None:
+            out = F.interpolate(self.mask[None, None], size=(height, width), mode="area")[0, 0]
+        if self.box is not None:
+            out = out * box_mask(self.box, height, width)
+        return out
+
+
 @dataclass
 class BoothConcept:
     """What travels on an INSTANTBOOTH_CONCEPT link: the encoders' output and the InstantBooth it came from (the
-    Apply node needs that file's adapters)."""
+    Apply node needs that file's adapters), and where it acts (InstantBooth Region; None: the whole image)."""
 
     concept: Concept
     booth: BoothModel
+    region: Region | None = None
 
 
 def _is_spatial_transformer(layer) -> bool:
@@ -136,8 +163,12 @@ class InstantBoothPatch:
     a copy of the adapters is made for a device/dtype other than its own."""
 
     def __init__(self, instantbooth: InstantBooth, f_p: torch.Tensor, beta: float, enabled: list[bool] | None = None,
-                 sigma_range: tuple[float, float] | None = None):
+                 sigma_range: tuple[float, float] | None = None, region: Region | None = None):
+        """``region``: the adapter term is multiplied by it at every block's token grid (None: the whole image);
+        the grid's size comes from the latent's shape, ``transformer_options["original_shape"]``."""
         self.instantbooth = instantbooth
+        self.region = region
+        self._token_masks: dict[tuple, torch.Tensor] = {}
         self.layout = instantbooth.config.layout
         self.f_p = (f_p if f_p.ndim == 3 else f_p[None]).detach()
         self.beta = float(beta)
@@ -198,12 +229,39 @@ class InstantBoothPatch:
             return x
         adapters, kv = self.prepared(x.device, x.dtype)
         r = adapters[i].residual(x, beta=self.beta, kv=kv[i])
+        if self.region is not None:
+            r = r * self.token_mask(x.shape[1], extra_options.get("original_shape"), x.device, x.dtype)[None, :, None]
         chunks = extra_options.get("cond_or_uncond") or []
         if self.cond_only and 1 in chunks and x.shape[0] % len(chunks) == 0:
             # ComfyUI batches cond (0) and uncond (1) chunks of equal size; the uncond ones get no residual
             keep = torch.tensor([float(c != 1) for c in chunks], device=x.device, dtype=x.dtype)
             r = r * keep.repeat_interleave(x.shape[0] // len(chunks))[:, None, None]
         return x + r
+
+
+    def token_mask(self, tokens: int, latent_shape, device, dtype) -> torch.Tensor:
+        """The region at a block of ``tokens`` latent tokens ([tokens], row-major as the block flattens its grid),
+        for a latent of ``latent_shape`` ([B, C, H, W]); computed once per grid."""
+        if latent_shape is None or len(latent_shape) != 4:
+            raise ValueError(f"InstantBooth Region needs the latent's shape [B, C, H, W] from ComfyUI's "
+                             f"transformer_options['original_shape'], got {latent_shape}: this model does not give it")
+        height, width = int(latent_shape[-2]), int(latent_shape[-1])
+        key = (tokens, height, width, device, dtype)
+        if key not in self._token_masks:
+            gh, gw = block_grid(tokens, height, width)
+            self._token_masks[key] = self.region.at(gh, gw).flatten().to(device=device, dtype=dtype)
+        return self._token_masks[key]
+
+
+def block_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The token grid of a block with ``tokens`` tokens in a UNet run on a [height, width] latent: each level halves
+    both sides, rounding up (a stride-2 convolution with padding 1)."""
+    h, w = height, width
+    while h * w > tokens and (h > 1 or w > 1):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != tokens:
+        raise ValueError(f"a transformer block of {tokens} tokens is no level of a {height}x{width} latent")
+    return h, w
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -224,15 +282,44 @@ def apply(model, booth_concept: BoothConcept, beta: float, start_percent: float 
     enabled = layout.select(skip_levels=parse_indices(skip_levels, "skip_levels"),
                             skip_blocks=parse_indices(skip_blocks, "skip_blocks"))
     m = model.clone()
-    if beta == 0 or not any(enabled) or start_percent == end_percent:
+    region = booth_concept.region
+    if beta == 0 or not any(enabled) or start_percent == end_percent or (region is not None and region.is_empty()):
         return m
     sigma_range = None
     if start_percent > 0.0 or end_percent < 1.0:
         sampling = model.get_model_object("model_sampling")
         sigma_range = (float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
-    m.set_model_patch(InstantBoothPatch(booth.model, booth_concept.concept.f_p, beta, enabled, sigma_range),
+    # ComfyUI appends to the middle_patch list: a second Apply on this output runs after this one, in the same block
+    m.set_model_patch(InstantBoothPatch(booth.model, booth_concept.concept.f_p, beta, enabled, sigma_range, region),
                       "middle_patch")
     return m
+
+
+def with_region(booth_concept: BoothConcept, mask: torch.Tensor | None = None,
+                box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0), identifier: str = "") -> BoothConcept:
+    """The concept limited to a region (a ComfyUI MASK [1, H, W] or [H, W], 1 inside; and/or a box of fractions of the
+    image; both: their product) and, with ``identifier``, put into the prompt at that word instead of the file's.
+    The whole-image box and no mask give no region (exactly the single-concept path)."""
+    if mask is not None:
+        m = mask
+        if m.ndim == 3:
+            if m.shape[0] != 1:
+                raise ValueError(f"a region is one mask; got a batch of {m.shape[0]} masks (shape "
+                                 f"{tuple(mask.shape)}): pick one with a mask batch node")
+            m = m[0]
+        mask = check_mask(m.detach().float().cpu())
+    box = tuple(float(v) for v in box)
+    whole = box == (0.0, 0.0, 1.0, 1.0)
+    if not whole:
+        box_mask(box, 1, 1)  # checks the box
+    region = None if mask is None and whole else Region(mask=mask, box=None if whole else box)
+    concept = booth_concept.concept
+    identifier = identifier.strip()
+    if identifier:
+        if len(identifier.split()) != 1:
+            raise ValueError(f"identifier {identifier!r} must be one word (e.g. zwx)")
+        concept = dataclasses.replace(concept, identifier=identifier)
+    return BoothConcept(concept=concept, booth=booth_concept.booth, region=region)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
