@@ -114,3 +114,13 @@ def half_run(comfy, comfy_models, comfy_base, tmp_path_factory):
     work, out = tmp_path_factory.mktemp("half_work"), tmp_path_factory.mktemp("half_out")
     run_tuning_driver(comfy, comfy_models, comfy_base, "half_driver.py", work, out, "the half-precision driver")
     return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def regions_run(comfy, comfy_models, comfy_base, tmp_path_factory):
+    """tests/comfyui/regions_driver.py run once (the toy world, several concepts in one image): (results, tensors)."""
+    work, out = tmp_path_factory.mktemp("regions_work"), tmp_path_factory.mktemp("regions_out")
+    run_tuning_driver(comfy, comfy_models, comfy_base, "regions_driver.py", work, out, "the regions driver")
+    from safetensors.torch import load_file
+
+    return json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors")
