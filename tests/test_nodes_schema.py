@@ -190,12 +190,19 @@ CORE_WIDGETS = {
                                        ("batch_size", "INT", (1, 4096))],
     "Note": [("text", "STRING", None)],
     "ImageBatch": [],
+    "SolidMask": [("value", "FLOAT", (0.0, 1.0)), ("width", "INT", (1, 16384)), ("height", "INT", (1, 16384))],
+    "MaskComposite": [("x", "INT", (0, 16384)), ("y", "INT", (0, 16384)),
+                      ("operation", "COMBO", ["multiply", "add", "subtract", "and", "or", "xor"])],
+    "InvertMask": [],
+    "ConditioningSetMask": [("strength", "FLOAT", (0.0, 10.0)), ("set_cond_area", "COMBO", ["default", "mask bounds"])],
+    "ConditioningCombine": [],
 }
 CORE_OUTPUTS = {
     "CheckpointLoaderSimple": ["MODEL", "CLIP", "VAE"], "CLIPVisionLoader": ["CLIP_VISION"],
     "LoadImage": ["IMAGE", "MASK"], "CLIPTextEncode": ["CONDITIONING"], "EmptyLatentImage": ["LATENT"],
     "KSampler": ["LATENT"], "VAEDecode": ["IMAGE"], "SaveImage": [], "EmptyChromaRadianceLatentImage": ["LATENT"],
-    "Note": [], "ImageBatch": ["IMAGE"],
+    "Note": [], "ImageBatch": ["IMAGE"], "SolidMask": ["MASK"], "MaskComposite": ["MASK"], "InvertMask": ["MASK"],
+    "ConditioningSetMask": ["CONDITIONING"], "ConditioningCombine": ["CONDITIONING"],
 }
 
 
@@ -308,6 +315,11 @@ WORKFLOW_NODES = {
                      "KSampler", "SaveImage"},
     "toy_quicktune.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitQuickTuneConcept",
                            "KSampler", "SaveImage"},
+    "toy_two_subjects.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitInstantBoothRegion",
+                              "BoothKitInstantBoothApply", "ConditioningSetMask", "ConditioningCombine", "KSampler",
+                              "SaveImage"},
+    "instantbooth_two_subjects.json": {"BoothKitLoadInstantBooth", "BoothKitInstantBoothRegion",
+                                       "BoothKitInstantBoothApply", "ConditioningSetMask", "LoadImage"},
     "toy_compare.json": {"BoothKitToyWorldLoader", "BoothKitToySubjectPhotos", "BoothKitInstantBoothApply",
                          "BoothKitE4TTune", "BoothKitQuickTuneConcept", "SaveImage"},
 }
@@ -328,7 +340,7 @@ def test_every_method_has_a_toy_template_and_sd_templates_say_what_they_need():
             files = [v for n in wf["nodes"] for v in n.get("widgets_values") or [] if str(v).endswith(".safetensors")]
             assert all(f.startswith("toy_") for f in files), f"{path.name}: {files}"
         else:
-            method = path.stem
+            method = path.stem.split("_")[0]  # instantbooth_two_subjects: InstantBooth's file
             assert "checkpoint" in notes[0] and (method == "quicktune" or f"boothkit train {method}" in notes[0]), \
                 f"{path.name}: its Note must name the files and how to make them"
 
