@@ -83,12 +83,14 @@ def empty_folder_note(folder: str, how: str) -> str:
 
 
 def node_list() -> list[type[io.ComfyNode]]:
+    from .concepts import NODES as concept_nodes
     from .e4t import NODES as e4t_nodes
     from .instantbooth import NODES as instantbooth_nodes
     from .quicktune import NODES as quicktune_nodes
     from .toyworld import NODES as toyworld_nodes
 
-    return list(instantbooth_nodes) + list(quicktune_nodes) + list(e4t_nodes) + list(toyworld_nodes)
+    return (list(instantbooth_nodes) + list(quicktune_nodes) + list(e4t_nodes) + list(toyworld_nodes)
+            + list(concept_nodes))
 
 
 class BoothKitExtension(ComfyExtension):
