@@ -130,6 +130,19 @@ def main(argv=None) -> int:
     tensors["hooks_left_right"] = sample(model, combine(hooked("cat", left), hooked("robot", right)), cfg=1.0)
     tensors["hooks_left_right_cfg"] = sample(model, combine(hooked("cat", left), hooked("robot", right)), steps=20)
     tensors["base_cat_prompt"] = sample(model, tuned["cat"]["cond"], cfg=1.0)
+    # an E4T concept (E4T Tune's concept output, 1 step) as a hook: everywhere == E4T Tune's own MODEL
+    (e4t,) = run("BoothKitLoadE4T", e4t_name="toy_e4t.safetensors")
+    e4t_out = run("BoothKitE4TTune", e4t=e4t, model=model, clip=clip, clip_vision=clip_vision, vae=vae,
+                  image=photos["robot"][0][:1], steps=1, learning_rate=0.0, identifier="vvk", class_noun="robot",
+                  resolution=32, seed=0, gradient_checkpointing=False)
+    e4t_model, e4t_clip, e4t_concept = e4t_out[0], e4t_out[1], e4t_out[5]
+    e4t_cond = run("CLIPTextEncode", clip=e4t_clip, text="a photo of a vvk robot on grass at day")[0]
+    (e4t_hooks,) = run("BoothKitConceptHook", e4t_concept=e4t_concept, model=model, strength=1.0)
+    tensors["e4t_alone"] = sample(e4t_model, e4t_cond, cfg=1.0)
+    tensors["e4t_hook_everywhere"] = sample(model, run("ConditioningSetProperties", cond_NEW=e4t_cond, strength=1.0,
+                                                       set_cond_area="default", mask=torch.ones(1, H, W),
+                                                       hooks=e4t_hooks)[0], cfg=1.0)
+    tensors["base_e4t_prompt"] = sample(model, e4t_cond, cfg=1.0)
     results["hooks_error"] = None
     try:
         run("BoothKitConceptHook", strength=1.0)

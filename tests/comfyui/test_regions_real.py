@@ -49,3 +49,9 @@ def test_tuned_concepts_as_hooks_each_region_uses_only_its_lora(regions_run):
     assert (lr - t["cat_tuned_alone"]).abs().max() > 1e-3 and (lr - t["robot_tuned_alone"]).abs().max() > 1e-3
     assert torch.isfinite(t["hooks_left_right_cfg"]).all()
     assert "connect either lora" in results["hooks_error"]
+
+
+def test_an_e4t_concept_as_a_hook_gives_e4t_tunes_model(regions_run):
+    _, t = regions_run
+    assert torch.equal(t["e4t_hook_everywhere"], t["e4t_alone"]), "the hook's weight diffs are E4T Tune's"
+    assert (t["e4t_alone"] - t["base_e4t_prompt"]).abs().max() > 1e-3, "the offsets change the image"
