@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_nodes_schema import (LAYOUT, FakeClip, FakeModel, booth_concept, comfy_like_unet, make_patch, pack,  # noqa: F401
-                               models_dir, schemas, tiny_config)
+from test_nodes_schema import (LAYOUT, FakeClip, FakeModel, booth_concept, comfy_like_unet, make_patch,  # noqa: F401
+                               models_dir, pack, schemas, tiny_config)
 
 from boothkit.backend.instantbooth import Concept, InstantBooth
 
