@@ -205,9 +205,9 @@ class InstantBoothRegion(io.ComfyNode):
                 io.Float.Input("y1", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="The box's bottom edge, a fraction of the image height."),
                 io.String.Input("identifier", default="",
-                                tooltip="The word the concept token goes in at, one token (e.g. zwx for a second "
-                                        "subject; the toy world's rare words are sks, zwx, vvk); empty = the file's "
-                                        "identifier."),
+                                tooltip="The word the concept token goes in at, one token of the model's "
+                                        "tokenizer (a second subject: ohwx on SD1.5, zwx in the toy world, whose "
+                                        "rare words are sks, zwx, vvk); empty = the file's identifier."),
             ],
             outputs=[ConceptType.Output(display_name="concept",
                                         tooltip="The concept with its region and identifier, for InstantBooth Apply "

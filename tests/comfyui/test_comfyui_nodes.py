@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
 NODE_IDS = {"BoothKitLoadInstantBooth", "BoothKitInstantBoothEncodeConcept", "BoothKitInstantBoothApply",
             "BoothKitInstantBoothCondition", "BoothKitInstantBoothTextEncode", "BoothKitInstantBoothInsertIdentifier",
             "BoothKitQuickTuneConcept", "BoothKitSaveConcept", "BoothKitLoadE4T", "BoothKitE4TTune",
-            "BoothKitLoadE4TConcept", "BoothKitToyWorldLoader", "BoothKitToySubjectPhotos"}
+            "BoothKitLoadE4TConcept", "BoothKitToyWorldLoader", "BoothKitToySubjectPhotos",
+            "BoothKitInstantBoothRegion", "BoothKitConceptHook"}
 
 
 def test_pack_loads_through_comfyuis_loader_without_heavy_imports(driver_run):
