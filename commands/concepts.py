@@ -51,7 +51,7 @@ def parse_concept(text: str) -> ConceptSpec:
         key, eq, value = rest.partition("=")
         key = key.strip()
         if not eq or key not in KEYS:
-            raise ValueError(f"{text!r}: unknown setting {rest.split(',')[0]!r}; expected {', '.join(KEYS)}=VALUE")
+            raise ValueError(f"{text!r}: unknown setting {key!r}; expected one of {', '.join(KEYS)} (KEY=VALUE)")
         if key == "prompt":  # the rest of the value, commas included
             spec.prompt, rest = value, ""
             continue
