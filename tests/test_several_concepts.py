@@ -214,3 +214,24 @@ def test_eval_pairs_scores_one_pair_in_one_context(tmp_path):
     assert (out / "pairs.md").exists() and Image.open(out / "pairs.png").size == (5 * 64, 32)
     with pytest.raises(ValueError, match="only InstantBooth"):
         evaluate(["--pairs", "--subjects", "2", "--methods", "quicktune-residual", "--out", str(tmp_path / "q")])
+
+
+@pytest.mark.slow
+def test_generate_composites_two_tuned_concepts_from_their_files(tmp_path, two_subjects):
+    """A quick-tune pair (embedding + LoRA beside) and an E4T concept, as `boothkit tune` writes them, each in its
+    half; the same E4T concept over the whole image is `--e4t-concept`'s image, bit for bit."""
+    from boothkit.commands.tune import main as tune
+
+    assert tune(["--images", str(two_subjects / "robot"), "--class-noun", "robot", "--stage1-steps", "1",
+                 "--stage2-steps", "1", "--out", str(tmp_path), "--name", "rob", "--threads", "1"]) == 0
+    assert tune(["--method", "e4t", "--image", str(two_subjects / "cat" / "0.png"), "--class-noun", "cat",
+                 "--steps", "1", "--out", str(tmp_path), "--threads", "1"]) == 0
+    e4t, qt = tmp_path / "sks_e4t.safetensors", tmp_path / "rob.safetensors"
+    common = ["--prompt", "a photo of a sks cat on grass at day", "--steps", "2", "--scale", "1", "--threads", "1"]
+    assert generate(common + ["--height", "32", "--width", "64", "--concept", f"e4t={e4t},box=0:0:0.5:1",
+                              "--concept", f"quicktune={qt},identifier=zwx,box=0.5:0:1:1,prompt=a photo of a robot, "
+                              "on grass at day", "--out", str(tmp_path / "two.png")]) == 0
+    assert np.asarray(Image.open(tmp_path / "two.png")).shape == (32, 64, 3)
+    generate(common + ["--concept", f"e4t={e4t}", "--out", str(tmp_path / "one.png")])
+    generate(common + ["--e4t-concept", str(e4t), "--out", str(tmp_path / "single.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(Image.open(tmp_path / "single.png")))
