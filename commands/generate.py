@@ -8,8 +8,9 @@
 
 At most one of --images / --embedding / --e4t-concept gives the identifier its meaning; --lora (repeatable: a LoRA
 or E4T's weight diffs) goes with any of them or alone. --concept (repeatable) puts several concepts in one image
-instead, each bound to its own identifier and limited to its region (see --concept's help and docs/commands.md). `boothkit tune` prints the exact command for its files. The
-identifier (the file's, e.g. sks) is inserted before the class noun when the prompt lacks it.
+instead, each bound to its own identifier and limited to its region (see --concept's help and docs/commands.md).
+`boothkit tune` prints the exact command for its files. The identifier (the file's, e.g. sks) is inserted before the
+class noun when the prompt lacks it.
 
 Examples (toy world):
   boothkit generate --images photos --prompt "a photo of a cat on snow at night"
@@ -72,12 +73,12 @@ def parse_args(argv=None):
     p.add_argument("--e4t-concept", help="a compact E4T concept (`boothkit tune --method e4t`: NAME_e4t.safetensors)")
     p.add_argument("--concept", type=concept_spec, action="append", default=[],
                    metavar="KIND=PATH[,identifier=W][,box=X0:Y0:X1:Y1|,mask=PNG][,prompt=TEXT]",
-                   help="several concepts in one image, each in its own region (repeatable). KIND: images (InstantBooth "
-                        "photos), quicktune (NAME.safetensors, NAME_lora.safetensors beside), e4t (NAME_e4t"
-                        ".safetensors); identifier: its word (default the file's; each its own: sks, zwx, vvk); box: "
-                        "fractions left:top:right:bottom, or mask: a PNG, white inside (default the whole image); "
-                        "prompt: the region's own (composite; last, may hold commas; default --prompt, the identifier "
-                        "inserted)")
+                   help="several concepts in one image, each in its own region (repeatable). KIND: images "
+                        "(InstantBooth photos), quicktune (NAME.safetensors, NAME_lora.safetensors beside), e4t "
+                        "(NAME_e4t.safetensors); identifier: its word (default the file's; each its own: sks, zwx, "
+                        "vvk); box: fractions left:top:right:bottom, or mask: a PNG, white inside (default the whole "
+                        "image); prompt: the region's own (composite; last, may hold commas; default --prompt, the "
+                        "identifier inserted)")
     p.add_argument("--regions-mode", choices=("composite", "residual"),
                    help="with --concept: composite (default): each region's noise prediction from its own prompt with "
                         "only its own concept on, weighted by its mask, --prompt without concepts elsewhere; residual "
@@ -194,8 +195,8 @@ def main(argv=None) -> int:
 
 
 def _prompt(model, args, identifier: str | None, nouns, prompt: str | None = None) -> str:
-    """The prompt (``args.prompt`` unless given) with the identifier, checked: a typo of the identifier where it goes is an error, other look-alikes
-    and (on the toy world) words its captions never use are a one-line note each."""
+    """The prompt (``args.prompt`` unless given) with the identifier, checked: a typo of the identifier where it goes
+    is an error, other look-alikes and (on the toy world) words its captions never use are a one-line note each."""
     from ..backend.identifier import check_prompt_identifier
 
     known = ()

@@ -202,8 +202,9 @@ def test_eval_pairs_scores_one_pair_in_one_context(tmp_path):
     from boothkit.commands.eval import main as evaluate
 
     out = tmp_path / "pairs"
-    assert evaluate(["--pairs", "--subjects", "2", "--contexts", "1", "--samples", "1", "--steps", "2", "--threads", "1",
-                     "--methods", "base", "instantbooth", "instantbooth-residual", "e4t-0", "--out", str(out)]) == 0
+    assert evaluate(["--pairs", "--subjects", "2", "--contexts", "1", "--samples", "1", "--steps", "2",
+                     "--threads", "1", "--methods", "base", "instantbooth", "instantbooth-residual", "e4t-0",
+                     "--out", str(out)]) == 0
     table = json.loads((out / "pairs.json").read_text())
     assert list(table["methods"]) == ["base", "instantbooth", "instantbooth-residual", "e4t-0"]
     for name, row in table["methods"].items():

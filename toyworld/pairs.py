@@ -151,8 +151,8 @@ def pairs_markdown(result: dict) -> str:
              f"right half, identifiers {' / '.join(s['identifiers'])}): {len(s['pairs'])} pairs × {s['contexts']} "
              f"prompts × {s['samples_per_prompt']} samples, {s['references']} reference images each, seed "
              f"{s['seed']}, {s['sample_steps']} DDIM steps, guidance {s['guidance']}, {s['threads']} CPU threads.", "",
-             "| method | mode | own ↑ | other ↓ | swap margin ↑ | context ↑ | context / base | personalize s/concept "
-             "| s/image |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | mode | own ↑ | other ↓ | swap margin ↑ | context ↑ | context / base "
+             "| personalize s/concept | s/image |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["methods"].items():
         ratio = "–" if r.get("context_vs_base") is None else f"{r['context_vs_base']:.3f}"
         lines.append(f"| {name} | {r['mode']} | {r['own']:.3f} | {r['other']:.3f} | {r['swap_margin']:.3f} | "
