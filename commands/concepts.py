@@ -169,7 +169,7 @@ def generate_concepts(model, args, guidance: float, device) -> torch.Tensor:
     from functools import lru_cache
 
     from ..backend.instantbooth import load_instantbooth
-    from ..hosts.diffusers.common import encode_prompt
+    from ..hosts.diffusers.common import default_resolution, encode_prompt
     from ..hosts.diffusers.instantbooth import encode_prompt as encode_plain
     from ..hosts.diffusers.regions import Region, sample_regions
     from ..hosts.diffusers.sampling import sample
@@ -178,10 +178,9 @@ def generate_concepts(model, args, guidance: float, device) -> torch.Tensor:
 
     if model.family == "sdxl":
         raise ValueError("several concepts in one image sample with the plain SD1.x/SD2.x/toy sampler; not SDXL yet")
-    from ..hosts.diffusers.common import default_resolution
-
     height = args.height or default_resolution(model)
     width = args.width or default_resolution(model)
+    # loaded once, by the first images concept
     shared = {"instantbooth": lru_cache(None)(lambda: load_instantbooth(
         args.instantbooth or default_instantbooth(), family=model.family, ctx_dim=model.ctx_dim).eval().to(device)),
         "vision": lru_cache(None)(lambda: load_vision(args.clip_vision).to(device))}

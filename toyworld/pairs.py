@@ -46,7 +46,7 @@ def halves(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return box_mask((0, 0, 0.5, 1), height, width), box_mask((0.5, 0, 1, 1), height, width)
 
 
-def residual_prompts(prompts_a: list[str], prompts_b: list[str], noun_b: str, identifier_b: str) -> list[str]:
+def residual_prompts(prompts_a: list[str], noun_b: str, identifier_b: str) -> list[str]:
     """One prompt for both subjects in the toy captions' grammar: the left subject's caption, "with a zwx robot"."""
     return [f"{p} with a {identifier_b} {noun_b}" for p in prompts_a]
 
@@ -62,7 +62,7 @@ def sample_pair(env, a, b, prompts: tuple[list[str], list[str]], plain: tuple[li
     left, right = halves(h, w)
     uncond = env.encode([""])
     if mode == "residual":
-        text = residual_prompts(prompts[0], prompts[1], nouns[1], identifiers[1])
+        text = residual_prompts(prompts[0], nouns[1], identifiers[1])
         with torch.no_grad():
             cond = b.inject(a.encode(text, identifiers[0]), text, identifiers[1])
         with a.applied(left), b.applied(right):
