@@ -68,9 +68,9 @@ class ToyEnv:
 class Personalized:
     """One subject as a method made it: ``encode(prompts, identifier)`` -> the conditioning of prompts that carry
     ``identifier`` (any rare word: the concept is bound to it when the prompt is encoded), and ``applied(region)`` -> a
-    context manager yielding the denoiser with the concept's weights or hooks on (``region``: InstantBooth's adapter
-    term limited to it; the tuned methods' weights act everywhere and refuse one). ``plain``: the base model, which
-    samples the prompts without the identifier. ``applied`` yields the denoiser to sample with."""
+    context manager yielding the denoiser to sample with, the concept's weights or hooks on (``region``: InstantBooth's
+    adapter term limited to it; the tuned methods' weights act everywhere and refuse one). ``plain``: the base model,
+    which samples the prompts without the identifier."""
     encode: Callable[[list[str], str], torch.Tensor]
     applied: Callable[..., AbstractContextManager]
     plain: bool = False
@@ -141,11 +141,9 @@ def instantbooth_concept(token: bool = True, adapters: bool = True):
     return method
 
 
-
-
 def _embedding_encoder(env: ToyEnv, embedding):
-    """``encode`` of a learnt embedding: its vectors at whatever identifier the prompts carry (None: the identifier's
-    own token, DreamBooth-style)."""
+    """``encode`` of a learnt embedding: its vectors at whatever identifier the prompts carry. None: the identifier's
+    own token, DreamBooth-style, which the denoiser learnt for ``env.identifier`` only (another word is not bound)."""
     def encode(prompts, identifier):
         from ..hosts.diffusers.common import encode_prompt
 
