@@ -153,11 +153,14 @@ def two_subjects(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["composite", "residual"])
 def test_generate_two_concepts_in_two_regions_writes_the_requested_size(tmp_path, two_subjects, mode):
+    from boothkit.backend.imageio import save_png
+
     prompt = "a photo of a sks cat on grass at day" + (" with a zwx robot" if mode == "residual" else "")
+    save_png(box_mask((0.5, 0, 1, 1), 16, 32).expand(3, -1, -1), tmp_path / "right.png")  # resampled to 32x64
     out = tmp_path / "two.png"
     assert generate(["--prompt", prompt, "--height", "32", "--width", "64", "--steps", "2", "--scale", "1",
                      "--regions-mode", mode, "--concept", f"images={two_subjects / 'cat'},box=0:0:0.5:1",
-                     "--concept", f"images={two_subjects / 'robot'},identifier=zwx,box=0.5:0:1:1",
+                     "--concept", f"images={two_subjects / 'robot'},identifier=zwx,mask={tmp_path / 'right.png'}",
                      "--out", str(out)]) == 0
     assert np.asarray(Image.open(out)).shape == (32, 64, 3)
 
