@@ -1,7 +1,10 @@
 """Regions of an image for several concepts in one image: a concept's adapter term acts only on the latent tokens
 inside its region. A region is given as a mask ([H, W] in [0, 1], 1 inside) or as a box of fractions of the image
 (x0, y0, x1, y1); every transformer block sees it at its own token grid, averaged over the pixels each token covers
-(area resampling), so a soft mask stays soft and a box edge that cuts a token weighs it by its overlap."""
+(area resampling), so a soft mask stays soft and a box edge that cuts a token weighs it by its overlap.
+
+Region compositing (the other way to keep concepts apart, the one ComfyUI's masked conditioning uses) weighs each
+region's noise prediction by its mask at the latent's size: ``composite_weights``."""
 from __future__ import annotations
 
 import math
@@ -41,4 +44,25 @@ def token_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
     gw = tokens // gh
     if gh * gw != tokens:
         raise ValueError(f"a block of {tokens} tokens is not a grid of the region's aspect {h}x{w}")
-    return F.interpolate(mask[None, None], size=(gh, gw), mode="area").flatten()
+    return at_size(mask, gh, gw).flatten()
+
+
+def at_size(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The mask resampled to ``height`` x ``width`` by area (each cell: the share of it the region covers)."""
+    if tuple(mask.shape) == (height, width):
+        return mask
+    return F.interpolate(mask[None, None], size=(height, width), mode="area")[0, 0]
+
+
+def composite_weights(masks: Sequence[torch.Tensor], height: int, width: int
+                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Weights of the regions' noise predictions at ``height`` x ``width``: ε = Σ_k w_k ε_k + w_bg ε_background.
+    Where regions overlap (Σ m_k > 1) they share the pixel in proportion (w_k = m_k / Σ m); elsewhere w_k = m_k and
+    the background prompt fills the rest (w_bg = 1 − Σ m_k; None where the regions cover every pixel)."""
+    ms = [at_size(check_mask(m), height, width) for m in masks]
+    total = torch.stack(ms).sum(0)
+    if bool((total > 1).any()):
+        ms = [m / total.clamp(min=1) for m in ms]
+        total = total.clamp(max=1)
+    rest = 1 - total
+    return ms, (rest if bool((rest > 0).any()) else None)

@@ -52,10 +52,23 @@ def parse_args(argv=None):
     p.add_argument("--paired", nargs=2, metavar=("A", "B"),
                    help="evaluate nothing: compare method A with B subject by subject over existing tables (--tables, "
                         "default --out's eval.json): the mean difference in identity and its standard error")
+    p.add_argument("--pairs", action="store_true",
+                   help="several concepts in one image: subjects 2i and 2i+1 side by side on a 32x64 canvas, each "
+                        "half scored against its own and the other's references (own, other, swap margin, context; "
+                        "toyworld/pairs.py), written to --out as pairs.json/.md/.png; methods as above, and "
+                        "instantbooth-residual (one pass, adapters masked); default: "
+                        "base instantbooth instantbooth-residual quicktune e4t-0 e4t-15")
     p.add_argument("--overwrite", action="store_true", help="replace the table already in --out")
     p.add_argument("--tables", nargs="+", metavar="FILE", help="eval.json files for --paired (distinct subjects)")
     threads.add_argument(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.pairs:
+        clash = [f"--{n.replace('_', '-')}" for n in ("update", "paired", "instantbooth_checks") if getattr(args, n)]
+        if clash or args.split != "heldout":
+            p.error(f"--pairs writes its own table; it does not go with {', '.join(clash or ['--split train'])}")
+        if args.subjects % 2:
+            p.error(f"--pairs puts two subjects in each image; give an even --subjects, not {args.subjects}")
+    return args
 
 
 def read_table(path: Path) -> dict:
@@ -121,6 +134,8 @@ def main(argv=None) -> int:
             ib.config.adapters_on_uncond = args.adapters_on_uncond == "yes"
         print(checks_markdown(run_checks(env, ib, Path(args.out), args.seed)))
         return 0
+    if args.pairs:
+        return main_pairs(args)
     out = Path(args.out)
     table = out / "eval.json"
     # checked before the evaluation, not after it: the folder, the table to update, a table not to replace
@@ -149,6 +164,29 @@ def main(argv=None) -> int:
     write_text(out / "eval.md", md)
     print(md)
     print(f"wrote {table} and {out / 'eval.md'}")
+    return 0
+
+
+def main_pairs(args) -> int:
+    from ..toyworld.pairs import evaluate_pairs, pairs_markdown
+
+    out = Path(args.out)
+    table = out / "pairs.json"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for pairs.json, pairs.md and pairs.png")
+    if table.exists() and not args.overwrite:
+        raise FileExistsError(f"{table} exists; pass --overwrite to replace it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate_pairs(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
+                            args.steps, args.dev, args.context_draw, picture=out / "pairs.png")
+    bad = nonfinite_fields(result)
+    if bad:
+        raise ValueError(f"the evaluation produced non-finite scores ({', '.join(bad[:3])}); nothing written")
+    write_text(table, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    md = pairs_markdown(result)
+    write_text(out / "pairs.md", md)
+    print(md)
+    print(f"wrote {table}, {out / 'pairs.md'} and {out / 'pairs.png'}")
     return 0
 
 

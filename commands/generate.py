@@ -4,13 +4,19 @@
   quick-tune                --embedding NAME.safetensors --lora NAME_lora.safetensors
   E4T                       --e4t-concept NAME_e4t.safetensors          (or its --stock-export: --embedding + --lora)
 
+  several, each in a region  --concept KIND=PATH[,identifier=zwx][,box=X0:Y0:X1:Y1|,mask=FILE.png][,prompt=TEXT] ...
+
 At most one of --images / --embedding / --e4t-concept gives the identifier its meaning; --lora (repeatable: a LoRA
-or E4T's weight diffs) goes with any of them or alone. `boothkit tune` prints the exact command for its files. The
-identifier (the file's, e.g. sks) is inserted before the class noun when the prompt lacks it.
+or E4T's weight diffs) goes with any of them or alone. --concept (repeatable) puts several concepts in one image
+instead, each bound to its own identifier and limited to its region (see --concept's help and docs/commands.md).
+`boothkit tune` prints the exact command for its files. The identifier (the file's, e.g. sks) is inserted before the
+class noun when the prompt lacks it.
 
 Examples (toy world):
   boothkit generate --images photos --prompt "a photo of a cat on snow at night"
   boothkit generate --e4t-concept tuned/sks_e4t.safetensors --prompt "a photo of a sks cat on grass at day"
+  boothkit generate --height 32 --width 64 --prompt "a photo of a cat on grass at day" \
+      --concept images=cat_photos,box=0:0:0.5:1 --concept e4t=tuned/sks_e4t.safetensors,identifier=zwx,box=0.5:0:1:1
 """
 from __future__ import annotations
 
@@ -23,6 +29,19 @@ import torch
 
 from . import threads
 from .args import Parser, finite_float, int_range, nonneg_float, nonneg_int
+
+
+def concept_spec(text):
+    """argparse type of --concept: a ConceptSpec, or the spec's own one-line error."""
+    from .concepts import parse_concept
+
+    try:
+        return parse_concept(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+concept_spec.__name__ = "concept"
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +71,21 @@ def parse_args(argv=None):
                         "diffs (--stock-export); repeatable")
     p.add_argument("--lora-strength", type=finite_float, default=1.0, help="multiplier of every --lora (default 1)")
     p.add_argument("--e4t-concept", help="a compact E4T concept (`boothkit tune --method e4t`: NAME_e4t.safetensors)")
+    p.add_argument("--concept", type=concept_spec, action="append", default=[],
+                   metavar="KIND=PATH[,identifier=W][,box=X0:Y0:X1:Y1|,mask=PNG][,prompt=TEXT]",
+                   help="several concepts in one image, each in its own region (repeatable). KIND: images "
+                        "(InstantBooth photos), quicktune (NAME.safetensors, NAME_lora.safetensors beside), e4t "
+                        "(NAME_e4t.safetensors); identifier: its word (default the file's; each its own: sks, zwx, "
+                        "vvk); box: fractions left:top:right:bottom, or mask: a PNG, white inside (default the whole "
+                        "image); prompt: the region's own (composite; last, may hold commas; default --prompt, the "
+                        "identifier inserted)")
+    p.add_argument("--regions-mode", choices=("composite", "residual"),
+                   help="with --concept: composite (default): each region's noise prediction from its own prompt with "
+                        "only its own concept on, weighted by its mask, --prompt without concepts elsewhere; residual "
+                        "(images concepts only): one pass of --prompt naming every identifier, each adapter term "
+                        "limited to its region")
+    p.add_argument("--height", type=int_range(1, 8192), help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int_range(1, 8192), help="image width in pixels (default: the model's)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--num-images", type=int_range(1, 64), default=1)
     p.add_argument("--steps", type=int_range(1, 1000), default=30)
@@ -66,10 +100,22 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     sources = [f"--{n}" for n in ("images", "embedding", "e4t-concept") if getattr(args, n.replace("-", "_"))]
+    if args.concept:
+        if sources or args.lora:
+            p.error(f"--concept gives each concept its file; it does not go with {(sources or ['--lora'])[0]}")
+        args.regions_mode = args.regions_mode or "composite"
+        from .concepts import check_specs
+
+        try:
+            check_specs(args.concept, args.regions_mode)
+        except ValueError as e:
+            p.error(str(e))
+    elif args.regions_mode:
+        p.error("--regions-mode goes with --concept (several concepts in one image)")
     if len(sources) > 1:
         p.error(f"{' and '.join(sources)} each give the identifier its meaning; pass one of them (a --lora goes "
                 f"with any)")
-    if not args.images:
+    if not args.images and not any(c.kind == "images" for c in args.concept):
         given = [f"--{n.replace('_', '-')}" for n in ("instantbooth", "alpha", "beta") if getattr(args, n) is not None]
         if given or args.skip_levels:
             p.error(f"{', '.join(given or ['--skip-levels'])} belong(s) to InstantBooth, which needs --images")
@@ -131,7 +177,11 @@ def main(argv=None) -> int:
     else:
         guidance = 5.0
 
-    if args.images:
+    if args.concept:
+        from .concepts import generate_concepts
+
+        out = generate_concepts(model, args, guidance, device)
+    elif args.images:
         out = _generate_instantbooth(model, args, guidance, device)
     else:
         out = _generate_tuned(model, args, guidance)
@@ -144,9 +194,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _prompt(model, args, identifier: str | None, nouns) -> str:
-    """The prompt with the identifier, checked: a typo of the identifier where it goes is an error, other look-alikes
-    and (on the toy world) words its captions never use are a one-line note each."""
+def _prompt(model, args, identifier: str | None, nouns, prompt: str | None = None) -> str:
+    """The prompt (``args.prompt`` unless given) with the identifier, checked: a typo of the identifier where it goes
+    is an error, other look-alikes and (on the toy world) words its captions never use are a one-line note each."""
     from ..backend.identifier import check_prompt_identifier
 
     known = ()
@@ -155,8 +205,8 @@ def _prompt(model, args, identifier: str | None, nouns) -> str:
         from ..toyworld import domain
 
         known = domain.VOCAB
-    prompt, notes = (args.prompt, []) if identifier is None else \
-        check_prompt_identifier(args.prompt, identifier, nouns, known)
+    prompt = args.prompt if prompt is None else prompt
+    prompt, notes = (prompt, []) if identifier is None else check_prompt_identifier(prompt, identifier, nouns, known)
     if toy:
         unknown = domain.unknown_words(prompt, [identifier] if identifier else [])
         if unknown:
@@ -242,7 +292,8 @@ def _sample(model, cond, uncond, args, guidance: float) -> torch.Tensor:
 
     if model.family == "sdxl":
         return _sample_sdxl_embeds(model, cond, uncond, args, guidance)
-    return sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance)
+    return sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance,
+                  height=args.height, width=args.width)
 
 
 def _sdxl_pipe(model):
@@ -260,6 +311,7 @@ def _sample_sdxl_embeds(model, cond, uncond, args, guidance):
                                  negative_prompt_embeds=uncond["encoder_hidden_states"],
                                  pooled_prompt_embeds=cond["text_embeds"],
                                  negative_pooled_prompt_embeds=uncond["text_embeds"], num_inference_steps=args.steps,
+                                 height=args.height, width=args.width,
                                  guidance_scale=guidance, num_images_per_prompt=args.num_images,
                                  generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
 
@@ -292,7 +344,8 @@ def _generate_instantbooth(model, args, guidance: float, device) -> torch.Tensor
         enabled = ib.config.layout.select(skip_levels=args.skip_levels)
         cond_only = not ib.config.adapters_on_uncond  # the file says whether guidance scales the identity too
         with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled, cond_only=cond_only):
-            return sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance)
+            return sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance,
+                          height=args.height, width=args.width)
 
 
 def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance):
@@ -311,6 +364,7 @@ def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance):
                            cond_only=not ib.config.adapters_on_uncond), torch.no_grad():
         out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
                    negative_pooled_prompt_embeds=npooled, num_inference_steps=args.steps,
+                   height=args.height, width=args.width,
                    guidance_scale=guidance, num_images_per_prompt=args.num_images,
                    generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
     return out

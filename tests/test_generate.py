@@ -170,7 +170,7 @@ def test_generate_on_sdxl_goes_through_the_sdxl_pipeline_with_the_concept(tmp_pa
     images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     masks = torch.ones(2, 1, 40, 40)
     concept = ib.encode(*encode_images(vision, images, masks, ib))
-    args = Namespace(negative_prompt="", skip_levels=[], steps=2, num_images=1, seed=1)
+    args = Namespace(height=None, width=None, negative_prompt="", skip_levels=[], steps=2, num_images=1, seed=1)
 
     def run(alpha, beta):
         return _generate_sdxl(model, ib, concept, "a photo of sks cat on grass", args, alpha, beta, 5.0)

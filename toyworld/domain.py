@@ -467,6 +467,23 @@ def render(identity: Identity, context: Context, seed: int) -> Sample:
                   identity=identity, context=context)
 
 
+@dataclass
+class PairSample:
+    image: torch.Tensor     # [3, R, 2R]: identity_a on the left half, identity_b on the right
+    masks: torch.Tensor     # [2, 1, R, 2R]: each subject's
+    context: Context
+
+
+def render_pair(identity_a: Identity, identity_b: Identity, context: Context, seed: int) -> PairSample:
+    """Two subjects in one scene of RESOLUTION x 2·RESOLUTION, ``identity_a`` left and ``identity_b`` right: two
+    renders side by side drawn with the same seed, so the horizon, ground texture and lighting continue across the
+    seam (the reference picture of several concepts in one image; the eval scores each half on its own)."""
+    a, b = render(identity_a, context, seed), render(identity_b, context, seed)
+    zero = torch.zeros_like(a.mask)
+    return PairSample(torch.cat([a.image, b.image], -1),
+                      torch.stack([torch.cat([a.mask, zero], -1), torch.cat([zero, b.mask], -1)]), context)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # batches and dataset folders
 

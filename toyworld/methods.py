@@ -3,7 +3,10 @@ reference images with masks) and returns ``generate(prompts, plain_prompts, seed
 it returns is the method's personalization time."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -61,18 +64,56 @@ class ToyEnv:
         return sample(model, cond, self.encode([""]), seed=seed, steps=self.sample_steps, guidance=self.guidance)
 
 
-def base_model(env: ToyEnv, subject, seed: int):
+@dataclass
+class Personalized:
+    """One subject as a method made it: ``encode(prompts, identifier)`` -> the conditioning of prompts that carry
+    ``identifier`` (any rare word: the concept is bound to it when the prompt is encoded), and ``applied(region)`` -> a
+    context manager yielding the denoiser to sample with, the concept's weights or hooks on (``region``: InstantBooth's
+    adapter term limited to it; the tuned methods' weights act everywhere and refuse one). ``plain``: the base model,
+    which samples the prompts without the identifier."""
+    encode: Callable[[list[str], str], torch.Tensor]
+    applied: Callable[..., AbstractContextManager]
+    plain: bool = False
+    # InstantBooth: α·f_c put at the identifier's rows of prompts already encoded (several concepts in one prompt)
+    inject: Callable[[torch.Tensor, list[str], str], torch.Tensor] | None = None
+
+    def generate(self, env: ToyEnv):
+        def generate(prompts, plain_prompts, seed):
+            with torch.no_grad():
+                cond = self.encode(plain_prompts if self.plain else prompts, env.identifier)
+            with self.applied() as unet:
+                return env.sample(cond, seed, unet=unet)
+        return generate
+
+
+def _everywhere(context):
+    """``applied`` of a concept whose weights cannot be limited to a region."""
+    def applied(region=None):
+        if region is not None:
+            raise ValueError("this method's weights act on the whole image; limit it to a region by compositing")
+        return context()
+    return applied
+
+
+def generating(make):
+    """A method as the single-subject evaluation and the demo call it: ``(env, subject, seed) -> generate(prompts,
+    plain_prompts, seed)``."""
+    def method(env: ToyEnv, subject, seed: int):
+        return make(env, subject, seed).generate(env)
+    return method
+
+
+def base_model(env: ToyEnv, subject, seed: int) -> Personalized:
     """No personalization: the class prompt alone (what the base model does without seeing the subject)."""
-    def generate(prompts, plain_prompts, seed):
-        return env.sample(env.encode(plain_prompts), seed)
-    return generate
+    return Personalized(lambda prompts, identifier: env.encode(prompts),
+                        _everywhere(lambda: nullcontext(env.base.unet)), plain=True)
 
 
-def instantbooth_method(token: bool = True, adapters: bool = True):
+def instantbooth_concept(token: bool = True, adapters: bool = True):
     """Zero-shot: encode the reference images once, then sample with α·f_c at the identifier and the adapters.
     ``token=False`` keeps the identifier's own text encoding (no concept token; ours: the adapters alone);
     ``adapters=False`` is the paper's "w/o adapter" ablation at inference (β = 0: the concept token alone)."""
-    def method(env: ToyEnv, subject, seed: int):
+    def method(env: ToyEnv, subject, seed: int) -> Personalized:
         from ..hosts.diffusers.instantbooth import InstantBoothHooks, condition_with_concept, encode_images
 
         ib = env.instantbooth
@@ -83,16 +124,32 @@ def instantbooth_method(token: bool = True, adapters: bool = True):
                                 class_noun=subject.noun)
         beta = ib.config.beta if adapters else 0.0
 
-        def generate(prompts, plain_prompts, seed):
-            cond = torch.cat([condition_with_concept(env.encode([p]), env.base.tokenizer, p, concept, ib.config.alpha)
-                              if token else env.encode([p]) for p in prompts])
-            with InstantBoothHooks(env.base.unet, ib, concept.f_p, beta, cond_only=not ib.config.adapters_on_uncond):
-                return env.sample(cond, seed)
-        return generate
+        def inject(cond, prompts, identifier):
+            if not token:
+                return cond
+            c = dataclasses.replace(concept, identifier=identifier)
+            return torch.cat([condition_with_concept(cond[i:i + 1], env.base.tokenizer, p, c, ib.config.alpha)
+                              for i, p in enumerate(prompts)])
+
+        @contextmanager
+        def applied(region=None):
+            with InstantBoothHooks(env.base.unet, ib, concept.f_p, beta, cond_only=not ib.config.adapters_on_uncond,
+                                   region=region):
+                yield env.base.unet
+        return Personalized(lambda prompts, identifier: inject(env.encode(prompts), prompts, identifier), applied,
+                            inject=inject)
     return method
 
 
-instantbooth = instantbooth_method()
+def _embedding_encoder(env: ToyEnv, embedding):
+    """``encode`` of a learnt embedding: its vectors at whatever identifier the prompts carry. None: the identifier's
+    own token, DreamBooth-style, which the denoiser learnt for ``env.identifier`` only (another word is not bound)."""
+    def encode(prompts, identifier):
+        from ..hosts.diffusers.common import encode_prompt
+
+        e = None if embedding is None else dataclasses.replace(embedding, identifier=identifier)
+        return torch.cat([encode_prompt(env.base, p, e) for p in prompts])
+    return encode
 
 
 def quicktune_config(**overrides) -> QuickTuneConfig:
@@ -114,35 +171,28 @@ def quicktune_config(**overrides) -> QuickTuneConfig:
     return cfg
 
 
-def quicktune(embedding: bool = True, denoiser: bool = True, photos: int | None = None, **overrides):
+def quicktune_concept(embedding: bool = True, denoiser: bool = True, photos: int | None = None, **overrides):
     """Two-stage quick-tune with the toy defaults (100 + 200 steps); the embedding stage alone is
     textual inversion, the denoiser stage alone DreamBooth-style fine-tuning. ``photos`` keeps only the subject's
     first photos (1: what E4T gets). ``overrides`` go to :func:`quicktune_config`."""
     def method(env: ToyEnv, subject, seed: int):
-        from ..hosts.diffusers.common import encode_prompt
         from ..hosts.diffusers.quicktune import quick_tune, tuned
 
         result = quick_tune(env.base, subject.images[:photos], subject.noun, masks=subject.masks[:photos],
                             identifier=env.identifier, stage1=embedding, stage2=denoiser, seed=seed,
                             config=quicktune_config(**overrides))
-
-        def generate(prompts, plain_prompts, seed):
-            with torch.no_grad():
-                cond = torch.cat([encode_prompt(env.base, p, result.embedding if embedding else None) for p in prompts])
-            with tuned(env.base, result) as unet:
-                return env.sample(cond, seed, unet=unet)
-        return generate
+        return Personalized(_embedding_encoder(env, result.embedding if embedding else None),
+                            _everywhere(lambda: tuned(env.base, result)))
     return method
 
 
-def e4t(steps: int, pretrained: bool = True):
+def e4t_concept(steps: int, pretrained: bool = True):
     """E4T (the E4T paper) from the subject's first image alone: the pre-trained encoder's prediction, then ``steps``
     tuning steps of the encoder and the weight offsets. ``pretrained=False`` is the ablation: the same tune from an
     untrained E4T of the shipped file's shape (prediction 0, Δ = 0), to show what the pre-training adds."""
     def method(env: ToyEnv, subject, seed: int):
         from ..backend.e4t import E4T
         from ..hosts.diffusers.e4t import e4t_tune
-        from ..hosts.diffusers.common import encode_prompt
 
         if env.e4t is None:
             raise ValueError("the toy world has no pre-trained E4T file yet; train it (README, 'Toy world')")
@@ -152,36 +202,50 @@ def e4t(steps: int, pretrained: bool = True):
             start = E4T(env.e4t.config)
         concept = e4t_tune(env.base, env.vision, start, subject.images[0], subject.masks[0], subject.noun,
                            steps=steps, seed=seed)
-
-        def generate(prompts, plain_prompts, seed):
-            with torch.no_grad():
-                cond = torch.cat([encode_prompt(env.base, p, concept.embedding) for p in prompts])
-            with concept.applied(env.base) as unet:
-                return env.sample(cond, seed, unet=unet)
-        return generate
+        return Personalized(_embedding_encoder(env, concept.embedding), _everywhere(lambda: concept.applied(env.base)))
     return method
 
 
-METHODS = {
+def instantbooth_method(token: bool = True, adapters: bool = True):
+    """:func:`instantbooth_concept` as a single-subject method."""
+    return generating(instantbooth_concept(token, adapters))
+
+
+instantbooth = instantbooth_method()
+
+
+def quicktune(embedding: bool = True, denoiser: bool = True, photos: int | None = None, **overrides):
+    """:func:`quicktune_concept` as a single-subject method."""
+    return generating(quicktune_concept(embedding, denoiser, photos, **overrides))
+
+
+def e4t(steps: int, pretrained: bool = True):
+    """:func:`e4t_concept` as a single-subject method."""
+    return generating(e4t_concept(steps, pretrained))
+
+
+# each method's concept maker (several concepts in one image compose these: toyworld/pairs.py)
+CONCEPTS = {
     "base": base_model,
-    "instantbooth": instantbooth,
-    "instantbooth-token": instantbooth_method(adapters=False),  # the paper's "w/o adapter": the concept token alone
-    "instantbooth-adapters": instantbooth_method(token=False),  # ours: the adapters alone, no concept token
-    "quicktune": quicktune(),
-    "quicktune-stage1": quicktune(denoiser=False),
-    "quicktune-stage2": quicktune(embedding=False),
-    "quicktune-1photo": quicktune(photos=1),  # the one photo E4T tunes on: the like-for-like comparison
+    "instantbooth": instantbooth_concept(),
+    "instantbooth-token": instantbooth_concept(adapters=False),  # the paper's "w/o adapter": the concept token alone
+    "instantbooth-adapters": instantbooth_concept(token=False),  # ours: the adapters alone, no concept token
+    "quicktune": quicktune_concept(),
+    "quicktune-stage1": quicktune_concept(denoiser=False),
+    "quicktune-stage2": quicktune_concept(embedding=False),
+    "quicktune-1photo": quicktune_concept(photos=1),  # the one photo E4T tunes on: the like-for-like comparison
     # a shorter budget so that `boothkit demo` stays within a minute on 2 CPU cores
-    "quicktune-demo": quicktune(stage1=StageConfig(steps=20, lr=5e-3, batch_size=4),
-                                stage2=StageConfig(steps=80, lr=1e-3, batch_size=4, weight_decay=1e-2,
-                                                   max_grad_norm=1.0)),
-    "e4t-0": e4t(0),
-    "e4t-5": e4t(5),
-    "e4t-15": e4t(15),
-    "e4t-15-untrained": e4t(15, pretrained=False),
+    "quicktune-demo": quicktune_concept(stage1=StageConfig(steps=20, lr=5e-3, batch_size=4),
+                                        stage2=StageConfig(steps=80, lr=1e-3, batch_size=4, weight_decay=1e-2,
+                                                           max_grad_norm=1.0)),
+    "e4t-0": e4t_concept(0),
+    "e4t-5": e4t_concept(5),
+    "e4t-15": e4t_concept(15),
+    "e4t-15-untrained": e4t_concept(15, pretrained=False),
     # beyond the paper's 5-15 steps: how many steps the tune needs where 15 are not enough
-    "e4t-30": e4t(30),
-    "e4t-60": e4t(60),
+    "e4t-30": e4t_concept(30),
+    "e4t-60": e4t_concept(60),
 }
+METHODS = {name: generating(make) for name, make in CONCEPTS.items()}
 DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune", "quicktune-1photo",
                    "e4t-0", "e4t-5", "e4t-15", "e4t-15-untrained"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -92,6 +93,9 @@ class InstantBoothHooks:
                 continue  # nothing to add: the UNet runs exactly as without the hooks
             state = {}
             self._handles.append(block.register_forward_pre_hook(self._keep_input(state), with_kwargs=True))
+            # attn1's own output, kept ahead of every concept's hook: with several concepts on one UNet each adapter
+            # sees the same y and their terms add up, instead of one concept's term feeding the next one's input
+            self._handles.append(block.attn1.register_forward_hook(self._keep_output(state), prepend=True))
             self._handles.append(block.attn1.register_forward_hook(self._add_adapter(i, state)))
 
     def set_f_p(self, f_p: torch.Tensor) -> None:
@@ -106,12 +110,18 @@ class InstantBoothHooks:
             state["x"] = args[0] if args else kwargs["hidden_states"]
         return hook
 
+    @staticmethod
+    def _keep_output(state):
+        def hook(module, args, output):
+            state["out"] = output
+        return hook
+
     def _add_adapter(self, i: int, state):
         adapter = self.instantbooth.adapters[i]
 
         def hook(module, args, output):
-            # the block will compute output + x; the adapter sees y = output + x and adds its gated residual
-            y = output + state["x"]
+            # the block will compute output + x; the adapter sees y = attn1's output + x and adds its gated residual
+            y = state["out"] + state["x"]
             if self.cond_only:
                 h = y.shape[0] // 2
                 r = torch.cat([torch.zeros_like(y[:h]), adapter.residual(y[h:], beta=self.beta, kv=self.kv[i])])
@@ -121,6 +131,16 @@ class InstantBoothHooks:
                 r = r * self.token_mask(y.shape[1]).to(r)[None, :, None]
             return output + r
         return hook
+
+    @contextmanager
+    def attached(self):
+        """The hooks on while inside, off after (region compositing turns each concept on for its own prediction);
+        yields the UNet."""
+        self.attach()
+        try:
+            yield self.unet
+        finally:
+            self.remove()
 
     def token_mask(self, tokens: int) -> torch.Tensor:
         """The region at a block of ``tokens`` latent tokens, computed once per resolution."""
