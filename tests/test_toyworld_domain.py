@@ -45,6 +45,24 @@ def test_splits_disjoint_deterministic_and_sized():
         d.identities("test")
 
 
+def test_encoder_split_adds_identities_and_leaves_the_others_as_they_were(tmp_path):
+    """The encoders' extra identities (issue #30) are disjoint from train and held-out, and adding them changed neither:
+    the digest of every train and held-out identity is the one of the files shipped before the split existed."""
+    import hashlib
+
+    train, held, extra = d.identities("train"), d.identities("heldout"), d.identities("extra")
+    assert len(extra) == 2 * d.N_EXTRA_PER_CLASS and d.identities("encoder") == train + extra
+    attrs = {i.attributes for i in extra}
+    assert len(attrs) == len(extra) and not attrs & {i.attributes for i in train + held}
+    assert min(i.id for i in extra) == d.EXTRA_ID_OFFSET and d.split_of(extra[-1].id) == "extra"
+    assert d.identity_by_id(extra[5].id) == extra[5]
+    digest = hashlib.sha256(repr([(i.id, i.attributes) for i in train + held]).encode()).hexdigest()[:16]
+    assert digest == "e4dce00614650e5c"
+    d.export_folder("encoder", 40, tmp_path, seed=0)
+    ids = [json.loads(x)["identity"] for x in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert {d.split_of(i) for i in ids} == {"train", "extra"}
+
+
 def test_identity_details_change_pixels_not_captions():
     """Two identities differing only in one attribute render differently in the same context and seed."""
     a = d.identities("train")[0]

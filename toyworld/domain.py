@@ -63,6 +63,10 @@ PARTS: dict[str, tuple[str, ...]] = {"cat": ("pointy", "round", "tall"), "robot"
 N_TRAIN_PER_CLASS = 160
 N_HELDOUT_PER_CLASS = 16
 HELDOUT_ID_OFFSET = 1000
+# More identities for the personalization encoders alone (InstantBooth, E4T): the base model, the scorers and the
+# evaluation never see them. The papers' encoders train on far more subjects than a base model's fine-tuning set.
+N_EXTRA_PER_CLASS = 2000
+EXTRA_ID_OFFSET = 2000
 _SPLIT_SEED = 20240511
 
 VOCAB: list[str] = sorted(set(
@@ -117,7 +121,7 @@ class Sample:
 @lru_cache(maxsize=None)
 def _splits() -> dict[str, tuple[Identity, ...]]:
     rng = np.random.default_rng(_SPLIT_SEED)
-    train, heldout = [], []
+    train, heldout, extra = [], [], []
     for cls in CLASSES:
         combos = list(itertools.product(range(len(PALETTE)), range(len(PALETTE)), PATTERNS, HEAD_LAYOUTS,
                                         range(len(EYE_COLORS)), PARTS[cls]))
@@ -126,15 +130,21 @@ def _splits() -> dict[str, tuple[Identity, ...]]:
         picked = [combos[i] for i in order[:N_HELDOUT_PER_CLASS + N_TRAIN_PER_CLASS]]
         heldout += [(cls, c) for c in picked[:N_HELDOUT_PER_CLASS]]
         train += [(cls, c) for c in picked[N_HELDOUT_PER_CLASS:]]
+        # the combinations after those in the same shuffle: disjoint from both, and train/heldout stay as they were
+        start = N_HELDOUT_PER_CLASS + N_TRAIN_PER_CLASS
+        extra += [(cls, combos[i]) for i in order[start:start + N_EXTRA_PER_CLASS]]
     mk = lambda i, cls, c: Identity(i, cls, c[0], c[1], c[2], c[3], c[4], c[5])  # noqa: E731
-    return {"train": tuple(mk(i, cls, c) for i, (cls, c) in enumerate(train)),
-            "heldout": tuple(mk(HELDOUT_ID_OFFSET + i, cls, c) for i, (cls, c) in enumerate(heldout))}
+    splits = {"train": tuple(mk(i, cls, c) for i, (cls, c) in enumerate(train)),
+              "heldout": tuple(mk(HELDOUT_ID_OFFSET + i, cls, c) for i, (cls, c) in enumerate(heldout)),
+              "extra": tuple(mk(EXTRA_ID_OFFSET + i, cls, c) for i, (cls, c) in enumerate(extra))}
+    splits["encoder"] = splits["train"] + splits["extra"]  # what an encoder may train on
+    return splits
 
 
 def identities(split: str) -> list[Identity]:
-    """The identities of ``split`` ("train" or "heldout"); same list on every call and machine.
-
-    Train ids are 0..N-1 (usable as class labels); held-out ids start at ``HELDOUT_ID_OFFSET``."""
+    """The identities of ``split`` ("train", "heldout", "extra" or "encoder" = train + extra); same list on every call
+    and machine. Train ids are 0..N-1 (usable as class labels); held-out ids start at ``HELDOUT_ID_OFFSET``, the
+    encoders' extra ones at ``EXTRA_ID_OFFSET``."""
     splits = _splits()
     if split not in splits:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(splits)}")
@@ -142,7 +152,7 @@ def identities(split: str) -> list[Identity]:
 
 
 def identity_by_id(identity_id: int) -> Identity:
-    for split in ("train", "heldout"):
+    for split in ("train", "heldout", "extra"):
         for ident in _splits()[split]:
             if ident.id == identity_id:
                 return ident
@@ -518,7 +528,7 @@ def describe(identity: Identity) -> str:
 
 
 def split_of(identity_id: int) -> str:
-    return "heldout" if identity_id >= HELDOUT_ID_OFFSET else "train"
+    return "extra" if identity_id >= EXTRA_ID_OFFSET else "heldout" if identity_id >= HELDOUT_ID_OFFSET else "train"
 
 
 def export_folder(split: str, n: int, out_dir: str | Path, seed: int, identity_id: int | None = None) -> None:
