@@ -127,6 +127,9 @@ class LoadE4TConcept(io.ComfyNode):
                 io.Model.Output(display_name="model", tooltip="A copy of the model with the concept's offsets."),
                 io.Clip.Output(display_name="clip", tooltip="A copy of the CLIP with the identifier's embedding."),
                 io.String.Output(display_name="report", tooltip="The concept's identifier and class word."),
+                E4TConceptType.Output(display_name="concept",
+                                      tooltip="The concept itself, for Concept Hook (the concept in one region of "
+                                              "the image, beside others)."),
             ],
         )
 

@@ -151,6 +151,9 @@ class TunedConcept:
     training: dict
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        if self.config is None:
+            raise ValueError(f"this E4T concept was loaded from {self.training.get('file', 'a file')} (Load E4T "
+                             f"Concept): it is saved already; Save Concept takes E4T Tune's concept")
         return e4t_backend.save_e4t_concept(path, self.config, self.offsets, self.embedding, self.class_word,
                                             self.training, overwrite=overwrite)
 
@@ -202,10 +205,11 @@ def concept_weight_diffs(model, concept: TunedConcept) -> LoRATensors:
         return weight_diffs(model, concept.offsets, family, concept.embedding.identifier)
 
 
-def load_concept(path: str | Path, model, clip) -> tuple[object, object, str]:
+def load_concept(path: str | Path, model, clip) -> tuple[object, object, str, TunedConcept]:
     """Copies of MODEL and CLIP with a compact E4T concept applied (its offsets as weight patches, its embedding on the
-    identifier's token row), and a one-line report. The file is refused, naming it, when it was tuned on another
-    family or text-encoder width."""
+    identifier's token row), a one-line report, and the concept itself (for Concept Hook: one region of an image;
+    it has no pre-training config, so Save Concept refuses it). The file is refused, naming it, when it was tuned on
+    another family or text-encoder width."""
     family, _ = common.check_model(model)
     slots = common.text_slots(clip, family, model)
     data = e4t_backend.load_e4t_concept(path, family=family, widths={s.key: s.width for s in slots})
@@ -219,8 +223,9 @@ def load_concept(path: str | Path, model, clip) -> tuple[object, object, str]:
         model_out, _ = apply_offsets(model, data.offsets, family, data.identifier)
         vectors = [data.embedding.vectors[s.key].float() for s in slots]
         clip_out = common.apply_embedding(clip, slots, identifier_ids, vectors)
-    return model_out, clip_out, (f"E4T concept '{Path(path).name}': prompt with '{data.identifier} "
-                                 f"{data.class_word}'")
+    report = f"E4T concept '{Path(path).name}': prompt with '{data.identifier} {data.class_word}'"
+    return model_out, clip_out, report, TunedConcept(None, data.offsets, data.embedding, data.class_word,
+                                                     {"file": Path(path).name})
 
 
 def e4t_tune(model, clip, clip_vision, vae, e4t: E4T, image, class_noun: str, identifier: str = "sks",

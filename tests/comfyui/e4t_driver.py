@@ -126,14 +126,22 @@ def main(argv=None) -> int:
     # ---- the compact E4T concept: Save Concept's default for E4T, Load E4T Concept gives E4T Tune's weights back -----
     (concept_paths,) = run("BoothKitSaveConcept", e4t_concept=concept, name=NAME, overwrite=False)
     concept_path = concept_paths.splitlines()[0]
-    c_model, c_clip, c_report = run("BoothKitLoadE4TConcept", concept_name=os.path.basename(concept_path),
-                                    model=model, clip=clip)
+    c_model, c_clip, c_report, c_concept = run("BoothKitLoadE4TConcept", concept_name=os.path.basename(concept_path),
+                                               model=model, clip=clip)
+    # the loaded concept as a hook (Concept Hook, issue #29): the same weight diffs as E4T Tune's concept
+    with torch.inference_mode(False):
+        hook_tune = host.concept_weight_diffs(model, concept).tensors
+        hook_loaded = host.concept_weight_diffs(model, c_concept).tensors
     sd_c = unet_state(c_model)
     results["concept"] = {
         "file": os.path.basename(concept_path), "bytes": os.path.getsize(concept_path),
         "stock_bytes": os.path.getsize(os.path.join(a.work, "loras", f"{NAME}_lora.safetensors")),
         "listed": folder_paths.get_filename_list("e4t_concepts"), "report": c_report,
         "weights_equal_tune": all(torch.equal(sd_c[k], sd_e[k]) for k in sd_e),
+        "hook_diffs_equal_tune": sorted(hook_loaded) == sorted(hook_tune) and all(
+            torch.equal(hook_loaded[k], hook_tune[k]) for k in hook_tune),
+        "save_loaded_error": error_of(lambda: run("BoothKitSaveConcept", e4t_concept=c_concept, name=NAME + "_again",
+                                                  overwrite=False)),
         "weights_differing": sorted(k for k in sd_e if not torch.equal(sd_c[k], sd_e[k]))[:5],
         "weights_max_diff": max(float((sd_c[k].float() - sd_e[k].float()).abs().max()) for k in sd_e),
         "token_table_equal_tune": bool(torch.equal(token_table(c_clip, token_layer), token_table(e_clip, token_layer))),

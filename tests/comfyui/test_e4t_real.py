@@ -70,6 +70,8 @@ def test_the_compact_concept_is_small_and_loads_to_the_tunes_weights(e4t_run):
     assert c["token_table_equal_tune"], c["token_max_diff"]
     assert "'sks cat'" in c["report"]
     assert "already exist" in c["again_without_overwrite"]
+    assert c["hook_diffs_equal_tune"], "Load E4T Concept's concept output is E4T Tune's concept (Concept Hook)"
+    assert "saved already" in c["save_loaded_error"]
     assert e4t_run[0]["untouched_after_concept"] == UNTOUCHED
 
 
