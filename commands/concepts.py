@@ -122,7 +122,7 @@ def load(spec: ConceptSpec, model, args, device, shared: dict) -> Loaded:
     """The concept of one spec on ``model`` (its identifier the spec's, else its file's)."""
     import dataclasses
 
-    from .generate import _class_noun_of, _load_lora
+    from .concept_files import class_noun_of, lora_context
 
     if spec.kind == "images":
         from ..backend.imageio import read_images_and_masks
@@ -152,11 +152,11 @@ def load(spec: ConceptSpec, model, args, device, shared: dict) -> Loaded:
         e = load_embedding(spec.path, family=model.family, widths={s.key: s.width for s in text_slots(model)})
         applied = None
         if spec.lora is not None:
-            applied, _ = _load_lora(spec.lora, model, args.lora_strength)
+            applied, _ = lora_context(spec.lora, model, args.lora_strength)
         else:
             log.info("%s: no %s beside it; the embedding alone", spec.path, spec.path.stem + "_lora.safetensors")
         e = dataclasses.replace(e, identifier=spec.identifier or e.identifier)
-        return Loaded(e.identifier, _class_noun_of(e.metadata), embedding=e, applied=applied)
+        return Loaded(e.identifier, class_noun_of(e.metadata), embedding=e, applied=applied)
     from ..hosts.diffusers.e4t import load_concept, offsets_applied
 
     c = load_concept(spec.path, model)
@@ -173,7 +173,7 @@ def generate_concepts(model, args, guidance: float, device) -> torch.Tensor:
     from ..hosts.diffusers.instantbooth import encode_prompt as encode_plain
     from ..hosts.diffusers.regions import Region, sample_regions
     from ..hosts.diffusers.sampling import sample
-    from .generate import _prompt, _subject_nouns, default_instantbooth
+    from .concept_files import checked_prompt, default_instantbooth, subject_nouns
     from .models import load_vision
 
     if model.family == "sdxl":
@@ -214,7 +214,8 @@ def generate_concepts(model, args, guidance: float, device) -> torch.Tensor:
                     h.remove()
         parts = []
         for spec, c, region in zip(specs, concepts, regions):
-            prompt = _prompt(model, args, c.identifier, _subject_nouns(model, c.nouns), spec.prompt or args.prompt)
+            nouns = subject_nouns(model, c.nouns)
+            prompt = checked_prompt(model, args, c.identifier, nouns, spec.prompt or args.prompt)
             log.info("region %s: %s", spec.box or spec.mask or "whole image", prompt)
             cond = c.condition(encode_plain(model.text_encoder, model.tokenizer, prompt), prompt) \
                 if c.condition else encode_prompt(model, prompt, c.embedding)

@@ -181,7 +181,7 @@ def main_pairs(args) -> int:
                             args.steps, args.dev, args.context_draw, picture=out / "pairs.png")
     bad = nonfinite_fields(result)
     if bad:
-        raise ValueError(f"the evaluation produced non-finite scores ({', '.join(bad[:3])}); nothing written")
+        raise ValueError(f"the evaluation produced non-finite scores ({', '.join(bad[:3])}); no table written")
     write_text(table, json.dumps(result, indent=2, allow_nan=False) + "\n")
     md = pairs_markdown(result)
     write_text(out / "pairs.md", md)

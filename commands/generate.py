@@ -29,6 +29,7 @@ import torch
 
 from . import threads
 from .args import Parser, finite_float, int_range, nonneg_float, nonneg_int
+from .concept_files import checked_prompt, class_noun_of, default_instantbooth, lora_context, subject_nouns
 
 
 def concept_spec(text):
@@ -124,15 +125,10 @@ def parse_args(argv=None):
     return args
 
 
-def default_instantbooth() -> Path:
-    from ..toyworld.store import verified
-
-    return verified("instantbooth.safetensors")
-
-
 # the option that takes each of BoothKit's file formats, for a file handed to the wrong one
 OPTION_OF_FORMAT = {"boothkit.e4t_concept": "--e4t-concept", "boothkit.embedding": "--embedding",
-                    "boothkit.lora": "--lora", "boothkit.weight_diff": "--lora", "boothkit.instantbooth": "--instantbooth",
+                    "boothkit.lora": "--lora", "boothkit.weight_diff": "--lora",
+                    "boothkit.instantbooth": "--instantbooth",
                     "boothkit.e4t": "`boothkit tune --method e4t --e4t` (a pre-trained E4T file, not a tuned concept)"}
 
 
@@ -194,36 +190,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _prompt(model, args, identifier: str | None, nouns, prompt: str | None = None) -> str:
-    """The prompt (``args.prompt`` unless given) with the identifier, checked: a typo of the identifier where it goes
-    is an error, other look-alikes and (on the toy world) words its captions never use are a one-line note each."""
-    from ..backend.identifier import check_prompt_identifier
-
-    known = ()
-    toy = str(args.model) == "toy"
-    if toy:
-        from ..toyworld import domain
-
-        known = domain.VOCAB
-    prompt = args.prompt if prompt is None else prompt
-    prompt, notes = (prompt, []) if identifier is None else check_prompt_identifier(prompt, identifier, nouns, known)
-    if toy:
-        unknown = domain.unknown_words(prompt, [identifier] if identifier else [])
-        if unknown:
-            notes.append(f"the toy world's captions never use {', '.join(map(repr, unknown))}: the toy model reads "
-                         f"{'it' if len(unknown) == 1 else 'them'} as noise (it knows: {domain.vocabulary_summary()})")
-    for note in notes:
-        log.warning("note: %s", note)
-    return prompt
-
-
-def _subject_nouns(model, extra=()):
-    """The nouns the identifier goes before: every known category's, the file's class noun, the toy world's robots."""
-    from ..backend.identifier import class_nouns_for
-
-    return class_nouns_for(None, extra=list(extra) + (["robot", "droid"] if model.family == "toy" else []))
-
-
 def _generate_tuned(model, args, guidance: float) -> torch.Tensor:
     """Embedding / E4T concept / LoRAs / weight diffs (or none of them: the base model)."""
     from ..backend.embedding import load_embedding
@@ -234,19 +200,19 @@ def _generate_tuned(model, args, guidance: float) -> torch.Tensor:
     if args.embedding:
         widths = {s.key: s.width for s in text_slots(model)}
         embedding = load_embedding(args.embedding, family=model.family, widths=widths)
-        identifier, extra = embedding.identifier, _class_noun_of(embedding.metadata)
+        identifier, extra = embedding.identifier, class_noun_of(embedding.metadata)
     elif args.e4t_concept:
         concept = load_concept(args.e4t_concept, model)
         embedding, identifier, extra = concept.embedding, concept.identifier, [concept.class_word]
         contexts.append(lambda: offsets_applied(model, concept.offsets))
-    loras = [_load_lora(path, model, args.lora_strength) for path in args.lora]
+    loras = [lora_context(path, model, args.lora_strength) for path in args.lora]
     if identifier is None:  # a LoRA alone (DreamBooth-style) marks its subject with its file's identifier
         identifier = next((ident for _, ident in loras if ident), None)
     for path, (_, ident) in zip(args.lora, loras):
         if ident and identifier and ident != identifier:
             log.warning("note: %s was tuned for the identifier %r, the prompt uses %r", path, ident, identifier)
     contexts += [apply for apply, _ in loras]
-    prompt = _prompt(model, args, identifier, _subject_nouns(model, extra))
+    prompt = checked_prompt(model, args, identifier, subject_nouns(model, extra))
     what = ", ".join(Path(p).name for p in [args.embedding, args.e4t_concept, *args.lora] if p) or "the base model"
     log.info("prompt: %s  (%s)", prompt, what)
     with torch.no_grad():
@@ -256,35 +222,6 @@ def _generate_tuned(model, args, guidance: float) -> torch.Tensor:
         for make in contexts:
             stack.enter_context(make())
         return _sample(model, cond, uncond, args, guidance)
-
-
-def _class_noun_of(metadata) -> list[str]:
-    """The class noun a tune recorded in a file's training metadata (quick-tune's), as a list of 0 or 1."""
-    import json
-
-    try:
-        noun = json.loads(metadata.get("training", "{}")).get("class_noun")
-    except (ValueError, AttributeError):
-        return []
-    return [noun] if isinstance(noun, str) and noun else []
-
-
-def _load_lora(path, model, strength: float):
-    """(a context manager factory applying the file, the identifier its metadata names or None)."""
-    from ..backend.e4t import WEIGHT_DIFF_FORMAT, load_weight_diff
-    from ..backend.files import read_safetensors
-    from ..backend.lora import load_lora
-    from ..hosts.diffusers.e4t import weight_diffs_applied
-    from ..hosts.diffusers.quicktune import tuned
-
-    _, meta = read_safetensors(path)
-    if meta.get("format") == WEIGHT_DIFF_FORMAT or (meta.get("format") is None and
-                                                   meta.get("ss_network_args", "").find('"full"') >= 0):
-        diffs, meta = load_weight_diff(path, family=model.family)
-        return (lambda: weight_diffs_applied(model, diffs, strength, str(path))), meta.get("identifier")
-    f = load_lora(path, family=model.family)
-    f.lora.resolve(model.unet)  # a LoRA for another model fails here, naming its layers, before any sampling
-    return (lambda: tuned(model, lora=f.lora, multiplier=strength)), f.identifier
 
 
 def _sample(model, cond, uncond, args, guidance: float) -> torch.Tensor:
@@ -328,11 +265,11 @@ def _generate_instantbooth(model, args, guidance: float, device) -> torch.Tensor
     vision = load_vision(args.clip_vision).to(device)
     images, masks = read_images_and_masks(args.images[0] if len(args.images) == 1 else args.images)
     concept = ib.encode(*encode_images(vision, images, masks, ib))
-    prompt = _prompt(model, args, concept.identifier, ib.config.subject_nouns())
+    prompt = checked_prompt(model, args, concept.identifier, ib.config.subject_nouns())
     alpha = ib.config.alpha if args.alpha is None else args.alpha
     beta = ib.config.beta if args.beta is None else args.beta
     log.info("prompt: %s  (α=%.2f, β=%.2f, %d image(s))", prompt, alpha, beta, len(images))
-    loras = [_load_lora(path, model, args.lora_strength)[0] for path in args.lora]
+    loras = [lora_context(path, model, args.lora_strength)[0] for path in args.lora]
     with ExitStack() as stack:
         for make in loras:
             stack.enter_context(make())

@@ -282,7 +282,8 @@ def main_e4t(args) -> int:
 def print_written(paths) -> None:
     for kind, path in paths.items():
         size = Path(path).stat().st_size
-        print(f"wrote {kind}: {path} ({size / 1e6:.2f} MB)" if size >= 1e5 else f"wrote {kind}: {path} ({size / 1e3:.0f} kB)")
+        shown = f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
+        print(f"wrote {kind}: {path} ({shown})")
 
 
 def generate_command(args, family: str, files: list) -> str:
