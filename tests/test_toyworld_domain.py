@@ -56,6 +56,11 @@ def test_encoder_split_adds_identities_and_leaves_the_others_as_they_were(tmp_pa
     assert len(attrs) == len(extra) and not attrs & {i.attributes for i in train + held}
     assert min(i.id for i in extra) == d.EXTRA_ID_OFFSET and d.split_of(extra[-1].id) == "extra"
     assert d.identity_by_id(extra[5].id) == extra[5]
+    # encoder_all: every combination but the held-out ones, each once
+    rest, every = d.identities("rest"), d.identities("encoder_all")
+    assert every == train + extra + rest and len({i.attributes for i in every}) == len(every)
+    assert len(every) + len(held) == sum(8 * 7 * 5 * 2 * 4 * len(d.PARTS[c]) for c in d.CLASSES)
+    assert not {i.attributes for i in rest} & {i.attributes for i in held} and d.split_of(rest[0].id) == "rest"
     digest = hashlib.sha256(repr([(i.id, i.attributes) for i in train + held]).encode()).hexdigest()[:16]
     assert digest == "e4dce00614650e5c"
     d.export_folder("encoder", 40, tmp_path, seed=0)

@@ -121,7 +121,7 @@ class Sample:
 @lru_cache(maxsize=None)
 def _splits() -> dict[str, tuple[Identity, ...]]:
     rng = np.random.default_rng(_SPLIT_SEED)
-    train, heldout, extra = [], [], []
+    train, heldout, extra, rest = [], [], [], []
     for cls in CLASSES:
         combos = list(itertools.product(range(len(PALETTE)), range(len(PALETTE)), PATTERNS, HEAD_LAYOUTS,
                                         range(len(EYE_COLORS)), PARTS[cls]))
@@ -133,17 +133,22 @@ def _splits() -> dict[str, tuple[Identity, ...]]:
         # the combinations after those in the same shuffle: disjoint from both, and train/heldout stay as they were
         start = N_HELDOUT_PER_CLASS + N_TRAIN_PER_CLASS
         extra += [(cls, combos[i]) for i in order[start:start + N_EXTRA_PER_CLASS]]
+        rest += [(cls, combos[i]) for i in order[start + N_EXTRA_PER_CLASS:]]
     mk = lambda i, cls, c: Identity(i, cls, c[0], c[1], c[2], c[3], c[4], c[5])  # noqa: E731
     splits = {"train": tuple(mk(i, cls, c) for i, (cls, c) in enumerate(train)),
               "heldout": tuple(mk(HELDOUT_ID_OFFSET + i, cls, c) for i, (cls, c) in enumerate(heldout)),
               "extra": tuple(mk(EXTRA_ID_OFFSET + i, cls, c) for i, (cls, c) in enumerate(extra))}
+    # every other combination, ids after the extra ones: "encoder_all" is the whole space but the held-out identities
+    offset = EXTRA_ID_OFFSET + len(extra)
+    splits["rest"] = tuple(mk(offset + i, cls, c) for i, (cls, c) in enumerate(rest))
     splits["encoder"] = splits["train"] + splits["extra"]  # what an encoder may train on
+    splits["encoder_all"] = splits["encoder"] + splits["rest"]
     return splits
 
 
 def identities(split: str) -> list[Identity]:
-    """The identities of ``split`` ("train", "heldout", "extra" or "encoder" = train + extra); same list on every call
-    and machine. Train ids are 0..N-1 (usable as class labels); held-out ids start at ``HELDOUT_ID_OFFSET``, the
+    """The identities of ``split`` ("train", "heldout", "extra", "encoder" = train + extra, "rest" = every other
+    combination, "encoder_all" = encoder + rest); same list on every call and machine. Train ids are 0..N-1 (usable as class labels); held-out ids start at ``HELDOUT_ID_OFFSET``, the
     encoders' extra ones at ``EXTRA_ID_OFFSET``."""
     splits = _splits()
     if split not in splits:
@@ -152,7 +157,7 @@ def identities(split: str) -> list[Identity]:
 
 
 def identity_by_id(identity_id: int) -> Identity:
-    for split in ("train", "heldout", "extra"):
+    for split in ("train", "heldout", "extra", "rest"):
         for ident in _splits()[split]:
             if ident.id == identity_id:
                 return ident
@@ -528,6 +533,8 @@ def describe(identity: Identity) -> str:
 
 
 def split_of(identity_id: int) -> str:
+    if identity_id >= EXTRA_ID_OFFSET + len(CLASSES) * N_EXTRA_PER_CLASS:
+        return "rest"
     return "extra" if identity_id >= EXTRA_ID_OFFSET else "heldout" if identity_id >= HELDOUT_ID_OFFSET else "train"
 
 
