@@ -83,9 +83,13 @@ def parse_concept(text: str) -> ConceptSpec:
     return spec
 
 
+def repeated(words: list[str]) -> list[str]:
+    """The words given more than once (an identifier two concepts would share)."""
+    return sorted({w for w in words if words.count(w) > 1})
+
+
 def check_specs(specs: list[ConceptSpec], mode: str) -> None:
-    named = [s.identifier for s in specs if s.identifier]
-    twice = sorted({i for i in named if named.count(i) > 1})
+    twice = repeated([s.identifier for s in specs if s.identifier])
     if twice:
         raise ValueError(f"identifier {twice[0]!r} is given to two concepts; give each its own (e.g. sks, zwx, vvk)")
     if mode == "residual":
@@ -187,7 +191,7 @@ def generate_concepts(model, args, guidance: float, device) -> torch.Tensor:
     specs = args.concept
     concepts = [load(s, model, args, device, shared) for s in specs]
     idents = [c.identifier for c in concepts]
-    twice = sorted({i for i in idents if idents.count(i) > 1})
+    twice = repeated(idents)  # the files' own identifiers, known only now
     if twice:
         raise ValueError(f"two concepts are bound to the identifier {twice[0]!r} (their files'); give one of them "
                          f"another with identifier=WORD, e.g. identifier=zwx")

@@ -152,18 +152,9 @@ def main(argv=None) -> int:
                                    "adapters_on_uncond": None if args.adapters_on_uncond is None else
                                    args.adapters_on_uncond == "yes", "e4t_lr": args.e4t_lr, "e4t": args.e4t},
                       args.dev, args.split, args.context_draw)
-    bad = nonfinite_fields(result)
-    if bad:
-        raise ValueError(f"the evaluation produced non-finite scores ({', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}); nothing written (check --beta / --e4t-lr / --e4t)")
-    out.mkdir(parents=True, exist_ok=True)
     if old is not None:
         result = merge(old, result)
-    write_text(table, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    md = to_markdown(result)
-    write_text(out / "eval.md", md)
-    print(md)
-    print(f"wrote {table} and {out / 'eval.md'}")
+    write_tables(table, result, to_markdown, "nothing written (check --beta / --e4t-lr / --e4t)")
     return 0
 
 
@@ -179,15 +170,25 @@ def main_pairs(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate_pairs(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
                             args.steps, args.dev, args.context_draw, picture=out / "pairs.png")
+    # its picture was written while it ran
+    write_tables(table, result, pairs_markdown, "no table written", also=[out / "pairs.png"])
+    return 0
+
+
+def write_tables(table: Path, result: dict, markdown, unwritten: str, also=()) -> None:
+    """``table`` (JSON) and its markdown beside it, after checking every score is finite (``unwritten``: what the
+    error says of the files then); prints the markdown and the files written."""
     bad = nonfinite_fields(result)
     if bad:
-        raise ValueError(f"the evaluation produced non-finite scores ({', '.join(bad[:3])}); no table written")
+        raise ValueError(f"the evaluation produced non-finite scores ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); {unwritten}")
+    table.parent.mkdir(parents=True, exist_ok=True)
     write_text(table, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    md = pairs_markdown(result)
-    write_text(out / "pairs.md", md)
+    md = markdown(result)
+    write_text(table.with_suffix(".md"), md)
     print(md)
-    print(f"wrote {table}, {out / 'pairs.md'} and {out / 'pairs.png'}")
-    return 0
+    files = [table, table.with_suffix(".md"), *also]
+    print(f"wrote {', '.join(map(str, files[:-1]))} and {files[-1]}")
 
 
 def write_text(path: Path, text: str) -> None:

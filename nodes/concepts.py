@@ -6,6 +6,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import CATEGORIES, host
+from .e4t import E4TConceptType
 from .quicktune import LoRAType
 
 
@@ -26,10 +27,9 @@ class ConceptHook(io.ComfyNode):
                 LoRAType.Input("lora", optional=True,
                                tooltip="The concept's LoRA (Quick-Tune Concept's or E4T Tune's lora); or connect "
                                        "e4t_concept instead."),
-                io.Custom("BOOTHKIT_E4T_CONCEPT").Input(
-                    "e4t_concept", optional=True,
-                    tooltip="E4T Tune's concept (its offsets become weight changes of model); or connect lora "
-                            "instead."),
+                E4TConceptType.Input("e4t_concept", optional=True,
+                                     tooltip="E4T Tune's or Load E4T Concept's concept (its offsets become weight "
+                                             "changes of model); or connect lora instead."),
                 io.Model.Input("model", optional=True,
                                tooltip="The base model the hooks go on: needed with e4t_concept; with a lora it "
                                        "checks that every layer maps onto it."),

@@ -206,14 +206,6 @@ def e4t_concept(steps: int, pretrained: bool = True):
     return method
 
 
-def instantbooth_method(token: bool = True, adapters: bool = True):
-    """:func:`instantbooth_concept` as a single-subject method."""
-    return generating(instantbooth_concept(token, adapters))
-
-
-instantbooth = instantbooth_method()
-
-
 def quicktune(embedding: bool = True, denoiser: bool = True, photos: int | None = None, **overrides):
     """:func:`quicktune_concept` as a single-subject method."""
     return generating(quicktune_concept(embedding, denoiser, photos, **overrides))
@@ -247,5 +239,6 @@ CONCEPTS = {
     "e4t-60": e4t_concept(60),
 }
 METHODS = {name: generating(make) for name, make in CONCEPTS.items()}
+instantbooth = METHODS["instantbooth"]  # the single-subject method toyworld/ib_checks.py runs
 DEFAULT_METHODS = ["base", "instantbooth", "quicktune-stage1", "quicktune-stage2", "quicktune", "quicktune-1photo",
                    "e4t-0", "e4t-5", "e4t-15", "e4t-15-untrained"]

@@ -17,10 +17,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ...backend.identifier import find_identifier_rows, inject_concept, insert_identifier
-from ...backend.regions import box_mask, check_mask
+from ...backend.regions import at_size, box_mask, check_mask
 from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth
 from .common import model_family, model_name, model_text_width
 
@@ -52,7 +51,7 @@ class Region:
         covers), times the box's exact coverage of each cell (backend.regions.box_mask)."""
         out = torch.ones(height, width)
         if self.mask is not None:
-            out = F.interpolate(self.mask[None, None], size=(height, width), mode="area")[0, 0]
+            out = at_size(self.mask, height, width)
         if self.box is not None:
             out = out * box_mask(self.box, height, width)
         return out
