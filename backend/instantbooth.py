@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .encoders import ConceptEncoder, PatchEncoder
+from .encoders import ConceptEncoder, PatchEncoder, PixelEncoder
 from .identifier import class_nouns_for
 from pathlib import Path
 import json
@@ -88,6 +88,9 @@ class InstantBoothConfig:
     # False (ours, beyond the paper): the unconditional prediction is the plain base model's, so guidance scales the
     # adapters' identity as it scales the prompt. A sampling setting, written into the file.
     adapters_on_uncond: bool = True
+    # ours, beyond the paper: f_p also carries each patch's pixels (backend.encoders.PixelEncoder), so the adapters
+    # see colour and texture the frozen backbone drops. False in the paper and in files before this field.
+    pixel_features: bool = False
     extra: dict = field(default_factory=dict)  # training settings etc., kept in the file's metadata
 
     def __post_init__(self):
@@ -122,12 +125,15 @@ class InstantBooth(nn.Module):
         self.config = config
         self.concept_encoder = ConceptEncoder(config.vision_global_dim, config.ctx_dim)
         self.patch_encoder = PatchEncoder(config.vision_token_dim, config.ctx_dim)
+        self.pixel_encoder = (PixelEncoder(config.image_size, config.tokens_per_image, config.ctx_dim)
+                              if config.pixel_features else None)
         lay = config.layout
         self.adapters = nn.ModuleList(Adapter(d, config.ctx_dim, h) for d, h in zip(lay.dims, lay.heads))
 
-    def encode(self, global_features: torch.Tensor, tokens: torch.Tensor, identifier: str | None = None,
-               class_noun: str | None = None) -> Concept:
-        """Backbone outputs of N images ([N, Dg] and [N, T, Dt]) -> Concept(f_c [ctx], f_p [N*T, ctx])."""
+    def encode(self, global_features: torch.Tensor, tokens: torch.Tensor, pixels: torch.Tensor | None = None,
+               identifier: str | None = None, class_noun: str | None = None) -> Concept:
+        """Backbone outputs of N images ([N, Dg] and [N, T, Dt]) -> Concept(f_c [ctx], f_p [N*T, ctx]); ``pixels``:
+        the backbone's input [N, 3, S, S], needed by files with pixel features."""
         if global_features.ndim != 2 or tokens.ndim != 3 or global_features.shape[0] != tokens.shape[0]:
             raise ValueError(f"expected global features [N, D] and tokens [N, T, D] for the same N images, got "
                              f"{tuple(global_features.shape)} and {tuple(tokens.shape)}")
@@ -138,9 +144,18 @@ class InstantBooth(nn.Module):
                              f"{c.vision_global_dim} / {c.vision_token_dim}: load the matching CLIP vision model.")
         dtype = self.concept_encoder.fc.weight.dtype
         f_c = self.concept_encoder(global_features.to(dtype))
-        f_p = self.patch_encoder(tokens.to(dtype))
+        f_p = self.patch_features(tokens.to(dtype), pixels)
         return Concept(f_c=f_c, f_p=f_p, identifier=identifier or c.identifier,
                        class_noun=class_noun or c.class_noun, num_images=tokens.shape[0])
+
+    def patch_features(self, tokens: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+        """f_p from the backbone's tokens [.., N, T, Dt], plus the pixel features where the file has them."""
+        f_p = self.patch_encoder(tokens)
+        if self.pixel_encoder is None:
+            return f_p
+        if pixels is None:
+            raise ValueError("this InstantBooth file adds pixel features to f_p: pass the backbone's input images")
+        return f_p + self.pixel_encoder(pixels)
 
     def patch_kv(self, f_p: torch.Tensor, enabled: list[bool] | None = None) -> list:
         """Keys/values of f_p for every adapter (None where disabled): computed once, reused at every step."""
@@ -174,6 +189,7 @@ def instantbooth_metadata(config: InstantBoothConfig) -> dict[str, str]:
         "crop_margin": repr(float(c.crop_margin)),
         "background": repr(float(c.background)),
         "adapters_on_uncond": "true" if c.adapters_on_uncond else "false",
+        "pixel_features": "true" if c.pixel_features else "false",
         "training": json.dumps(c.extra, sort_keys=True, default=str),
     }
 
@@ -211,7 +227,8 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
             beta=f.float("beta"), image_size=f.int("image_size", hi=MAX_IMAGE_SIZE), crop_margin=f.float("crop_margin"),
             background=f.float("background"), extra=extra,
             # files written before the field existed: the adapters act on both halves of guidance
-            adapters_on_uncond=metadata.get("adapters_on_uncond", "true").strip().lower() != "false")
+            adapters_on_uncond=metadata.get("adapters_on_uncond", "true").strip().lower() != "false",
+            pixel_features=metadata.get("pixel_features", "false").strip().lower() == "true")
     except ValueError as e:
         if isinstance(e, FormatError):
             raise

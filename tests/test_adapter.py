@@ -111,3 +111,30 @@ def test_eager_attention_matches_the_fused_kernel_values_and_gradients():
     (o1, q1, p1), (o2, q2, p2) = grads
     assert torch.allclose(o1, o2, atol=1e-5) and torch.allclose(q1, q2, atol=1e-4) and torch.allclose(p1, p2, atol=1e-4)
     assert "eager_attention" not in a.state_dict(), "a kernel choice, not a weight"
+
+
+def test_pixel_features_start_at_zero_and_each_patch_reaches_only_its_token():
+    """Ours (InstantBoothConfig.pixel_features): f_p's token of patch (r, c) gets that patch's pixels; the class
+    token gets nothing; a fresh pixel map leaves f_p exactly the paper's; a file that has it refuses to encode
+    without pixels."""
+    torch.manual_seed(0)
+    cfg = {"vision_global_dim": 20, "vision_token_dim": 12, "tokens_per_image": 17, "ctx_dim": 8,
+           "layout": layout(), "family": "toy", "image_size": 16}
+    plain, ours = InstantBooth(InstantBoothConfig(**cfg)), InstantBooth(InstantBoothConfig(**cfg, pixel_features=True))
+    ours.load_state_dict(plain.state_dict(), strict=False)
+    g, t, px = torch.randn(2, 20), torch.randn(2, 17, 12), torch.rand(2, 3, 16, 16)
+    assert torch.equal(ours.encode(g, t, px).f_p, plain.encode(g, t).f_p)
+    with pytest.raises(ValueError, match="pass the backbone's input images"):
+        ours.encode(g, t)
+    with torch.no_grad():
+        ours.pixel_encoder.fc.weight.normal_()
+    before = ours.encode(g, t, px).f_p
+    assert before.shape == (34, 8) and not torch.allclose(before, plain.encode(g, t).f_p)
+    px2 = px.clone()
+    px2[1, :, 4:8, 12:16] += 1  # image 1, patch row 1, column 3 of the 4 × 4 grid (4 px patches)
+    changed = (ours.encode(g, t, px2).f_p != before).any(-1).nonzero().flatten().tolist()
+    assert changed == [17 + 1 + 1 * 4 + 3]
+    batched = ours.patch_features(t[None], px[None])  # the trainer's [B, N, ...] layout
+    assert torch.allclose(batched[0], before)
+    with pytest.raises(ValueError, match="square patch grid"):
+        InstantBooth(InstantBoothConfig(**{**cfg, "tokens_per_image": 16}, pixel_features=True))

@@ -95,7 +95,7 @@ def test_concept_from_images_into_the_encoded_prompt(tmp_path):
     images = torch.rand(3, 3, 48, 48)
     masks = torch.zeros(3, 1, 48, 48)
     masks[:, :, 10:30, 12:40] = 1
-    g, t = encode_images(vision, images, masks, ib)
+    g, t, _ = encode_images(vision, images, masks, ib)
     assert g.shape == (3, 16) and t.shape == (3, 17, 24)
     concept = ib.encode(g, t, class_noun="cat")
     assert concept.f_p.shape == (51, 32)

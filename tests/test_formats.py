@@ -104,3 +104,20 @@ def test_not_safetensors_and_garbage(tmp_path):
         load_instantbooth(junk)
     with pytest.raises(FileNotFoundError):
         load_instantbooth(tmp_path / "nope.safetensors")
+
+
+def test_pixel_features_round_trip_and_old_files_have_none(tmp_path):
+    lay = AdapterLayout(dims=[16, 32], heads=[2, 4], levels=[0, 1], depths=[1, 1])
+    cfg = InstantBoothConfig(vision_global_dim=12, vision_token_dim=10, tokens_per_image=5, ctx_dim=768, layout=lay,
+                             image_size=8, pixel_features=True)
+    ib = InstantBooth(cfg)
+    with torch.no_grad():
+        ib.pixel_encoder.fc.weight.normal_()
+    back = load_instantbooth(save_instantbooth(tmp_path / "px.safetensors", ib))
+    assert back.config.pixel_features and torch.equal(back.pixel_encoder.fc.weight, ib.pixel_encoder.fc.weight)
+    path = rewrite(tmp_path, pixel_features=None)  # a file written before the field
+    assert load_instantbooth(path).pixel_encoder is None
+    tensors, meta = read_safetensors(tmp_path / "px.safetensors")
+    meta["pixel_features"] = "false"
+    with pytest.raises(FormatError, match="pixel_encoder"):
+        load_instantbooth(formats.write_safetensors(tmp_path / "lies.safetensors", tensors, meta))

@@ -117,3 +117,65 @@ def test_subject_weight_weights_the_masked_pixels(parts):
     n, k = float(mask.numel()), float(mask.sum())
     assert 0 < k < n and abs(plain - masked) > 1e-3
     assert weighted == pytest.approx((plain * n + 3.0 * masked * k) / (n + 3.0 * k), rel=1e-5)
+
+
+def test_background_residual_weight_penalises_the_adapter_term_off_the_subject(parts):
+    """The added term is the weight times the adapters' energy on tokens with no subject pixel over ‖y‖²: zero with
+    closed gates (γ = 0) and with a mask that covers every token, exactly weight × penalty otherwise, and its gradient
+    reaches the adapters."""
+    idx = [0, 3]
+    m = method(parts)
+    plain = float(loss(m, idx))
+    m.s.background_residual_weight = 2.0
+    assert float(loss(m, idx)) == plain  # fresh adapters: tanh(0) = 0, no term anywhere
+    for a in m.ib.adapters:
+        a.gate.data.fill_(0.5)
+    m.s.background_residual_weight = 0.0
+    opened = float(loss(m, idx))
+    assert m.hooks.residuals is None  # off: nothing is kept
+    m.s.background_residual_weight = 2.0
+    seen, penalty = [], m.background_residual
+    m.background_residual = lambda masks: (seen.append((list(m.hooks.residuals), masks)), penalty(masks))[1]
+    total = float(loss(m, idx))
+    terms, masks = seen[0]
+    assert len(terms) == len(m.ib.adapters) and m.hooks.residuals is None
+    m.hooks.residuals = list(terms)
+    background = float(penalty(masks))
+    assert background > 0 and total == pytest.approx(opened + 2.0 * background, rel=1e-5)
+    m.hooks.residuals = list(terms)
+    assert float(penalty(torch.ones_like(masks))) == 0.0  # the subject everywhere: nothing to penalise
+    m.hooks.residuals = list(terms)
+    assert float(penalty(torch.zeros_like(masks))) > background  # no subject: every token counts
+    torch.manual_seed(3)
+    m.loss(idx, torch.Generator().manual_seed(3)).backward()
+    assert all(a.gate.grad is not None and a.gate.grad.abs() > 0 for a in m.ib.adapters)
+
+
+def test_pixel_features_start_from_a_file_without_them_and_change_nothing_until_trained(parts, tmp_path):
+    """A run with pixel features started from a file without them computes that file's loss at step 0 (the pixel map
+    starts at zero), then learns the map with the heads; a file with pixel features cannot start a run without."""
+    from boothkit.backend.instantbooth import save_instantbooth
+
+    idx = [0, 3]
+    plain = method(parts)
+    for a in plain.ib.adapters:
+        a.gate.data.fill_(0.5)
+    start = save_instantbooth(tmp_path / "plain.safetensors", plain.ib)
+    expected = float(loss(plain, idx))
+    ours = method(parts, pixel_features=True, init_from=str(start))
+    assert float(loss(ours, idx)) == pytest.approx(expected, rel=1e-6)
+    assert any(p is ours.ib.pixel_encoder.fc.weight for g in ours.param_groups() if g["lr"] == ours.s.lr_heads
+               for p in g["params"])
+    torch.manual_seed(3)
+    ours.loss(idx, torch.Generator().manual_seed(3)).backward()
+    assert ours.ib.pixel_encoder.fc.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="do not fit this run's"):
+        method(parts, init_from=str(save_instantbooth(tmp_path / "px.safetensors", ours.ib)))
+
+
+def test_color_jitter_sets_the_conditioning_images_jitter(parts):
+    """``color_jitter`` is the brightness, contrast and saturation range of the conditioning images' colour jitter
+    (0.2 before the setting); ``hue_jitter`` stays the hue's."""
+    for jitter in (0.2, 0.5):
+        c = method(parts, color_jitter=jitter, hue_jitter=0.0).augment.color
+        assert (c.brightness, c.contrast, c.saturation, c.hue) == (jitter, jitter, jitter, 0.0)

@@ -153,10 +153,11 @@ def _features(env, ib, samples) -> dict[str, torch.Tensor]:
     pixels = prepare_concept_images(images, masks, c.image_size, c.crop_margin, c.background)
     out = env.vision(pixel_values=pixels.to(next(env.vision.parameters()).dtype))
     tokens = out.last_hidden_state.float()
-    f_p = ib.patch_encoder.fc(tokens.to(ib.patch_encoder.fc.weight.dtype)).float()  # per image: [N, T, ctx]
+    # per image: [N, T, ctx] (the patch head, plus the pixel map where the file has one)
+    f_p = ib.patch_features(tokens[:, None].to(ib.patch_encoder.fc.weight.dtype), pixels[:, None]).float()
     return {"global (image_embeds)": out.image_embeds.float(), "CLS token": tokens[:, 0],
             "patch tokens (mean)": tokens[:, 1:].mean(1), "patch tokens (all, flattened)": tokens[:, 1:].flatten(1),
-            "f_p (file's patch head, mean)": f_p[:, 1:].mean(1)}
+            "f_p (the file's, mean)": f_p[:, 1:].mean(1)}
 
 
 def _probe(xtr, ytr, xte, yte, steps: int = 300) -> float:

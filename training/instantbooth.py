@@ -7,8 +7,9 @@ heads learn at 1e-4 and the adapters at 1e-6; everything else is frozen.
 
 Options beyond the paper (InstantBoothSettings, each named as ours there): other images of the identity as the
 conditioning (``same_image = False``), ``hue_jitter``, ``init_from``, ``subject_weight`` / ``masked_loss``,
-``adapters_on_uncond = False`` (a sampling setting written into the file); ``augment_order = "before_crop"`` keeps the
-first toy recipe's order."""
+``adapters_on_uncond = False`` (a sampling setting written into the file), ``pixel_features`` (each patch's pixels
+added to f_p), ``background_residual_weight`` (a penalty on the adapter term off the subject), ``color_jitter``;
+``augment_order = "before_crop"`` keeps the first toy recipe's order."""
 from __future__ import annotations
 
 import logging
@@ -52,6 +53,7 @@ class InstantBoothSettings:
     # box, which cancels the scale and translate jitter: only flip, rotation and colour survive)
     augment_order: str = "after_crop"
     hue_jitter: float = 0.05  # colour jitter's hue range (the old fixed value); 0 keeps identity-defining hues
+    color_jitter: float = 0.2  # colour jitter's brightness, contrast and saturation range
     init_from: str = ""  # ours: start heads and adapters from this InstantBooth file (e.g. a shorter run's) instead of
     # the paper's fresh start (γ = 0)
     adapters_on_uncond: bool = True  # written into the file (InstantBoothConfig): False = adapters on the
@@ -62,6 +64,10 @@ class InstantBoothSettings:
     attention: str = "auto"  # auto | sdpa | eager | xformers (auto: eager on CPU, sdpa on GPU; training/frozen.py)
     masked_loss: bool = False  # loss on the subject's mask only
     subject_weight: float = 0.0  # > 0: pixels under the mask count (1 + subject_weight) times (0 = the paper)
+    # ours: > 0 adds this weight times the adapter term's energy on the tokens with no subject pixel (relative to the
+    # block's input), so the adapters change the subject and leave the scene to the prompt (0 = the paper)
+    background_residual_weight: float = 0.0
+    pixel_features: bool = False  # ours: f_p also carries each patch's pixels (InstantBoothConfig.pixel_features)
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of sks {noun}"])
     sample_steps: int = 25
     sample_guidance: float = 5.0
@@ -86,7 +92,7 @@ class InstantBoothTraining:
             layout=adapter_layout(model.unet), family=model.family, identifier=s.identifier,
             class_noun=s.class_nouns[0] if s.class_nouns else s.category, alpha=s.alpha_inference,
             beta=s.beta_inference, image_size=int(vc.image_size), crop_margin=s.crop_margin, background=s.background,
-            adapters_on_uncond=s.adapters_on_uncond)
+            adapters_on_uncond=s.adapters_on_uncond, pixel_features=s.pixel_features)
         if s.augment_order not in ("after_crop", "before_crop"):
             raise ValueError(f"augment_order is {s.augment_order!r}; expected after_crop (the paper) or before_crop")
         self.ib = InstantBooth(config)
@@ -96,14 +102,18 @@ class InstantBoothTraining:
             start = load_instantbooth(s.init_from, family=model.family, ctx_dim=model.ctx_dim)
             if start.config.layout.to_dict() != config.layout.to_dict():
                 raise ValueError(f"init_from {s.init_from}: its adapter layout does not match this base model's")
-            self.ib.load_state_dict(start.state_dict())
-            log.info("heads and adapters start from %s", s.init_from)
+            missing, unexpected = self.ib.load_state_dict(start.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("pixel_encoder.") for k in missing):
+                raise ValueError(f"init_from {s.init_from}: its tensors do not fit this run's (missing {missing}, "
+                                 f"unexpected {unexpected})")
+            log.info("heads and adapters start from %s%s", s.init_from,
+                     " (pixel features from zero)" if missing else "")
         self.ib = self.ib.to(self.device)
         self.attention = freeze_base(model, vision, self.device, attention=s.attention,
                                      gradient_checkpointing=s.gradient_checkpointing, adapters=self.ib.adapters)
         self.module = self.ib
         self.hooks = InstantBoothHooks(model.unet, self.ib, None, beta=s.beta)
-        self.augment = TrainAugment(hue=s.hue_jitter) if s.augment else None
+        self.augment = TrainAugment(jitter=s.color_jitter, hue=s.hue_jitter) if s.augment else None
         self._text_cache: dict[str, torch.Tensor] = {}
         self.targets = LatentTargets(model, dataset, self.device, s.cache_latents)
         self.prompts = [self._prompts(item.caption, item.path) for item in dataset.items]
@@ -144,7 +154,7 @@ class InstantBoothTraining:
 
     # ---- the method --------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        heads = list(self.ib.concept_encoder.parameters()) + list(self.ib.patch_encoder.parameters())
+        heads = [p for name, p in self.ib.named_parameters() if not name.startswith("adapters.")]
         return [{"params": heads, "lr": self.s.lr_heads}, {"params": list(self.ib.adapters.parameters()),
                                                             "lr": self.s.lr_adapters}]
 
@@ -157,7 +167,8 @@ class InstantBoothTraining:
             out = self.vision(pixel_values=pixels.to(self.device, next(self.vision.parameters()).dtype))
         g = out.image_embeds.float().view(b, n, -1)
         t = out.last_hidden_state.float().view(b, n, *out.last_hidden_state.shape[1:])
-        return self.ib.concept_encoder(g), self.ib.patch_encoder(t)
+        pixels = pixels.to(self.device).float().view(b, n, *pixels.shape[1:])
+        return self.ib.concept_encoder(g), self.ib.patch_features(t, pixels)
 
     def loss(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         s, ds, b = self.s, self.dataset, len(indices)
@@ -175,6 +186,7 @@ class InstantBoothTraining:
         # the identifier's rows become f_c (α = 1 in training); every other row stays the frozen encoding
         cond = torch.where(rows[..., None], f_c[:, None, :].to(text.dtype), text)
         self.hooks.set_f_p(f_p)
+        self.hooks.residuals = [] if s.background_residual_weight > 0 else None
 
         sched = self.model.scheduler
         noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -186,8 +198,25 @@ class InstantBoothTraining:
         if s.masked_loss or s.subject_weight > 0:
             m = F.interpolate(ds.masks[indices].to(self.device), size=err.shape[-2:], mode="nearest")
             w = m if s.masked_loss else 1 + s.subject_weight * m
-            return (err * w).sum() / (w.sum() * err.shape[1]).clamp(min=1)
-        return err.mean()
+            loss = (err * w).sum() / (w.sum() * err.shape[1]).clamp(min=1)
+        else:
+            loss = err.mean()
+        if s.background_residual_weight > 0:
+            loss = loss + s.background_residual_weight * self.background_residual(ds.masks[indices].to(self.device))
+        return loss
+
+    def background_residual(self, masks: torch.Tensor) -> torch.Tensor:
+        """Mean over the adapters of ‖term‖² on the tokens whose patch holds no subject pixel, over the mean ‖y‖² of
+        the block ([B, 1, H, W] target masks; the hooks' residuals of this step, which are then dropped)."""
+        terms, self.hooks.residuals = self.hooks.residuals, None
+        h, w = masks.shape[-2:]
+        out = []
+        for r, y in terms:
+            f = (h * w / r.shape[1]) ** 0.5  # the block's downsampling factor
+            grid = (round(h / f), round(w / f))
+            bg = 1 - F.adaptive_max_pool2d(masks.float(), grid).flatten(1)  # [B, tokens]
+            out.append((r.float().pow(2).sum(-1) * bg).mean() / y.float().pow(2).sum(-1).mean().clamp(min=1e-8))
+        return torch.stack(out).mean()
 
     # ---- outputs -----------------------------------------------------------------------------------
     def export(self, path: Path, weights: dict[str, torch.Tensor], config: dict) -> Path:

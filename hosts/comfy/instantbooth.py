@@ -357,7 +357,7 @@ def encode_concept(booth: BoothModel, clip_vision, images: torch.Tensor, masks: 
     """N concept images (ComfyUI IMAGE [N, H, W, 3] in 0..1, optional MASK) -> CONCEPT: crop each image to its mask's
     box, fill the background, resize (backend.preprocess, as in training), run the frozen CLIP vision backbone
     (ComfyUI normalises), then the concept and patch encoders."""
-    from ...backend.preprocess import prepare_concept_images  # kornia: imported only when a concept is encoded
+    from ...backend.preprocess import clip_normalize, prepare_concept_images  # kornia: only when a concept is encoded
 
     c = booth.model.config
     if images.ndim != 4 or images.shape[-1] < 3:
@@ -372,7 +372,9 @@ def encode_concept(booth: BoothModel, clip_vision, images: torch.Tensor, masks: 
             raise ValueError(f"the CLIP vision model gives {tokens.shape[1]} tokens per image, but InstantBooth file "
                              f"'{booth.name}' was trained with {c.tokens_per_image}: load the CLIP vision model it was "
                              f"trained with.")
-        concept = booth.model.encode(out["image_embeds"].float().cpu(), tokens.float().cpu())
+        # a file with pixel features reads the backbone's input too, normalised as the backbone saw it
+        pixels = clip_normalize(crops) if c.pixel_features else None
+        concept = booth.model.encode(out["image_embeds"].float().cpu(), tokens.float().cpu(), pixels)
     return BoothConcept(concept=concept, booth=booth)
 
 

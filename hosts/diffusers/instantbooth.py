@@ -73,6 +73,7 @@ class InstantBoothHooks:
         self._token_masks: dict[int, torch.Tensor] = {}
         self.enabled = list(enabled) if enabled is not None else [True] * len(layout)
         self.kv = [None] * len(layout)
+        self.residuals: list | None = None  # a list: every block's (adapter term, y) is appended (training reads them)
         if f_p is not None:
             with torch.no_grad():  # sampling: f_p is fixed for the whole run
                 self.set_f_p(f_p)
@@ -129,6 +130,8 @@ class InstantBoothHooks:
                 r = adapter.residual(y, beta=self.beta, kv=self.kv[i])
             if self.region is not None:
                 r = r * self.token_mask(y.shape[1]).to(r)[None, :, None]
+            if self.residuals is not None:
+                self.residuals.append((r, y))
             return output + r
         return hook
 
@@ -162,13 +165,14 @@ class InstantBoothHooks:
 
 def encode_images(vision_model, images: torch.Tensor, masks: torch.Tensor | None, instantbooth: InstantBooth):
     """Run the frozen CLIP vision backbone (transformers ``CLIPVisionModelWithProjection``) on the preprocessed
-    concept images: -> (global features [N, D] = image_embeds, tokens [N, T, D] = last_hidden_state)."""
+    concept images: -> (global features [N, D] = image_embeds, tokens [N, T, D] = last_hidden_state, the backbone's
+    input [N, 3, S, S]), the arguments of ``InstantBooth.encode``."""
     c = instantbooth.config
     pixels = prepare_concept_images(images, masks, c.image_size, c.crop_margin, c.background)
     param = next(vision_model.parameters())
     with torch.no_grad():
         out = vision_model(pixel_values=pixels.to(param.device, param.dtype))
-    return out.image_embeds, out.last_hidden_state
+    return out.image_embeds, out.last_hidden_state, pixels
 
 
 def tokenize_chunks(tokenizer, prompt: str) -> list[list[int]]:

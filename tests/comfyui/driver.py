@@ -87,16 +87,18 @@ def main(argv=None) -> int:
     results["reference_layouts"] = reference_layouts(host)
 
     log("models loaded")
-    # ---- random InstantBooth files for this checkpoint (γ = 0.5 trained-looking, γ = 0 fresh, one for SD2) ----------
+    # ---- random InstantBooth files for this checkpoint (γ = 0.5 trained-looking, γ = 0 fresh, one for SD2); with
+    # pixel features (ours), so both hosts' f_p read the backbone's input pixels the same way
     vision = vision_dims(a.comfyui)
     config = ibm.InstantBoothConfig(**vision, ctx_dim=768, layout=layout, family="sd1", identifier="sks",
-                                    class_noun="person")
+                                    class_noun="person", pixel_features=True)
     torch.manual_seed(0)
     ib = ibm.InstantBooth(config)
     formats.save_instantbooth(os.path.join(a.instantbooth_dir, "ib_gamma0.safetensors"), ib)
     with torch.no_grad():
         for ad in ib.adapters:
             ad.gate.fill_(0.5)
+        ib.pixel_encoder.fc.weight.normal_(std=0.02)
     formats.save_instantbooth(os.path.join(a.instantbooth_dir, "ib_random.safetensors"), ib)
     torch.manual_seed(0)
     config_sd2 = ibm.InstantBoothConfig(**{**config.__dict__, "ctx_dim": 1024, "family": "sd2"})
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     (concept,) = run("BoothKitInstantBoothEncodeConcept", instantbooth=booth, clip_vision=clip_vision, images=image)
     results["t_encode_concept"] = time.perf_counter() - t
-    # the γ=0 file has the same encoders (only the gates differ), so its concept is the same; the SD2 file only needs
+    # the γ=0 file differs in the gates and the pixel map, which its closed gates never read; the SD2 file only needs
     # to reach the Apply node's check. One ViT-L pass each is what CPU time allows.
     concept0 = host.BoothConcept(concept.concept, booth0)
     concept_sd2 = host.BoothConcept(concept.concept, booth_sd2)
