@@ -47,6 +47,18 @@ def token_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
     return at_size(mask, gh, gw).flatten()
 
 
+def block_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The token grid of a block with ``tokens`` tokens in a UNet run on a [height, width] latent: each level halves
+    both sides, rounding up (a stride-2 convolution with padding 1). Used by ComfyUI's region patch and the
+    InstantBooth trainer's background penalty, which both know the latent's shape."""
+    h, w = height, width
+    while h * w > tokens and (h > 1 or w > 1):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != tokens:
+        raise ValueError(f"a transformer block of {tokens} tokens is no level of a {height}x{width} latent")
+    return h, w
+
+
 def at_size(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The mask resampled to ``height`` x ``width`` by area (each cell: the share of it the region covers)."""
     if tuple(mask.shape) == (height, width):

@@ -11,6 +11,7 @@ from test_nodes_schema import (LAYOUT, FakeClip, FakeModel, booth_concept, comfy
                                models_dir, pack, schemas, tiny_config)
 
 from boothkit.backend.instantbooth import Concept, InstantBooth
+from boothkit.backend.regions import block_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,15 +67,6 @@ def test_region_node_makes_the_region_and_the_identifier(pack):
         host.with_region(concept, None, LEFT, "zwx robot")
 
 
-def test_block_grid_follows_the_unets_rounding(pack):
-    _, _, host = pack
-    assert host.block_grid(24, 4, 6) == (4, 6) and host.block_grid(6, 4, 6) == (2, 3)
-    assert host.block_grid(12, 5, 7) == (3, 4) and host.block_grid(4, 5, 7) == (2, 2)  # odd sides round up
-    assert host.block_grid(8 * 12, 64, 96) == (8, 12)
-    with pytest.raises(ValueError, match="no level"):
-        host.block_grid(7, 4, 6)
-
-
 @pytest.mark.parametrize("where", [(0, 0, 8, 24), (1, 1, 16, 6)])
 def test_region_patch_adds_nothing_outside_and_the_same_inside(pack, where):
     _, _, host = pack
@@ -85,7 +77,7 @@ def test_region_patch_adds_nothing_outside_and_the_same_inside(pack, where):
     x = grid_x(tokens, width)
     full = plain(x, opts(t_index, b_index))
     got = patched(x, opts(t_index, b_index))
-    h, w = host.block_grid(tokens, SHAPE[2], SHAPE[3])
+    h, w = block_grid(tokens, SHAPE[2], SHAPE[3])
     cover = region.at(h, w).flatten()
     inside, outside = cover == 1, cover == 0
     assert inside.any() and outside.any()

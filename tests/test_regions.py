@@ -5,7 +5,7 @@ import torch
 from test_diffusers_host import make_instantbooth, run
 from tiny_models import tiny_unet
 
-from boothkit.backend.regions import box_mask, check_mask, token_mask
+from boothkit.backend.regions import block_grid, box_mask, check_mask, token_mask
 from boothkit.hosts.diffusers.instantbooth import InstantBoothHooks, transformer_blocks
 
 
@@ -91,3 +91,11 @@ def test_two_concepts_in_two_regions_each_change_their_own_side():
     one, two = (s.view(s.shape[0], 16, 16, -1) for s in seen)
     assert torch.equal(one[:, :, :8], two[:, :, :8]), "the left concept's side is the same"
     assert not torch.equal(one[:, :, 8:], two[:, :, 8:]), "the right concept's side follows its own f_p"
+
+
+def test_block_grid_follows_the_unets_rounding():
+    assert block_grid(24, 4, 6) == (4, 6) and block_grid(6, 4, 6) == (2, 3)
+    assert block_grid(12, 5, 7) == (3, 4) and block_grid(4, 5, 7) == (2, 2)  # odd sides round up
+    assert block_grid(8 * 12, 64, 96) == (8, 12)
+    with pytest.raises(ValueError, match="no level"):
+        block_grid(7, 4, 6)

@@ -135,17 +135,17 @@ def test_background_residual_weight_penalises_the_adapter_term_off_the_subject(p
     assert m.hooks.residuals is None  # off: nothing is kept
     m.s.background_residual_weight = 2.0
     seen, penalty = [], m.background_residual
-    m.background_residual = lambda masks: (seen.append((list(m.hooks.residuals), masks)), penalty(masks))[1]
+    m.background_residual = lambda *a: (seen.append((list(m.hooks.residuals), a)), penalty(*a))[1]
     total = float(loss(m, idx))
-    terms, masks = seen[0]
+    terms, (masks, size) = seen[0]
     assert len(terms) == len(m.ib.adapters) and m.hooks.residuals is None
     m.hooks.residuals = list(terms)
-    background = float(penalty(masks))
+    background = float(penalty(masks, size))
     assert background > 0 and total == pytest.approx(opened + 2.0 * background, rel=1e-5)
     m.hooks.residuals = list(terms)
-    assert float(penalty(torch.ones_like(masks))) == 0.0  # the subject everywhere: nothing to penalise
+    assert float(penalty(torch.ones_like(masks), size)) == 0.0  # the subject everywhere: nothing to penalise
     m.hooks.residuals = list(terms)
-    assert float(penalty(torch.zeros_like(masks))) > background  # no subject: every token counts
+    assert float(penalty(torch.zeros_like(masks), size)) > background  # no subject: every token counts
     torch.manual_seed(3)
     m.loss(idx, torch.Generator().manual_seed(3)).backward()
     assert all(a.gate.grad is not None and a.gate.grad.abs() > 0 for a in m.ib.adapters)

@@ -23,6 +23,7 @@ from ..backend.instantbooth import save_instantbooth
 from ..backend.identifier import class_nouns_for, insert_identifier
 from ..backend.instantbooth import InstantBooth, InstantBoothConfig
 from ..backend.preprocess import TrainAugment, prepare_concept_images
+from ..backend.regions import block_grid
 from ..backend.identifier import find_identifier_rows
 from ..hosts.diffusers.instantbooth import InstantBoothHooks, adapter_layout, encode_prompt, tokenize_chunks
 from ..hosts.diffusers.loading import SDModel
@@ -202,19 +203,18 @@ class InstantBoothTraining:
         else:
             loss = err.mean()
         if s.background_residual_weight > 0:
-            loss = loss + s.background_residual_weight * self.background_residual(ds.masks[indices].to(self.device))
+            masks = ds.masks[indices].to(self.device)
+            loss = loss + s.background_residual_weight * self.background_residual(masks, err.shape[-2:])
         return loss
 
-    def background_residual(self, masks: torch.Tensor) -> torch.Tensor:
+    def background_residual(self, masks: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
         """Mean over the adapters of ‖term‖² on the tokens whose patch holds no subject pixel, over the mean ‖y‖² of
-        the block ([B, 1, H, W] target masks; the hooks' residuals of this step, which are then dropped)."""
+        the block ([B, 1, H, W] target masks, the latent's [h, w]; the hooks' residuals of this step, then dropped)."""
         terms, self.hooks.residuals = self.hooks.residuals, None
-        h, w = masks.shape[-2:]
         out = []
         for r, y in terms:
-            f = (h * w / r.shape[1]) ** 0.5  # the block's downsampling factor
-            grid = (round(h / f), round(w / f))
-            bg = 1 - F.adaptive_max_pool2d(masks.float(), grid).flatten(1)  # [B, tokens]
+            grid = block_grid(r.shape[1], *latent_size)
+            bg = 1 - F.adaptive_max_pool2d(masks.float(), grid).flatten(1)  # [B, tokens]: no subject pixel at all
             out.append((r.float().pow(2).sum(-1) * bg).mean() / y.float().pow(2).sum(-1).mean().clamp(min=1e-8))
         return torch.stack(out).mean()
 

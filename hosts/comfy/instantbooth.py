@@ -13,13 +13,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ...backend.identifier import find_identifier_rows, inject_concept, insert_identifier
-from ...backend.regions import at_size, box_mask, check_mask
+from ...backend.regions import at_size, block_grid, box_mask, check_mask
 from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth
 from .common import model_family, model_name, model_text_width
 
@@ -250,17 +249,6 @@ class InstantBoothPatch:
             gh, gw = block_grid(tokens, height, width)
             self._token_masks[key] = self.region.at(gh, gw).flatten().to(device=device, dtype=dtype)
         return self._token_masks[key]
-
-
-def block_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
-    """The token grid of a block with ``tokens`` tokens in a UNet run on a [height, width] latent: each level halves
-    both sides, rounding up (a stride-2 convolution with padding 1)."""
-    h, w = height, width
-    while h * w > tokens and (h > 1 or w > 1):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    if h * w != tokens:
-        raise ValueError(f"a transformer block of {tokens} tokens is no level of a {height}x{width} latent")
-    return h, w
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
