@@ -627,10 +627,10 @@ def concept_tensors(offsets: WeightOffsets, embedding) -> dict[str, torch.Tensor
 def save_e4t_concept(path: str | Path, config: E4TConfig, offsets: WeightOffsets, embedding, class_word: str,
                      training: Mapping[str, object] | None = None, overwrite: bool = False) -> Path:
     """Write a tuned concept compactly (:func:`concept_tensors`, fp32): 2.2 MB on the toy world (rank 16, 110
-    layers), about 2.4 MB at rank 1 on SD1.5's 160 layers, against 0.48 GB of fp16 weight diffs for the stock export. Metadata: format, version, method, family,
-    identifier, class_word, rank, num_vectors, widths (JSON {key: width}), targets (JSON list, the offsets' order),
-    target_shapes (JSON [[out, in]]), modulation ("1" when scales are in), config (JSON, the fields of
-    CONCEPT_CONFIG_KEYS), training (JSON)."""
+    layers), about 2.4 MB at rank 1 on SD1.5's 160 layers, against 0.48 GB of fp16 weight diffs for the stock export.
+    Metadata: format, version, method, family, identifier, class_word, rank, num_vectors, widths (JSON {key: width}),
+    targets (JSON list, the offsets' order), target_shapes (JSON [[out, in]]), modulation ("1" when scales are in),
+    config (JSON, the fields of CONCEPT_CONFIG_KEYS), training (JSON)."""
     from dataclasses import asdict
 
     path = refuse_existing(path, overwrite, "overwrite=True (--overwrite)")

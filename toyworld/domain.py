@@ -148,8 +148,8 @@ def _splits() -> dict[str, tuple[Identity, ...]]:
 
 def identities(split: str) -> list[Identity]:
     """The identities of ``split`` ("train", "heldout", "extra", "encoder" = train + extra, "rest" = every other
-    combination, "encoder_all" = encoder + rest); same list on every call and machine. Train ids are 0..N-1 (usable as class labels); held-out ids start at ``HELDOUT_ID_OFFSET``, the
-    encoders' extra ones at ``EXTRA_ID_OFFSET``."""
+    combination, "encoder_all" = encoder + rest); same list on every call and machine. Train ids are 0..N-1 (usable
+    as class labels); held-out ids start at ``HELDOUT_ID_OFFSET``, the encoders' extra ones at ``EXTRA_ID_OFFSET``."""
     splits = _splits()
     if split not in splits:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(splits)}")

@@ -43,7 +43,8 @@ def make_subjects(n: int, k_refs: int, seed: int, dev: bool = False, split: str 
 
     ids = domain.identities(split)
     if n > len(ids):
-        raise ValueError(f"only {len(ids)} {'held-out' if split == 'heldout' else split} identities exist; asked for {n}")
+        name = "held-out" if split == "heldout" else split
+        raise ValueError(f"only {len(ids)} {name} identities exist; asked for {n}")
     # interleave classes so a small n still covers every class
     by_class: dict[str, list] = {}
     for ident in ids:

@@ -39,7 +39,8 @@ def _read_metadata(folder: Path) -> dict[str, dict]:
             row = json.loads(line)
             out[row["file"]] = row
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{meta}:{n}: expected a JSON object with 'file' and 'caption', got {line[:80]!r}") from None
+            raise DataError(f"{meta}:{n}: expected a JSON object with 'file' and 'caption', "
+                            f"got {line[:80]!r}") from None
     return out
 
 

@@ -175,7 +175,8 @@ class E4TTraining:
 
         ds, rows = self.val_set["dataset"], []
         uncond = encode_prompt(self.model, "")
-        self.e4t.offsets.scales = None  # the last step's photo scales (kept for its backward pass); each tune has its own
+        # the last step's photo scales (kept for its backward pass); each tune has its own
+        self.e4t.offsets.scales = None
         with self._offsets_detached():  # each sample applies its own tuned copy's offsets
             rows = self._sample_rows(ds, uncond)
         if not rows:

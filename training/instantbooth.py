@@ -1,5 +1,5 @@
-"""Training InstantBooth (InstantBooth paper, sec. 3.3): the concept-encoder head, the patch-encoder head and the adapters, on
-top of a frozen Stable Diffusion model and a frozen CLIP vision backbone.
+"""Training InstantBooth (InstantBooth paper, sec. 3.3): the concept-encoder head, the patch-encoder head and the
+adapters, on top of a frozen Stable Diffusion model and a frozen CLIP vision backbone.
 
 Recipe: the identifier is inserted before the class noun; the conditioning images are the (augmented, cropped,
 masked) images themselves, since no paired data is needed; the full image is the denoising target; β = 1; the FC
