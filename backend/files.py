@@ -186,6 +186,15 @@ class _Fields:
             raise self.error(name, v, "a finite number")
         return out
 
+    def flag(self, name: str, default: bool) -> bool:
+        """A ``true``/``false`` field; ``default`` for files written before the field existed."""
+        if name not in self.meta:
+            return default
+        v = self.meta[name].strip().lower()
+        if v not in ("true", "false"):
+            raise self.error(name, self.meta[name], "true or false")
+        return v == "true"
+
     def kind(self, fmt: str, version: int, method: str, what: str) -> None:
         """The file is of format ``fmt`` (``what`` names it in the message), at most ``version``, for ``method``."""
         found = self.str("format")

@@ -226,9 +226,8 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
             identifier=f.str("identifier"), class_noun=f.str("class_noun"), alpha=f.float("alpha"),
             beta=f.float("beta"), image_size=f.int("image_size", hi=MAX_IMAGE_SIZE), crop_margin=f.float("crop_margin"),
             background=f.float("background"), extra=extra,
-            # files written before the field existed: the adapters act on both halves of guidance
-            adapters_on_uncond=metadata.get("adapters_on_uncond", "true").strip().lower() != "false",
-            pixel_features=metadata.get("pixel_features", "false").strip().lower() == "true")
+            # files written before these fields: the adapters act on both halves of guidance; f_p has no pixels
+            adapters_on_uncond=f.flag("adapters_on_uncond", True), pixel_features=f.flag("pixel_features", False))
     except ValueError as e:
         if isinstance(e, FormatError):
             raise

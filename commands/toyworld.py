@@ -25,8 +25,8 @@ def parse_args(argv=None):
     e = sub.add_parser("export", help="write a dataset folder (a split, or one identity's photos)")
     e.add_argument("--split", choices=["train", "heldout", "encoder", "encoder_all"], default="train",
                    help="train (default): identities the trainers use; heldout: identities kept for evaluation; "
-                        "encoder: train plus 4000 identities only the personalization encoders train on; encoder_all: every "
-                        "identity but the held-out ones (13408)")
+                        "encoder: train plus 4000 identities only the personalization encoders train on; "
+                        "encoder_all: every identity but the held-out ones (13408)")
     e.add_argument("--identity", type=nonneg_int,
                    help="photos of this one identity only (`boothkit toyworld identities` lists the ids); its split "
                         "is the id's")

@@ -61,6 +61,8 @@ def rewrite(tmp_path, **changes):
     ("method", "e4t", "field 'method' is 'e4t', expected one of ['instantbooth']"),
     ("ctx_dim", "1024", "inconsistent metadata: family sd1 has text width 768"),
     ("training", "[", "field 'training' is '[', expected JSON"),
+    ("adapters_on_uncond", "maybe", "field 'adapters_on_uncond' is 'maybe', expected true or false"),
+    ("pixel_features", "1", "field 'pixel_features' is '1', expected true or false"),
 ])
 def test_every_metadata_error_names_file_field_found_expected(tmp_path, field, value, message):
     path = rewrite(tmp_path, **{field: value})

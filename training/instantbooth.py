@@ -196,14 +196,15 @@ class InstantBoothTraining:
         pred = self.model.unet(noisy, t, encoder_hidden_states=cond).sample
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         err = F.mse_loss(pred.float(), target.float(), reduction="none")
-        if s.masked_loss or s.subject_weight > 0:
-            m = F.interpolate(ds.masks[indices].to(self.device), size=err.shape[-2:], mode="nearest")
+        weighted = s.masked_loss or s.subject_weight > 0
+        masks = ds.masks[indices].to(self.device) if weighted or s.background_residual_weight > 0 else None
+        if weighted:
+            m = F.interpolate(masks, size=err.shape[-2:], mode="nearest")
             w = m if s.masked_loss else 1 + s.subject_weight * m
             loss = (err * w).sum() / (w.sum() * err.shape[1]).clamp(min=1)
         else:
             loss = err.mean()
         if s.background_residual_weight > 0:
-            masks = ds.masks[indices].to(self.device)
             loss = loss + s.background_residual_weight * self.background_residual(masks, err.shape[-2:])
         return loss
 

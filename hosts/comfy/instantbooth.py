@@ -236,7 +236,6 @@ class InstantBoothPatch:
             r = r * keep.repeat_interleave(x.shape[0] // len(chunks))[:, None, None]
         return x + r
 
-
     def token_mask(self, tokens: int, latent_shape, device, dtype) -> torch.Tensor:
         """The region at a block of ``tokens`` latent tokens ([tokens], row-major as the block flattens its grid),
         for a latent of ``latent_shape`` ([B, C, H, W]); computed once per grid."""
