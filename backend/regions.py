@@ -36,21 +36,15 @@ def check_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def token_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
-    """The region at a transformer block with ``tokens`` latent tokens ([tokens], row-major over the block's grid,
-    as diffusers' and ComfyUI's transformers flatten it); the grid keeps the mask's aspect ratio."""
-    h, w = mask.shape
-    gh = max(1, round(math.sqrt(tokens * h / w)))
-    gw = tokens // gh
-    if gh * gw != tokens:
-        raise ValueError(f"a block of {tokens} tokens is not a grid of the region's aspect {h}x{w}")
-    return at_size(mask, gh, gw).flatten()
+def token_mask(mask: torch.Tensor, tokens: int, height: int, width: int) -> torch.Tensor:
+    """The region at a transformer block with ``tokens`` tokens in a UNet run on a [height, width] latent ([tokens],
+    row-major over the block's grid, as diffusers' and ComfyUI's transformers flatten it)."""
+    return at_size(mask, *block_grid(tokens, height, width)).flatten()
 
 
 def block_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
     """The token grid of a block with ``tokens`` tokens in a UNet run on a [height, width] latent: each level halves
-    both sides, rounding up (a stride-2 convolution with padding 1). Used by ComfyUI's region patch and the
-    InstantBooth trainer's background penalty, which both know the latent's shape."""
+    both sides, rounding up (a stride-2 convolution with padding 1), so the grid is exact for any latent size."""
     h, w = height, width
     while h * w > tokens and (h > 1 or w > 1):
         h, w = math.ceil(h / 2), math.ceil(w / 2)

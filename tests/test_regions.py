@@ -24,7 +24,7 @@ def test_box_masks_cover_each_pixel_by_its_overlap_and_boxes_that_meet_share_not
 def test_the_region_at_every_resolution_level_keeps_its_place_and_area(side):
     """A left-third box seen by a block of side x side tokens: the token grid's left columns, the area preserved."""
     mask = box_mask((0, 0, 1 / 3, 1), 64, 64)
-    m = token_mask(mask, side * side).view(side, side)
+    m = token_mask(mask, side * side, 64, 64).view(side, side)
     assert torch.allclose(m.mean(), mask.mean(), atol=1e-6), "area resampling keeps the region's share"
     assert torch.equal(m, m[:1].expand(side, side)), "rows alike: the box spans the whole height"
     assert bool((m[:, : side // 3] == 1).all()) and bool((m[:, -(side // 2):] == 0).all())
@@ -55,6 +55,36 @@ def test_the_adapter_term_stays_inside_the_region_in_every_block():
         assert float(term[:, :, side // 2:].abs().max()) == 0, f"nothing outside the region ({side}x{side} block)"
         assert float(term[:, :, : side // 2].abs().max()) > 0, f"the concept inside it ({side}x{side} block)"
     assert len(sides) > 1, "blocks at more than one resolution were checked"
+
+
+@pytest.mark.parametrize("rows,cols", [(12, 20), (9, 13)])
+def test_a_square_region_on_a_wide_or_odd_latent_is_read_at_each_blocks_own_grid(rows, cols):
+    """The region's grid comes from the latent the UNet runs on, not from the mask's aspect: a square left-half mask
+    on a 12x20 latent (whose 240 tokens the mask's square aspect would read as 15x16) or a 9x13 one (levels 9x13, 5x7,
+    3x4: odd sides round up) still leaves every block's right half alone."""
+    unet = tiny_unet()
+    ib = make_instantbooth(unet, 32, gate=0.8)
+    before, after = [], []
+    attn1 = [b.attn1 for b, _, _ in transformer_blocks(unet)]
+    handles = [m.register_forward_hook(lambda m, a, out: before.append(out)) for m in attn1]
+    x = torch.randn(2, 4, rows, cols, generator=torch.Generator().manual_seed(0))
+    try:
+        with InstantBoothHooks(unet, ib, torch.randn(10, 32), beta=1.0, region=box_mask((0, 0, 0.5, 1), 16, 16)):
+            handles += [m.register_forward_hook(lambda m, a, out: after.append(out)) for m in attn1]
+            with torch.no_grad():
+                unet(x, torch.tensor([10, 500]), encoder_hidden_states=torch.randn(2, 77, 32)).sample
+    finally:
+        for h in handles:
+            h.remove()
+    grids = set()
+    for raw, patched in zip(before, after):
+        h, w = block_grid(raw.shape[1], rows, cols)
+        grids.add((h, w))
+        term = (patched - raw).view(raw.shape[0], h, w, -1)
+        inside = token_mask(box_mask((0, 0, 0.5, 1), 16, 16), raw.shape[1], rows, cols).view(h, w)
+        assert float(term[:, inside == 0].abs().max()) == 0, f"nothing outside the region ({h}x{w} block)"
+        assert float(term[:, inside == 1].abs().max()) > 0, f"the concept inside it ({h}x{w} block)"
+    assert len(grids) > 1
 
 
 def test_an_empty_region_changes_nothing_and_a_full_one_is_the_single_concept_path():

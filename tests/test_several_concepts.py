@@ -23,7 +23,7 @@ from boothkit.hosts.diffusers.sampling import sample
 @pytest.mark.parametrize("rows,cols", [(32, 64), (16, 32), (8, 16), (4, 8), (2, 4)])
 def test_a_wide_region_at_every_resolution_level_keeps_its_place_and_area(rows, cols):
     mask = box_mask((0, 0, 0.5, 1), 32, 64)
-    m = token_mask(mask, rows * cols).view(rows, cols)
+    m = token_mask(mask, rows * cols, 32, 64).view(rows, cols)
     assert torch.allclose(m.mean(), mask.mean(), atol=1e-6)
     assert bool((m[:, : cols // 2] == 1).all()) and bool((m[:, cols // 2:] == 0).all()), "left half, at 2:1"
 

@@ -70,7 +70,8 @@ class InstantBoothHooks:
                              f"for another base model")
         self.instantbooth, self.beta, self.cond_only = instantbooth, float(beta), bool(cond_only)
         self.region = None if region is None else check_mask(region)
-        self._token_masks: dict[int, torch.Tensor] = {}
+        self._token_masks: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._latent_size: tuple[int, int] | None = None  # the UNet's input [rows, columns], for the region's grid
         self.enabled = list(enabled) if enabled is not None else [True] * len(layout)
         self.kv = [None] * len(layout)
         self.residuals: list | None = None  # a list: every block's (adapter term, y) is appended (training reads them)
@@ -89,6 +90,8 @@ class InstantBoothHooks:
         """Register the hooks (done on construction; again after ``remove()``)."""
         if self._handles:
             return
+        if self.region is not None:
+            self._handles.append(self.unet.register_forward_pre_hook(self._keep_latent_size, with_kwargs=True))
         for i, (block, _, _) in enumerate(transformer_blocks(self.unet)):
             if self.beta == 0 or not self.enabled[i] or (self.region is not None and not bool(self.region.any())):
                 continue  # nothing to add: the UNet runs exactly as without the hooks
@@ -104,6 +107,10 @@ class InstantBoothHooks:
         with gradients on every step, so they flow back into the patch encoder and the adapters."""
         self.kv = (self.instantbooth.patch_kv(f_p, self.enabled) if self.beta != 0
                    else [None] * len(self.enabled))
+
+    def _keep_latent_size(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self._latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
 
     @staticmethod
     def _keep_input(state):
@@ -146,10 +153,14 @@ class InstantBoothHooks:
             self.remove()
 
     def token_mask(self, tokens: int) -> torch.Tensor:
-        """The region at a block of ``tokens`` latent tokens, computed once per resolution."""
-        if tokens not in self._token_masks:
-            self._token_masks[tokens] = token_mask(self.region, tokens)
-        return self._token_masks[tokens]
+        """The region at a block of ``tokens`` tokens of the latent the UNet runs on now (its grid read from the
+        latent's shape, exact for odd sizes); computed once per grid."""
+        if self._latent_size is None:
+            raise RuntimeError("a region's InstantBooth hooks ran a transformer block outside a UNet forward")
+        key = (tokens, *self._latent_size)
+        if key not in self._token_masks:
+            self._token_masks[key] = token_mask(self.region, *key)
+        return self._token_masks[key]
 
     def remove(self) -> None:
         for h in self._handles:
