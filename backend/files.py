@@ -176,7 +176,10 @@ class _Fields:
             raise self.error(name, v, f"a positive integer of at most {hi}")
         return out
 
-    def float(self, name: str) -> float:
+    def float(self, name: str, default: float | None = None) -> float:
+        """A finite number; ``default`` (when given) for files written before the field existed."""
+        if default is not None and name not in self.meta:
+            return default
         v = self.str(name)
         try:
             out = float(v)

@@ -88,6 +88,10 @@ class InstantBoothConfig:
     # False (ours, beyond the paper): the unconditional prediction is the plain base model's, so guidance scales the
     # adapters' identity as it scales the prompt. A sampling setting, written into the file.
     adapters_on_uncond: bool = True
+    # ours, beyond the paper: the adapters act from this share of sampling on (ComfyUI's start_percent; 0: from the
+    # first step, the paper and files before this field), so the prompt lays the scene out before the subject's
+    # features come in. A sampling setting, written into the file.
+    start_percent: float = 0.0
     # ours, beyond the paper: f_p also carries each patch's pixels (backend.encoders.PixelEncoder), so the adapters
     # see colour and texture the frozen backbone drops. False in the paper and in files before this field.
     pixel_features: bool = False
@@ -99,6 +103,8 @@ class InstantBoothConfig:
         want = FAMILIES[self.family]
         if want is not None and want != self.ctx_dim:
             raise ValueError(f"family {self.family} has text width {want}, but ctx_dim is {self.ctx_dim}")
+        if not 0.0 <= self.start_percent < 1.0:
+            raise ValueError(f"start_percent is {self.start_percent}; expected a share of sampling in [0, 1)")
 
     def subject_nouns(self) -> list[str]:
         """The nouns that mark the subject in a prompt (the identifier goes before the first): the file's class
@@ -163,6 +169,21 @@ class InstantBooth(nn.Module):
         return [a.patch_kv(f_p) if enabled is None or enabled[i] else None for i, a in enumerate(self.adapters)]
 
 
+def timestep_window(start_percent: float, end_percent: float, train_timesteps: int) -> tuple[float, float] | None:
+    """The denoiser timesteps (lo, hi) at which the adapters act, for a share of sampling given as ComfyUI gives it
+    (its ``percent_to_sigma``: progress p is timestep (1 - p)(T - 1)), so both hosts switch at the same step.
+    None: every step."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
+                         f"0 <= start <= end <= 1")
+    if start_percent == 0.0 and end_percent == 1.0:
+        return None
+    if start_percent == end_percent:
+        return float(train_timesteps), -1.0  # an empty share: no timestep is in it (ComfyUI: a plain clone)
+    last = train_timesteps - 1
+    return (1.0 - end_percent) * last, (1.0 - start_percent) * last
+
+
 INSTANTBOOTH_FORMAT = "boothkit.instantbooth"
 MAX_TOKENS = 4096  # tokens per image of a vision backbone (ViT-L/14 at 224 px: 257)
 MAX_IMAGE_SIZE = 4096  # the backbone's input size (224 for CLIP)
@@ -189,6 +210,7 @@ def instantbooth_metadata(config: InstantBoothConfig) -> dict[str, str]:
         "crop_margin": repr(float(c.crop_margin)),
         "background": repr(float(c.background)),
         "adapters_on_uncond": "true" if c.adapters_on_uncond else "false",
+        "start_percent": repr(float(c.start_percent)),
         "pixel_features": "true" if c.pixel_features else "false",
         "training": json.dumps(c.extra, sort_keys=True, default=str),
     }
@@ -226,8 +248,10 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
             identifier=f.str("identifier"), class_noun=f.str("class_noun"), alpha=f.float("alpha"),
             beta=f.float("beta"), image_size=f.int("image_size", hi=MAX_IMAGE_SIZE), crop_margin=f.float("crop_margin"),
             background=f.float("background"), extra=extra,
-            # files written before these fields: the adapters act on both halves of guidance; f_p has no pixels
-            adapters_on_uncond=f.flag("adapters_on_uncond", True), pixel_features=f.flag("pixel_features", False))
+            # files written before these fields: the adapters act on both halves of guidance, from the first step; f_p
+            # has no pixels
+            adapters_on_uncond=f.flag("adapters_on_uncond", True), pixel_features=f.flag("pixel_features", False),
+            start_percent=f.float("start_percent", 0.0))
     except ValueError as e:
         if isinstance(e, FormatError):
             raise

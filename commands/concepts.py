@@ -130,7 +130,7 @@ def load(spec: ConceptSpec, model, args, device, shared: dict) -> Loaded:
 
     if spec.kind == "images":
         from ..backend.imageio import read_images_and_masks
-        from ..hosts.diffusers.instantbooth import InstantBoothHooks, condition_with_concept, encode_images
+        from ..hosts.diffusers.instantbooth import condition_with_concept, encode_images, sampling_hooks
 
         ib, vision = shared["instantbooth"](), shared["vision"]()
         images, masks = read_images_and_masks(spec.path)
@@ -141,8 +141,7 @@ def load(spec: ConceptSpec, model, args, device, shared: dict) -> Loaded:
         enabled = ib.config.layout.select(skip_levels=args.skip_levels)
 
         def hooks(region=None):
-            return InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled,
-                                     cond_only=not ib.config.adapters_on_uncond, region=region)
+            return sampling_hooks(model, ib, concept.f_p, beta, enabled, region, args.start_percent, args.end_percent)
         composite = hooks()
         composite.remove()  # on only while its own region's prediction is computed
         return Loaded(concept.identifier, ib.config.subject_nouns(),

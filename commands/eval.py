@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..toyworld.evaluate import __doc__ as METRICS, evaluate, merge, paired, to_markdown
 from . import threads
-from .args import Parser, finite_float, int_range, learning_rate, nonneg_int
+from .args import Parser, finite_float, fraction, int_range, learning_rate, nonneg_int
 
 
 def parse_args(argv=None):
@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=finite_float, help="InstantBooth's adapter weight β instead of the shipped file's")
     p.add_argument("--alpha", type=finite_float,
                    help="InstantBooth's concept-token weight α instead of the shipped file's")
+    p.add_argument("--start-percent", type=fraction,
+                   help="the share of sampling after which InstantBooth's adapters act (0: from the first step) "
+                        "instead of the file's")
     p.add_argument("--adapters-on-uncond", choices=("yes", "no"),
                    help="InstantBooth's adapters on the unconditional half of guidance too (yes: files before "
                         "issue #30) or on the conditional half only (no), instead of the file's setting")
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
             env.instantbooth = load_instantbooth(args.instantbooth, family="toy", ctx_dim=env.base.ctx_dim).eval()
             env.instantbooth.config.extra["file"] = str(args.instantbooth)
         ib = env.instantbooth
-        for key in ("beta", "alpha"):
+        for key in ("beta", "alpha", "start_percent"):
             if getattr(args, key) is not None:
                 setattr(ib.config, key, getattr(args, key))
         if args.adapters_on_uncond is not None:
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
         raise FileExistsError(f"{table} exists; pass --update to add rows to it, --overwrite to replace it, or "
                               f"choose another --out")
     result = evaluate(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
-                      args.steps, {"beta": args.beta, "alpha": args.alpha, "instantbooth": args.instantbooth,
+                      args.steps, {"beta": args.beta, "alpha": args.alpha, "start_percent": args.start_percent,
+                                   "instantbooth": args.instantbooth,
                                    "adapters_on_uncond": None if args.adapters_on_uncond is None else
                                    args.adapters_on_uncond == "yes", "e4t_lr": args.e4t_lr, "e4t": args.e4t},
                       args.dev, args.split, args.context_draw)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import threads
-from .args import Parser, finite_float, int_range, nonneg_float, nonneg_int
+from .args import Parser, finite_float, fraction, int_range, nonneg_float, nonneg_int
 from .concept_files import checked_prompt, class_noun_of, default_instantbooth, lora_context, subject_nouns
 
 
@@ -63,6 +63,10 @@ def parse_args(argv=None):
                                                         "'toy' default")
     p.add_argument("--alpha", type=finite_float, help="InstantBooth: concept-token scale α (default: the file's)")
     p.add_argument("--beta", type=finite_float, help="InstantBooth: adapter weight β (default: the file's)")
+    p.add_argument("--start-percent", type=fraction,
+                   help="InstantBooth: the share of sampling after which the adapters act (default: the file's)")
+    p.add_argument("--end-percent", type=fraction, default=1.0,
+                   help="InstantBooth: the share of sampling after which they stop (default 1: to the last step)")
     p.add_argument("--skip-levels", type=nonneg_int, nargs="*", default=[],
                    help="InstantBooth: resolution levels without adapters")
     p.add_argument("--embedding", help="a textual-inversion embedding (quick-tune's NAME.safetensors, E4T's stock "
@@ -117,7 +121,8 @@ def parse_args(argv=None):
         p.error(f"{' and '.join(sources)} each give the identifier its meaning; pass one of them (a --lora goes "
                 f"with any)")
     if not args.images and not any(c.kind == "images" for c in args.concept):
-        given = [f"--{n.replace('_', '-')}" for n in ("instantbooth", "alpha", "beta") if getattr(args, n) is not None]
+        given = [f"--{n.replace('_', '-')}" for n in ("instantbooth", "alpha", "beta", "start_percent")
+                 if getattr(args, n) is not None] + (["--end-percent"] if args.end_percent != 1.0 else [])
         if given or args.skip_levels:
             p.error(f"{', '.join(given or ['--skip-levels'])} belong(s) to InstantBooth, which needs --images")
     if Path(args.out).suffix.lower() != ".png":
@@ -256,7 +261,7 @@ def _sample_sdxl_embeds(model, cond, uncond, args, guidance):
 def _generate_instantbooth(model, args, guidance: float, device) -> torch.Tensor:
     from ..backend.imageio import read_images_and_masks
     from ..backend.instantbooth import load_instantbooth
-    from ..hosts.diffusers.instantbooth import InstantBoothHooks, condition_with_concept, encode_images, encode_prompt
+    from ..hosts.diffusers.instantbooth import condition_with_concept, encode_images, encode_prompt, sampling_hooks
     from ..hosts.diffusers.sampling import sample
     from .models import load_vision
 
@@ -268,7 +273,9 @@ def _generate_instantbooth(model, args, guidance: float, device) -> torch.Tensor
     prompt = checked_prompt(model, args, concept.identifier, ib.config.subject_nouns())
     alpha = ib.config.alpha if args.alpha is None else args.alpha
     beta = ib.config.beta if args.beta is None else args.beta
-    log.info("prompt: %s  (α=%.2f, β=%.2f, %d image(s))", prompt, alpha, beta, len(images))
+    start = ib.config.start_percent if args.start_percent is None else args.start_percent
+    log.info("prompt: %s  (α=%.2f, β=%.2f, adapters from %.2f to %.2f of sampling, %d image(s))", prompt, alpha, beta,
+             start, args.end_percent, len(images))
     loras = [lora_context(path, model, args.lora_strength)[0] for path in args.lora]
     with ExitStack() as stack:
         for make in loras:
@@ -279,15 +286,15 @@ def _generate_instantbooth(model, args, guidance: float, device) -> torch.Tensor
                                       prompt, concept, alpha)
         uncond = encode_prompt(model.text_encoder, model.tokenizer, args.negative_prompt)
         enabled = ib.config.layout.select(skip_levels=args.skip_levels)
-        cond_only = not ib.config.adapters_on_uncond  # the file says whether guidance scales the identity too
-        with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled, cond_only=cond_only):
+        with sampling_hooks(model, ib, concept.f_p, beta, enabled, start_percent=args.start_percent,
+                            end_percent=args.end_percent):
             return sample(model, cond.expand(args.num_images, -1, -1), uncond, args.seed, args.steps, guidance,
                           height=args.height, width=args.width)
 
 
 def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance):
     from ..backend.identifier import inject_concept
-    from ..hosts.diffusers.instantbooth import InstantBoothHooks, identifier_rows
+    from ..hosts.diffusers.instantbooth import identifier_rows, sampling_hooks
 
     pipe = _sdxl_pipe(model)
     pe, npe, pooled, npooled = pipe.encode_prompt(prompt, negative_prompt=args.negative_prompt,
@@ -297,8 +304,8 @@ def _generate_sdxl(model, ib, concept, prompt, args, alpha, beta, guidance):
         raise ValueError("SDXL's two tokenizers place the identifier differently; use a plain single-token identifier")
     pe = inject_concept(pe, rows, concept.f_c, alpha)
     enabled = ib.config.layout.select(skip_levels=args.skip_levels)
-    with InstantBoothHooks(model.unet, ib, concept.f_p, beta, enabled,
-                           cond_only=not ib.config.adapters_on_uncond), torch.no_grad():
+    with sampling_hooks(model, ib, concept.f_p, beta, enabled, start_percent=args.start_percent,
+                        end_percent=args.end_percent), torch.no_grad():
         out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
                    negative_pooled_prompt_embeds=npooled, num_inference_steps=args.steps,
                    height=args.height, width=args.width,

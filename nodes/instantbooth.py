@@ -103,7 +103,9 @@ class InstantBoothApply(io.ComfyNode):
                                        "was chosen at; the paper's is 0.3, the toy file's 1.0). Lower keeps more of "
                                        "the prompt, higher more of the subject."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Sampling progress at which the adapters start."),
+                               tooltip="Sampling progress at which the adapters start. A file records the value it "
+                                       "was chosen at, which `boothkit generate` uses (the toy file's: 0.2, as in "
+                                       "the toy templates); here it is what you set."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Sampling progress at which the adapters stop."),
                 io.String.Input("skip_levels", default="",

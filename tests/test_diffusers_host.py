@@ -2,7 +2,7 @@ import pytest
 import torch
 from tiny_models import tiny_clip_text, tiny_clip_vision, tiny_tokenizer, tiny_unet
 
-from boothkit.backend.instantbooth import InstantBooth, InstantBoothConfig
+from boothkit.backend.instantbooth import InstantBooth, InstantBoothConfig, timestep_window
 from boothkit.hosts.diffusers.instantbooth import (InstantBoothHooks, adapter_layout, condition_with_concept,
                                                    encode_images, encode_prompt)
 
@@ -80,6 +80,39 @@ def test_skipping_levels_changes_only_those_blocks():
     with InstantBoothHooks(unet, ib, f_p, 0.5, enabled=lay.select(skip_levels=[0])) as hooks:
         assert not torch.equal(run(unet, 32), base)
         assert [kv is not None for kv in hooks.kv] == [False, True, False, False], "only level 1 keeps its adapter"
+
+
+def test_the_adapters_act_only_inside_their_timestep_window():
+    """start/end percent as ComfyUI counts them (progress p = timestep (1 - p)(T - 1)): outside the window the UNet's
+    output is the plain one bit for bit, inside it the output of hooks without a window."""
+    assert timestep_window(0.0, 1.0, 1000) is None, "the whole of sampling needs no window"
+    assert timestep_window(0.2, 1.0, 1000) == pytest.approx((0.0, 799.2))
+    assert timestep_window(0.25, 0.5, 1001) == pytest.approx((500.0, 750.0))
+    lo, hi = timestep_window(1.0, 1.0, 1000)
+    assert not any(lo <= t <= hi for t in range(1000)), "start = end: the adapters never act"
+    with pytest.raises(ValueError, match="start_percent 0.6 and end_percent 0.4"):
+        timestep_window(0.6, 0.4, 1000)
+    unet = tiny_unet()
+    ib = make_instantbooth(unet, 32, gate=0.8)
+    f_p = torch.randn(10, 32)
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+
+    def at(t):
+        with torch.no_grad():
+            return unet(x, torch.tensor(t), encoder_hidden_states=cond).sample
+
+    window = timestep_window(0.2, 1.0, 1000)
+    for t in (900, 800, 799, 10):
+        with InstantBoothHooks(unet, ib, f_p, 1.0):
+            everywhere = at(t)
+        with InstantBoothHooks(unet, ib, f_p, 1.0, window=window):
+            windowed = at(t)
+        if t > 799.2:
+            assert torch.equal(windowed, at(t)), f"t={t}: before the window the adapters add nothing"
+            assert not torch.equal(everywhere, at(t))
+        else:
+            assert torch.equal(windowed, everywhere), f"t={t}: inside the window the adapters act as without one"
 
 
 def test_mismatched_file_is_rejected():

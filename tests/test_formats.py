@@ -63,6 +63,8 @@ def rewrite(tmp_path, **changes):
     ("training", "[", "field 'training' is '[', expected JSON"),
     ("adapters_on_uncond", "maybe", "field 'adapters_on_uncond' is 'maybe', expected true or false"),
     ("pixel_features", "1", "field 'pixel_features' is '1', expected true or false"),
+    ("start_percent", "late", "field 'start_percent' is 'late', expected a number"),
+    ("start_percent", "1.5", "inconsistent metadata: start_percent is 1.5; expected a share of sampling in [0, 1)"),
 ])
 def test_every_metadata_error_names_file_field_found_expected(tmp_path, field, value, message):
     path = rewrite(tmp_path, **{field: value})
@@ -106,6 +108,13 @@ def test_not_safetensors_and_garbage(tmp_path):
         load_instantbooth(junk)
     with pytest.raises(FileNotFoundError):
         load_instantbooth(tmp_path / "nope.safetensors")
+
+
+def test_start_percent_round_trips_and_old_files_start_at_the_first_step(tmp_path):
+    ib = make()
+    ib.config.start_percent = 0.2
+    assert load_instantbooth(save_instantbooth(tmp_path / "s.safetensors", ib)).config.start_percent == 0.2
+    assert load_instantbooth(rewrite(tmp_path, start_percent=None)).config.start_percent == 0.0
 
 
 def test_pixel_features_round_trip_and_old_files_have_none(tmp_path):

@@ -60,15 +60,39 @@ def test_generate_with_the_toy_defaults_uses_the_shipped_instantbooth(tmp_path, 
     from boothkit.toyworld.store import verified
 
     c = load_instantbooth(verified("instantbooth.safetensors")).config
-    assert f"a photo of a sks cat on snow at night  (α={c.alpha:.2f}, β={c.beta:.2f}, 2 image(s))" in caplog.text, \
-        "the identifier is inserted and the file's α, β are used"
-    assert c.beta == 1.5, "the shipped file's β, chosen on the development identities"
+    assert (f"a photo of a sks cat on snow at night  (α={c.alpha:.2f}, β={c.beta:.2f}, adapters from "
+            f"{c.start_percent:.2f} to 1.00 of sampling, 2 image(s))") in caplog.text, \
+        "the identifier is inserted and the file's α, β and start are used"
+    assert (c.beta, c.start_percent) == (1.5, 0.2), "the shipped file's β and start, chosen on the development set"
+
+
+def test_generate_applies_the_adapters_in_the_share_of_sampling_asked_for(tmp_path):
+    """--start-percent / --end-percent reach the adapters: an empty share is exactly β 0 (the concept token alone),
+    and the shipped file's own start (0.2: the first of 10 steps, at t = 900, goes without) differs from starting at
+    the first step."""
+    from boothkit.backend.imageio import save_png
+    from boothkit.toyworld import domain
+
+    s = domain.identity_renders(domain.identities("heldout")[3], 1, 1)[0]
+    save_png(s.image, tmp_path / "0.png")
+
+    def image(*extra):
+        out = tmp_path / f"o{len(list(tmp_path.glob('o*.png')))}.png"
+        assert generate(["--images", str(tmp_path / "0.png"), "--prompt", "a photo of a cat on snow", "--steps", "10",
+                         "--out", str(out), *extra]) == 0
+        return np.asarray(Image.open(out))
+
+    assert np.array_equal(image("--start-percent", "0.5", "--end-percent", "0.5"), image("--beta", "0"))
+    assert not np.array_equal(image(), image("--start-percent", "0"))
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--images", "x", "--embedding", "e.safetensors"], "--images and --embedding each give the identifier"),
     (["--e4t-concept", "c.safetensors", "--embedding", "e.safetensors"], "--embedding and --e4t-concept"),
     (["--alpha", "0.5"], "--alpha belong(s) to InstantBooth, which needs --images"),
+    (["--start-percent", "0.3"], "--start-percent belong(s) to InstantBooth, which needs --images"),
+    (["--end-percent", "0.5"], "--end-percent belong(s) to InstantBooth, which needs --images"),
+    (["--images", "x", "--start-percent", "1.5"], "argument --start-percent: 1.5 is out of range"),
     (["--scale", "0"], "argument --scale: 0 is out of range"),
     (["--out", "x.jpg"], "give a .png file"),
 ])
@@ -170,7 +194,8 @@ def test_generate_on_sdxl_goes_through_the_sdxl_pipeline_with_the_concept(tmp_pa
     images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     masks = torch.ones(2, 1, 40, 40)
     concept = ib.encode(*encode_images(vision, images, masks, ib))
-    args = Namespace(height=None, width=None, negative_prompt="", skip_levels=[], steps=2, num_images=1, seed=1)
+    args = Namespace(height=None, width=None, negative_prompt="", skip_levels=[], steps=2, num_images=1, seed=1,
+                     start_percent=None, end_percent=1.0)
 
     def run(alpha, beta):
         return _generate_sdxl(model, ib, concept, "a photo of sks cat on grass", args, alpha, beta, 5.0)

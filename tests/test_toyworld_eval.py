@@ -409,6 +409,8 @@ def test_shipped_instantbooth_file_is_in_the_manifest_and_carries_its_config():
                 **ib.config.extra["settings"]}
     after = set(re.findall(r"then set (\w+)", entry["reproduce"]))
     assert {k: settings[k] for k in toml if k not in after} == {k: v for k, v in toml.items() if k not in after}
+    assert (ib.config.beta, ib.config.start_percent) == (toml["beta_inference"], toml["start_percent_inference"]), \
+        "the sampling settings the config names are the file's"
 
 
 def test_the_old_random_context_draw_stays_available_for_old_tables():

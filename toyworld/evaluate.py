@@ -121,6 +121,7 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
              seed: int, steps: int, overrides: dict | None = None, dev: bool = False, split: str = "heldout",
              context_draw: str = "halves") -> dict:
     """``overrides`` replace the shipped files' inference defaults: ``beta`` / ``alpha`` (InstantBooth's β / α),
+    ``start_percent`` (the share of sampling after which InstantBooth's adapters act),
     ``adapters_on_uncond`` (InstantBooth's adapters on the unconditional half of guidance too, or not),
     ``instantbooth`` (another InstantBooth file), ``e4t_lr`` (E4T's tune learning rate), ``e4t`` (another pre-trained
     E4T file, e.g. a new run's); the table records them."""
@@ -136,7 +137,7 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
         from ..backend.instantbooth import load_instantbooth
 
         env.instantbooth = load_instantbooth(overrides["instantbooth"], family="toy", ctx_dim=env.base.ctx_dim).eval()
-    for key in ("beta", "alpha", "adapters_on_uncond"):
+    for key in ("beta", "alpha", "adapters_on_uncond", "start_percent"):
         if key in overrides and env.instantbooth is not None:
             setattr(env.instantbooth.config, key, overrides[key])
     if "e4t" in overrides:

@@ -114,7 +114,7 @@ def instantbooth_concept(token: bool = True, adapters: bool = True):
     ``token=False`` keeps the identifier's own text encoding (no concept token; ours: the adapters alone);
     ``adapters=False`` is the paper's "w/o adapter" ablation at inference (β = 0: the concept token alone)."""
     def method(env: ToyEnv, subject, seed: int) -> Personalized:
-        from ..hosts.diffusers.instantbooth import InstantBoothHooks, condition_with_concept, encode_images
+        from ..hosts.diffusers.instantbooth import condition_with_concept, encode_images, sampling_hooks
 
         ib = env.instantbooth
         if ib is None:
@@ -133,8 +133,7 @@ def instantbooth_concept(token: bool = True, adapters: bool = True):
 
         @contextmanager
         def applied(region=None):
-            with InstantBoothHooks(env.base.unet, ib, concept.f_p, beta, cond_only=not ib.config.adapters_on_uncond,
-                                   region=region):
+            with sampling_hooks(env.base, ib, concept.f_p, beta, region=region):
                 yield env.base.unet
         return Personalized(lambda prompts, identifier: inject(env.encode(prompts), prompts, identifier), applied,
                             inject=inject)

@@ -25,7 +25,8 @@ from ..backend.instantbooth import InstantBooth, InstantBoothConfig
 from ..backend.preprocess import TrainAugment, prepare_concept_images
 from ..backend.regions import block_grid
 from ..backend.identifier import find_identifier_rows
-from ..hosts.diffusers.instantbooth import InstantBoothHooks, adapter_layout, encode_prompt, tokenize_chunks
+from ..hosts.diffusers.instantbooth import (InstantBoothHooks, adapter_layout, encode_prompt, sampling_hooks,
+                                             tokenize_chunks)
 from ..hosts.diffusers.loading import SDModel
 from .data import LatentTargets
 from .frozen import freeze_base
@@ -46,6 +47,7 @@ class InstantBoothSettings:
     beta: float = 1.0  # adapter weight while training
     alpha_inference: float = 0.4  # written into the file as the defaults for sampling
     beta_inference: float = 0.3
+    start_percent_inference: float = 0.0  # ours: the adapters act from this share of sampling on (written into the file)
     crop_margin: float = 0.1
     background: float = 0.0
     augment: bool = True
@@ -93,7 +95,8 @@ class InstantBoothTraining:
             layout=adapter_layout(model.unet), family=model.family, identifier=s.identifier,
             class_noun=s.class_nouns[0] if s.class_nouns else s.category, alpha=s.alpha_inference,
             beta=s.beta_inference, image_size=int(vc.image_size), crop_margin=s.crop_margin, background=s.background,
-            adapters_on_uncond=s.adapters_on_uncond, pixel_features=s.pixel_features)
+            adapters_on_uncond=s.adapters_on_uncond, pixel_features=s.pixel_features,
+            start_percent=s.start_percent_inference)
         if s.augment_order not in ("after_crop", "before_crop"):
             raise ValueError(f"augment_order is {s.augment_order!r}; expected after_crop (the paper) or before_crop")
         self.ib = InstantBooth(config)
@@ -249,8 +252,7 @@ class InstantBoothTraining:
                     cond = inject_concept(text, torch.nonzero(rows[0]).flatten().tolist(), f_c[0],
                                           self.ib.config.alpha)
                     uncond = encode_prompt(self.model.text_encoder, self.model.tokenizer, "")
-                    with InstantBoothHooks(self.model.unet, self.ib, f_p[0], self.ib.config.beta,
-                                           cond_only=not self.ib.config.adapters_on_uncond):
+                    with sampling_hooks(self.model, self.ib, f_p[0], self.ib.config.beta):
                         img = sample(self.model, cond, uncond, seed=k, steps=self.s.sample_steps,
                                      guidance=self.s.sample_guidance)
                     row.append(F.interpolate(img, size=row[0].shape[-2:], mode="bilinear")[0] if img.shape[-1] !=

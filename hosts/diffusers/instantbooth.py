@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from ...backend.identifier import find_identifier_rows, inject_concept
-from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth
+from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth, timestep_window
 from ...backend.preprocess import prepare_concept_images
 from ...backend.regions import check_mask, token_mask
 
@@ -57,11 +57,14 @@ class InstantBoothHooks:
     Keys/values of f_p are computed once here and reused at every denoising step."""
 
     def __init__(self, unet, instantbooth: InstantBooth, f_p: torch.Tensor | None, beta: float,
-                 enabled: Sequence[bool] | None = None, cond_only: bool = False, region: torch.Tensor | None = None):
+                 enabled: Sequence[bool] | None = None, cond_only: bool = False, region: torch.Tensor | None = None,
+                 window: tuple[float, float] | None = None):
         """``cond_only``: the batch is [unconditional; conditional] halves (hosts.sampling's layout) and the adapters
         act on the conditional half only (InstantBoothConfig.adapters_on_uncond = False). ``region``: [H, W] in
         [0, 1] (backend.regions): the adapter term acts only on the tokens inside it, at every block's resolution;
-        several concepts in one image are several hooks, each with its own region (None: the whole image)."""
+        several concepts in one image are several hooks, each with its own region (None: the whole image).
+        ``window``: (lo, hi) timesteps (backend.instantbooth.timestep_window): the adapters act only while the UNet
+        runs at a timestep in it (None: every step)."""
         layout = adapter_layout(unet)
         want = instantbooth.config.layout
         if (layout.dims, layout.depths) != (want.dims, want.depths):
@@ -71,7 +74,9 @@ class InstantBoothHooks:
         self.instantbooth, self.beta, self.cond_only = instantbooth, float(beta), bool(cond_only)
         self.region = None if region is None else check_mask(region)
         self._token_masks: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.window = window
         self._latent_size: tuple[int, int] | None = None  # the UNet's input [rows, columns], for the region's grid
+        self._timestep: float | None = None  # the UNet's timestep now, for the window
         self.enabled = list(enabled) if enabled is not None else [True] * len(layout)
         self.kv = [None] * len(layout)
         self.residuals: list | None = None  # a list: every block's (adapter term, y) is appended (training reads them)
@@ -90,8 +95,8 @@ class InstantBoothHooks:
         """Register the hooks (done on construction; again after ``remove()``)."""
         if self._handles:
             return
-        if self.region is not None:
-            self._handles.append(self.unet.register_forward_pre_hook(self._keep_latent_size, with_kwargs=True))
+        if self.region is not None or self.window is not None:
+            self._handles.append(self.unet.register_forward_pre_hook(self._keep_unet_input, with_kwargs=True))
         for i, (block, _, _) in enumerate(transformer_blocks(self.unet)):
             if self.beta == 0 or not self.enabled[i] or (self.region is not None and not bool(self.region.any())):
                 continue  # nothing to add: the UNet runs exactly as without the hooks
@@ -108,9 +113,11 @@ class InstantBoothHooks:
         self.kv = (self.instantbooth.patch_kv(f_p, self.enabled) if self.beta != 0
                    else [None] * len(self.enabled))
 
-    def _keep_latent_size(self, module, args, kwargs):
+    def _keep_unet_input(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self._latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        self._timestep = float(torch.as_tensor(timestep).flatten()[0])  # one timestep per batch while sampling
 
     @staticmethod
     def _keep_input(state):
@@ -128,6 +135,8 @@ class InstantBoothHooks:
         adapter = self.instantbooth.adapters[i]
 
         def hook(module, args, output):
+            if self.window is not None and not self.window[0] <= self._timestep <= self.window[1]:
+                return output
             # the block will compute output + x; the adapter sees y = attn1's output + x and adds its gated residual
             y = state["out"] + state["x"]
             if self.cond_only:
@@ -172,6 +181,18 @@ class InstantBoothHooks:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+def sampling_hooks(model, instantbooth: InstantBooth, f_p: torch.Tensor, beta: float,
+                   enabled: Sequence[bool] | None = None, region: torch.Tensor | None = None,
+                   start_percent: float | None = None, end_percent: float = 1.0) -> InstantBoothHooks:
+    """The hooks for sampling ``model`` (hosts.loading.SDModel) as the file says: its guidance setting
+    (``adapters_on_uncond``) and the share of sampling the adapters act in (``start_percent`` None: the file's)."""
+    c = instantbooth.config
+    start = c.start_percent if start_percent is None else start_percent
+    window = timestep_window(start, end_percent, model.scheduler.config.num_train_timesteps)
+    return InstantBoothHooks(model.unet, instantbooth, f_p, beta, enabled, cond_only=not c.adapters_on_uncond,
+                             region=region, window=window)
 
 
 def encode_images(vision_model, images: torch.Tensor, masks: torch.Tensor | None, instantbooth: InstantBooth):
