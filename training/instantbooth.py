@@ -47,7 +47,7 @@ class InstantBoothSettings:
     beta: float = 1.0  # adapter weight while training
     alpha_inference: float = 0.4  # written into the file as the defaults for sampling
     beta_inference: float = 0.3
-    start_percent_inference: float = 0.0  # ours: the adapters act from this share of sampling on (written into the file)
+    start_percent_inference: float = 0.0  # ours: the adapters act from this share of sampling on (into the file)
     crop_margin: float = 0.1
     background: float = 0.0
     augment: bool = True
