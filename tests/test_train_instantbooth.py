@@ -326,6 +326,30 @@ def test_issue_30_options_train_and_are_written_into_the_file(setup, tmp_path):
         train_main(common + ["--output-dir", str(tmp_path / "bad"), "--set", "method.augment_order=sideways"])
 
 
+def test_max_timestep_keeps_training_noise_low_and_the_start_goes_into_the_file(setup, tmp_path, monkeypatch):
+    """max_timestep 0.05: every timestep the run noises at (training and validation) is below 50 of the 1000;
+    start_percent_inference is the file's start_percent."""
+    from diffusers import DDPMScheduler
+
+    seen = []
+    add_noise = DDPMScheduler.add_noise
+
+    def recording(self, original, noise, timesteps):
+        seen.extend(timesteps.tolist())
+        return add_noise(self, original, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording)
+    root, cfg = setup
+    out = tmp_path / "low"
+    assert train_main(["instantbooth", "--config", str(cfg), "--output-dir", str(out), "--set",
+                       "method.max_timestep=0.05", "--set", "method.start_percent_inference=0.2"]) == 0
+    assert seen and max(seen) < 50, seen
+    assert load_instantbooth(out / "instantbooth.safetensors").config.start_percent == 0.2
+    with pytest.raises(ValueError, match="max_timestep is a share of the noise schedule in \\(0, 1\\], got 0"):
+        train_main(["instantbooth", "--config", str(cfg), "--output-dir", str(tmp_path / "bad"), "--set",
+                    "method.max_timestep=0"])
+
+
 def test_files_without_the_guidance_field_load_with_the_adapters_on_both_halves(setup, tmp_path):
     from boothkit.backend.files import write_safetensors
 

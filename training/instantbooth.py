@@ -48,6 +48,9 @@ class InstantBoothSettings:
     alpha_inference: float = 0.4  # written into the file as the defaults for sampling
     beta_inference: float = 0.3
     start_percent_inference: float = 0.0  # ours: the adapters act from this share of sampling on (into the file)
+    # ours: training timesteps uniform in [0, max_timestep · T) (1: the whole schedule, the paper); below 1 the
+    # adapters learn only the noise levels they act at when sampling starts them late (start_percent_inference)
+    max_timestep: float = 1.0
     crop_margin: float = 0.1
     background: float = 0.0
     augment: bool = True
@@ -97,6 +100,8 @@ class InstantBoothTraining:
             beta=s.beta_inference, image_size=int(vc.image_size), crop_margin=s.crop_margin, background=s.background,
             adapters_on_uncond=s.adapters_on_uncond, pixel_features=s.pixel_features,
             start_percent=s.start_percent_inference)
+        if not 0 < s.max_timestep <= 1:
+            raise ValueError(f"max_timestep is a share of the noise schedule in (0, 1], got {s.max_timestep}")
         if s.augment_order not in ("after_crop", "before_crop"):
             raise ValueError(f"augment_order is {s.augment_order!r}; expected after_crop (the paper) or before_crop")
         self.ib = InstantBooth(config)
@@ -194,7 +199,8 @@ class InstantBoothTraining:
 
         sched = self.model.scheduler
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(self.device)
+        hi = max(1, round(s.max_timestep * sched.config.num_train_timesteps))
+        t = torch.randint(0, hi, (b,), generator=generator).to(self.device)
         noisy = sched.add_noise(latents, noise, t)
         pred = self.model.unet(noisy, t, encoder_hidden_states=cond).sample
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
