@@ -169,13 +169,18 @@ class InstantBooth(nn.Module):
         return [a.patch_kv(f_p) if enabled is None or enabled[i] else None for i, a in enumerate(self.adapters)]
 
 
+def check_sampling_share(start_percent: float, end_percent: float) -> None:
+    """A share of sampling, as both hosts take it: 0 <= start <= end <= 1."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
+                         f"0 <= start <= end <= 1")
+
+
 def timestep_window(start_percent: float, end_percent: float, train_timesteps: int) -> tuple[float, float] | None:
     """The denoiser timesteps (lo, hi) at which the adapters act, for a share of sampling given as ComfyUI gives it
     (its ``percent_to_sigma``: progress p is timestep (1 - p)(T - 1)), so both hosts switch at the same step.
     None: every step."""
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise ValueError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
-                         f"0 <= start <= end <= 1")
+    check_sampling_share(start_percent, end_percent)
     if start_percent == 0.0 and end_percent == 1.0:
         return None
     if start_percent == end_percent:

@@ -19,7 +19,7 @@ import torch
 
 from ...backend.identifier import find_identifier_rows, inject_concept, insert_identifier
 from ...backend.regions import at_size, block_grid, box_mask, check_mask
-from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth
+from ...backend.instantbooth import AdapterLayout, Concept, InstantBooth, check_sampling_share
 from .common import model_family, model_name, model_text_width
 
 
@@ -262,9 +262,7 @@ def apply(model, booth_concept: BoothConcept, beta: float, start_percent: float 
     booth = booth_concept.booth
     beta = beta or booth.model.config.beta
     layout = check_model(booth, model)
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise ValueError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
-                         f"0 <= start <= end <= 1")
+    check_sampling_share(start_percent, end_percent)
     enabled = layout.select(skip_levels=parse_indices(skip_levels, "skip_levels"),
                             skip_blocks=parse_indices(skip_blocks, "skip_blocks"))
     m = model.clone()
