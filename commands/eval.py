@@ -63,8 +63,13 @@ def parse_args(argv=None):
                         "base instantbooth instantbooth-residual quicktune e4t-0 e4t-15")
     p.add_argument("--overwrite", action="store_true", help="replace the table already in --out")
     p.add_argument("--tables", nargs="+", metavar="FILE", help="eval.json files for --paired (distinct subjects)")
+    p.add_argument("--versus", nargs="+", metavar="FILE",
+                   help="with --paired: read B from these eval.json files, one per --tables file, of the same "
+                        "subjects and draw (the same method run two ways, e.g. two --instantbooth files)")
     threads.add_argument(p)
     args = p.parse_args(argv)
+    if args.versus and not args.paired:
+        p.error("--versus names the tables --paired reads B from; give --paired A B with it")
     if args.pairs:
         clash = [f"--{n.replace('_', '-')}" for n in ("update", "paired", "instantbooth_checks") if getattr(args, n)]
         if clash or args.split != "heldout":
@@ -113,10 +118,14 @@ def main(argv=None) -> int:
     threads.apply(args.threads)
     if args.paired:
         tables = [read_table(Path(f)) for f in args.tables or [Path(args.out) / "eval.json"]]
-        r = paired(tables, *args.paired)
-        print(f"{r['a']} against {r['b']}, paired over {r['subjects']} subjects: identity {r['identity_a']:.3f} vs "
+        versus = [read_table(Path(f)) for f in args.versus] if args.versus else None
+        r = paired(tables, *args.paired, versus=versus)
+        a, b = r["a"], r["b"]
+        if versus is not None:
+            b += f" ({', '.join(args.versus)})"
+        print(f"{a} against {b}, paired over {r['subjects']} subjects: identity {r['identity_a']:.3f} vs "
               f"{r['identity_b']:.3f}, difference {r['difference']:+.3f} ± {r['difference_se']:.3f} (standard error), "
-              f"{r['a']} above on {r['a_above']}")
+              f"{a} above on {r['a_above']}")
         print(json.dumps(r))
         return 0
     if args.instantbooth_checks:

@@ -174,3 +174,17 @@ def test_each_concept_token_goes_in_at_its_own_identifier(pack):
     keep = [i for i in range(77) if i not in (5, 9)]
     assert torch.equal(out[0][:, keep], cond[:, keep])
     assert host.with_identifier("a photo of a person", robot) == "a photo of a zwx person"
+
+
+def test_apply_refuses_a_reversed_share_and_adds_nothing_for_an_empty_one(pack):
+    _, _, host = pack
+    unet = comfy_like_unet()
+    model = FakeModel(unet, 32)
+    booth = host.BoothModel(InstantBooth(tiny_config(host.unet_adapter_layout(unet))), "t.safetensors")
+    concept = host.BoothConcept(Concept(torch.zeros(32), torch.randn(10, 32), "sks", "person", 2), booth)
+    with pytest.raises(ValueError, match=r"start_percent 0.6 and end_percent 0.4 must satisfy 0 <= start <= end"):
+        host.apply(model, concept, 0.3, start_percent=0.6, end_percent=0.4)
+    with pytest.raises(ValueError, match="start_percent -0.1"):
+        host.apply(model, concept, 0.3, start_percent=-0.1)
+    assert host.apply(model, concept, 0.3, 0.5, 0.5).model_options == model.model_options, "an empty share: no patch"
+    assert host.apply(model, concept, 0.3).model_options != model.model_options

@@ -321,6 +321,42 @@ def test_paired_compares_two_methods_subject_by_subject_over_tables(tmp_path, ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == r
 
 
+def test_paired_versus_compares_one_method_across_two_tables_of_the_same_subjects(tmp_path, capsys):
+    """Two files of one method write rows of one name; --versus reads B's row from the other table."""
+    from boothkit.toyworld.evaluate import paired
+
+    def table(ids, ib, seed=0, overrides=None):
+        return {"methods": {"instantbooth": {"identity_per_subject": ib}},
+                "settings": {"subject_ids": ids, "references": 3, "contexts": 4, "samples_per_prompt": 1,
+                             "seed": seed, "sample_steps": 25, "overrides": overrides}}
+
+    new = [table([1, 2], [0.7, 0.9], overrides={"instantbooth": "new.safetensors"}),
+           table([3, 4], [0.6, 0.5], overrides={"instantbooth": "new.safetensors"})]
+    old = [table([1, 2], [0.6, 0.6]), table([3, 4], [0.7, 0.2])]
+    r = paired(new, "instantbooth", "instantbooth", versus=old)
+    d = np.array([0.1, 0.3, -0.1, 0.3])
+    assert r["subjects"] == 4 and r["a_above"] == 3
+    assert r["difference"] == pytest.approx(d.mean()) and r["difference_se"] == pytest.approx(d.std(ddof=1) / 2)
+    assert paired(new, "instantbooth", "instantbooth")["difference"] == 0, "without versus a row meets itself"
+    with pytest.raises(ValueError, match="one table per --tables table"):
+        paired(new, "instantbooth", "instantbooth", versus=old[:1])
+    with pytest.raises(ValueError, match="same subjects and draw"):
+        paired(new, "instantbooth", "instantbooth", versus=[old[1], old[0]])
+    with pytest.raises(ValueError, match="same subjects and draw"):
+        paired(new[:1], "instantbooth", "instantbooth", versus=[table([1, 2], [0.6, 0.6], seed=1)])
+    files = {}
+    for name, t in (("new0", new[0]), ("new1", new[1]), ("old0", old[0]), ("old1", old[1])):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(t))
+    assert eval_main(["--paired", "instantbooth", "instantbooth", "--tables", str(files["new0"]), str(files["new1"]),
+                      "--versus", str(files["old0"]), str(files["old1"])]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == r and "old0.json" in out[0] and "+0.150" in out[0]
+    with pytest.raises(SystemExit):
+        eval_main(["--versus", str(files["old0"])])
+    assert "give --paired A B with it" in capsys.readouterr().err
+
+
 def test_table_and_development_contexts_are_disjoint_draws():
     for seed in (0, 1):
         table, dev = eval_contexts(25, seed), eval_contexts(25, seed, dev=True)

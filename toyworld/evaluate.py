@@ -245,28 +245,49 @@ def merge(old: dict, new: dict) -> dict:
     return {"methods": with_ratios(rows), "settings": old["settings"]}
 
 
-def paired(tables: list[dict], a: str, b: str) -> dict:
-    """Method ``a`` against ``b``, paired by subject over the subjects of all ``tables`` (eval.json results, e.g. the
-    held-out table and a ``--dev`` one): both means, the mean of the per-subject differences a − b with its standard
-    error (their standard deviation / √n), and on how many subjects a scores above b. The tables must not share a
-    subject and must be drawn alike (references, contexts, samples, seed, steps, overrides)."""
-    xs, ys, seen = [], [], set()
+def check_alike(tables: list[dict]) -> None:
     first = tables[0]["settings"]
     for t in tables:
         st = t["settings"]
         if any(st.get(k) != first.get(k) for k in SAMPLING) or st.get("overrides") != first.get("overrides"):
             raise ValueError(f"--paired needs tables drawn alike: {({k: st.get(k) for k in SAMPLING})} against "
                              f"{({k: first.get(k) for k in SAMPLING})}")
+
+
+def paired(tables: list[dict], a: str, b: str, versus: list[dict] | None = None) -> dict:
+    """Method ``a`` against ``b``, paired by subject over the subjects of all ``tables`` (eval.json results, e.g. the
+    held-out table and a ``--dev`` one): both means, the mean of the per-subject differences a − b with its standard
+    error (their standard deviation / √n), and on how many subjects a scores above b. The tables must not share a
+    subject and must be drawn alike (references, contexts, samples, seed, steps, overrides).
+
+    With ``versus`` (one table per table, of the same subjects and draw), ``b`` is read from those: the same method
+    run two ways (two InstantBooth files, two βs) is compared where its rows share a name."""
+    if versus is not None and len(versus) != len(tables):
+        raise ValueError(f"--versus needs one table per --tables table (the same subjects): {len(versus)} against "
+                         f"{len(tables)}")
+    xs, ys, seen = [], [], set()
+    check_alike(tables)
+    if versus is not None:
+        check_alike(versus)
+    for i, t in enumerate(tables):
+        st = t["settings"]
         if seen & set(st["subject_ids"]):
             raise ValueError(f"--paired counts each subject once: subjects {sorted(seen & set(st['subject_ids']))} "
                              f"are in two tables")
         seen |= set(st["subject_ids"])
-        missing = [m for m in (a, b) if m not in t["methods"]]
-        if missing:
-            raise ValueError(f"the table of subjects {st['subject_ids'][:3]}... has no row {missing[0]!r} "
-                             f"(it has {', '.join(t['methods'])})")
+        u = t if versus is None else versus[i]
+        if u is not t:
+            su = u["settings"]
+            if su["subject_ids"] != st["subject_ids"] or any(su.get(k) != st.get(k) for k in SAMPLING):
+                raise ValueError(f"--versus pairs tables of the same subjects and draw: subjects "
+                                 f"{su['subject_ids'][:3]}... {({k: su.get(k) for k in SAMPLING})} against "
+                                 f"{st['subject_ids'][:3]}... {({k: st.get(k) for k in SAMPLING})}")
+        for m, row in ((a, t), (b, u)):
+            if m not in row["methods"]:
+                raise ValueError(f"the table of subjects {row['settings']['subject_ids'][:3]}... has no row {m!r} "
+                                 f"(it has {', '.join(row['methods'])})")
         xs += t["methods"][a]["identity_per_subject"]
-        ys += t["methods"][b]["identity_per_subject"]
+        ys += u["methods"][b]["identity_per_subject"]
     x, y = np.array(xs), np.array(ys)
     d = x - y
     if len(d) < 2:
