@@ -245,13 +245,18 @@ def merge(old: dict, new: dict) -> dict:
     return {"methods": with_ratios(rows), "settings": old["settings"]}
 
 
+def sampling_of(settings: dict) -> dict:
+    """How a table was drawn: the settings that must agree for two tables' subjects to be compared."""
+    return {k: settings.get(k) for k in SAMPLING}
+
+
 def check_alike(tables: list[dict]) -> None:
+    """Tables pooled by --paired: drawn alike and run with the same overrides."""
     first = tables[0]["settings"]
     for t in tables:
         st = t["settings"]
-        if any(st.get(k) != first.get(k) for k in SAMPLING) or st.get("overrides") != first.get("overrides"):
-            raise ValueError(f"--paired needs tables drawn alike: {({k: st.get(k) for k in SAMPLING})} against "
-                             f"{({k: first.get(k) for k in SAMPLING})}")
+        if sampling_of(st) != sampling_of(first) or st.get("overrides") != first.get("overrides"):
+            raise ValueError(f"--paired needs tables drawn alike: {sampling_of(st)} against {sampling_of(first)}")
 
 
 def paired(tables: list[dict], a: str, b: str, versus: list[dict] | None = None) -> dict:
@@ -278,10 +283,10 @@ def paired(tables: list[dict], a: str, b: str, versus: list[dict] | None = None)
         u = t if versus is None else versus[i]
         if u is not t:
             su = u["settings"]
-            if su["subject_ids"] != st["subject_ids"] or any(su.get(k) != st.get(k) for k in SAMPLING):
+            if su["subject_ids"] != st["subject_ids"] or sampling_of(su) != sampling_of(st):
                 raise ValueError(f"--versus pairs tables of the same subjects and draw: subjects "
-                                 f"{su['subject_ids'][:3]}... {({k: su.get(k) for k in SAMPLING})} against "
-                                 f"{st['subject_ids'][:3]}... {({k: st.get(k) for k in SAMPLING})}")
+                                 f"{su['subject_ids'][:3]}... {sampling_of(su)} against "
+                                 f"{st['subject_ids'][:3]}... {sampling_of(st)}")
         for m, row in ((a, t), (b, u)):
             if m not in row["methods"]:
                 raise ValueError(f"the table of subjects {row['settings']['subject_ids'][:3]}... has no row {m!r} "
