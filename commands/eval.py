@@ -62,6 +62,10 @@ def parse_args(argv=None):
                         "instantbooth-residual (one pass, adapters masked); default: "
                         "base instantbooth instantbooth-residual quicktune e4t-0 e4t-15")
     p.add_argument("--overwrite", action="store_true", help="replace the table already in --out")
+    p.add_argument("--base-from", metavar="FILE",
+                   help="take the base row (and so the ratios to it) from this eval.json, of the same subjects and "
+                        "draw, instead of running the base model again (e.g. one --dev base table for many "
+                        "--instantbooth / --beta runs)")
     p.add_argument("--tables", nargs="+", metavar="FILE", help="eval.json files for --paired (distinct subjects)")
     p.add_argument("--versus", nargs="+", metavar="FILE",
                    help="with --paired: read B from these eval.json files, one per --tables file, of the same "
@@ -70,6 +74,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.versus and not args.paired:
         p.error("--versus names the tables --paired reads B from; give --paired A B with it")
+    if args.base_from and (args.update or args.paired or args.instantbooth_checks or args.pairs):
+        p.error("--base-from goes with a new table, not with --update, --paired, --instantbooth-checks or --pairs")
     if args.pairs:
         clash = [f"--{n.replace('_', '-')}" for n in ("update", "paired", "instantbooth_checks") if getattr(args, n)]
         if clash or args.split != "heldout":
@@ -159,12 +165,13 @@ def main(argv=None) -> int:
     elif table.exists() and not args.overwrite:
         raise FileExistsError(f"{table} exists; pass --update to add rows to it, --overwrite to replace it, or "
                               f"choose another --out")
+    base = read_table(Path(args.base_from)) if args.base_from else None
     result = evaluate(args.methods, args.subjects, args.references, args.contexts, args.samples, args.seed,
                       args.steps, {"beta": args.beta, "alpha": args.alpha, "start_percent": args.start_percent,
                                    "instantbooth": args.instantbooth,
                                    "adapters_on_uncond": None if args.adapters_on_uncond is None else
                                    args.adapters_on_uncond == "yes", "e4t_lr": args.e4t_lr, "e4t": args.e4t},
-                      args.dev, args.split, args.context_draw)
+                      args.dev, args.split, args.context_draw, None if base is None else (base, args.base_from))
     if old is not None:
         result = merge(old, result)
     write_tables(table, result, to_markdown, "nothing written (check --beta / --e4t-lr / --e4t)")

@@ -185,6 +185,13 @@ def test_eval_tables_are_read_before_the_evaluation(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"settings": {"subject_ids": [1, 2]}, "methods": {"a": {"identity_per_subject": [0.1]}}}))
     one_line_error(["eval", "--paired", "a", "b", "--tables", str(bad)], capsys, str(bad), "identity_per_subject")
+    one_line_error(["eval", "--methods", "instantbooth", "--base-from", str(bad), "--out", str(tmp_path / "b")],
+                   capsys, str(bad), "identity_per_subject")
+    one_line_error(["eval", "--methods", "instantbooth", "--base-from", str(tmp_path / "none.json"),
+                    "--out", str(tmp_path / "b")], capsys, "none.json", "no such table")
+    one_line_error(["eval", "--methods", "instantbooth", "--update", "--base-from", str(bad), "--out", str(out)],
+                   capsys, "--base-from", "--update")
+    assert not (tmp_path / "b").exists()
 
 
 def test_eval_refuses_to_write_non_finite_scores():

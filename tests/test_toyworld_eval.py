@@ -7,7 +7,7 @@ import torch
 
 from boothkit.toyworld import domain
 from boothkit.commands.eval import main as eval_main
-from boothkit.toyworld.evaluate import eval_contexts, make_subjects, prompts_for, to_markdown
+from boothkit.toyworld.evaluate import eval_contexts, make_subjects, prompts_for, ratio_se, to_markdown, with_ratios
 
 
 def test_subjects_are_held_out_and_deterministic():
@@ -67,6 +67,34 @@ def test_markdown_table_lists_every_method():
     assert all(line.count("|") == 11 for line in md.splitlines() if line.startswith("|"))
 
 
+def test_the_context_ratio_carries_its_paired_standard_error():
+    base = [0.10, 0.20, 0.30, 0.40]
+    assert ratio_se([0.09, 0.18, 0.27, 0.36], base) == pytest.approx(0.0), "a constant ratio has no error"
+    a = [0.10, 0.16, 0.30, 0.36]
+    r = np.mean(a) / np.mean(base)
+    d = np.array(a) - r * np.array(base)
+    assert ratio_se(a, base) == pytest.approx(d.std(ddof=1) / 2 / np.mean(base))
+    assert ratio_se([0.1], [0.2]) is None and ratio_se([0.1, 0.2], [0.2, 0.3, 0.4]) is None
+    rows = with_ratios({"base": {"context": 0.25, "context_per_subject": base},
+                        "instantbooth": {"context": float(np.mean(a)), "context_per_subject": a},
+                        "old": {"context": 0.2}})  # a row from before the per-subject margins
+    assert rows["instantbooth"]["context_vs_base"] == pytest.approx(r)
+    assert rows["instantbooth"]["context_vs_base_se"] == pytest.approx(ratio_se(a, base))
+    assert rows["base"]["context_vs_base_se"] is None and rows["old"]["context_vs_base_se"] is None
+
+
+def test_markdown_shows_the_context_ratio_error_and_says_what_it_is():
+    row = {"identity": 0.5, "identity_std": 0.1, "clip_i": 0.6, "clip_t": 0.29, "clip_t_vs_base": 0.97,
+           "context": 0.108, "context_std": 0.03, "context_vs_base": 0.942, "context_vs_base_se": 0.041,
+           "personalize_s": 0.02, "sample_s_per_image": 0.1}
+    result = {"settings": {"subjects": 2, "contexts": 1, "samples_per_prompt": 1, "references": 3, "seed": 0,
+                           "sample_steps": 5, "threads": 1}, "methods": {"instantbooth": row}}
+    md = to_markdown(result)
+    assert "| 0.108 ± 0.030 | 0.942 ± 0.041 |" in md and "standard error" in md
+    row["context_vs_base_se"] = None
+    assert "standard error" not in to_markdown(result)
+
+
 def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
     assert eval_main(["--methods", "base", "--subjects", "2", "--contexts", "1", "--samples", "1", "--steps", "3",
                       "--out", str(tmp_path)]) == 0
@@ -74,6 +102,8 @@ def test_eval_runs_end_to_end_on_the_base_model(tmp_path):
     row = result["methods"]["base"]
     assert -1 <= row["identity"] <= 1 and -1 <= row["clip_t"] <= 1 and row["clip_t_vs_base"] == 1.0
     assert -2 <= row["context"] <= 2 and row["context_std"] >= 0 and row["context_vs_base"] == 1.0
+    assert len(row["context_per_subject"]) == 2 and np.mean(row["context_per_subject"]) == pytest.approx(
+        row["context"], abs=1e-5)
     by_class = row["identity_by_class"]  # the first two held-out identities: one cat, one robot
     assert sorted(by_class) == ["cat", "robot"]
     assert sum(by_class.values()) / 2 == pytest.approx(row["identity"])
@@ -453,3 +483,29 @@ def test_the_old_random_context_draw_stays_available_for_old_tables():
     rng = np.random.default_rng(17)
     assert eval_contexts(3, 0, draw="random") == [domain.random_context(rng) for _ in range(3)]
     assert eval_contexts(3, 0, dev=True, draw="random") == eval_contexts(3, 0, draw="random")
+
+
+def test_base_from_lends_the_base_row_of_a_table_of_the_same_draw(tmp_path):
+    common = ["--subjects", "2", "--contexts", "1", "--samples", "1", "--steps", "2"]
+    assert eval_main(["--methods", "base", "--out", str(tmp_path / "base")] + common) == 0
+    base_table = str(tmp_path / "base" / "eval.json")
+    assert eval_main(["--methods", "instantbooth", "--beta", "0.5", "--base-from", base_table,
+                      "--out", str(tmp_path / "ib")] + common) == 0
+    base, ib = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("base", "ib"))
+    assert list(ib["methods"]) == ["base", "instantbooth"] and ib["methods"]["base"] == base["methods"]["base"]
+    row = ib["methods"]["instantbooth"]
+    assert row["context_vs_base"] == pytest.approx(row["context"] / base["methods"]["base"]["context"])
+    assert row["context_vs_base_se"] is not None and row["context_vs_base_se"] >= 0
+    assert ib["settings"]["base_from"] == base_table and ib["settings"]["overrides"] == {"beta": 0.5}
+    with pytest.raises(ValueError, match="same subjects and draw"):  # another seed: refused before scoring
+        eval_main(["--methods", "instantbooth", "--seed", "1", "--base-from", base_table,
+                   "--out", str(tmp_path / "s1")] + common)
+    assert not (tmp_path / "s1").exists()
+    with pytest.raises(ValueError, match="without base"):
+        eval_main(["--methods", "base", "instantbooth", "--base-from", base_table, "--out", str(tmp_path / "x")]
+                  + common)
+    no_base = {**ib, "methods": {"instantbooth": row}}
+    (tmp_path / "nobase.json").write_text(json.dumps(no_base))
+    with pytest.raises(ValueError, match="has no base row"):
+        eval_main(["--methods", "instantbooth", "--base-from", str(tmp_path / "nobase.json"),
+                   "--out", str(tmp_path / "y")] + common)

@@ -9,8 +9,9 @@ context   CLIP-T's margin on the context words alone: that cosine minus the mean
           context word changed; the class noun is in both, so it scores the context, not the subject's clarity
 time      seconds to personalize one concept (encoding or tuning), and seconds per generated image
 
-"± x" is the standard deviation over subjects of the per-subject means. Everything is seeded; the table is written
-as JSON and Markdown."""
+"± x" is the standard deviation over subjects of the per-subject means, except after a context / base ratio: there
+it is the ratio's standard error, paired with the base's rows subject by subject (``ratio_se``). Everything is
+seeded; the table is written as JSON and Markdown."""
 from __future__ import annotations
 
 import logging
@@ -107,20 +108,34 @@ def context_alternatives(subject: Subject, contexts) -> list[list[str]]:
             for ctx in contexts]
 
 
+def ratio_se(a: list[float], b: list[float]) -> float | None:
+    """Standard error of mean(a) / mean(b) over subjects measured on both (the delta method, paired: each subject's
+    a − R·b; the same contexts and seeds make a and b move together, so the paired error is the smaller one)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(a) != len(b) or b.mean() == 0:
+        return None
+    d = a - a.mean() / b.mean() * b
+    return float(d.std(ddof=1) / np.sqrt(len(d)) / abs(b.mean()))
+
+
 def with_ratios(rows: dict) -> dict:
-    """Each row's CLIP-T and context margin as a fraction of the base model's (the quality bar's figures)."""
+    """Each row's CLIP-T and context margin as a fraction of the base model's (the quality bar's figures), and the
+    context ratio's standard error where both rows have per-subject margins (tables from before have none)."""
     base = rows.get("base", {})
     for r in rows.values():
         for key in ("clip_t", "context"):
             ok = base.get(key) and r.get(key) is not None
             r[f"{key}_vs_base"] = r[key] / base[key] if ok else None
+        a, b = r.get("context_per_subject"), base.get("context_per_subject")
+        r["context_vs_base_se"] = None if r is base or not (a and b) else ratio_se(a, b)
     return rows
 
 
 def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts: int, samples_per_prompt: int,
              seed: int, steps: int, overrides: dict | None = None, dev: bool = False, split: str = "heldout",
-             context_draw: str = "halves") -> dict:
-    """``overrides`` replace the shipped files' inference defaults: ``beta`` / ``alpha`` (InstantBooth's β / α),
+             context_draw: str = "halves", base_from: tuple[dict, str] | None = None) -> dict:
+    """``base_from`` (a table and its name): its base row stands in for running the base model (``with_base``).
+    ``overrides`` replace the shipped files' inference defaults: ``beta`` / ``alpha`` (InstantBooth's β / α),
     ``start_percent`` (the share of sampling after which InstantBooth's adapters act),
     ``adapters_on_uncond`` (InstantBooth's adapters on the unconditional half of guidance too, or not),
     ``instantbooth`` (another InstantBooth file), ``e4t_lr`` (E4T's tune learning rate), ``e4t`` (another pre-trained
@@ -152,9 +167,20 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
         for name, ok in trained.items():
             if not ok:
                 log.warning("%s left out: the toy world has no trained %s file yet", name, name)
-    scorers = load_scorers()
     subjects = make_subjects(n_subjects, k_refs, seed, dev, split)
     contexts = eval_contexts(n_contexts, seed, dev, context_draw)
+    settings = {"subjects": n_subjects, "references": k_refs, "contexts": n_contexts,
+                "samples_per_prompt": samples_per_prompt, "seed": seed,
+                "subject_ids": [subj.identity.id for subj in subjects],
+                "sample_steps": steps, "threads": torch.get_num_threads(),
+                **({"dev": True} if dev else {}),
+                **({"split": split} if split != "heldout" else {}),
+                # contexts drawn from the table's or the development half of the domain's (eval_contexts)
+                **({"context_draw": context_draw} if context_draw != "random" else {}),
+                **({"overrides": overrides} if overrides else {})}
+    if base_from is not None:  # refused before the run, not after it
+        check_base(settings, methods, *base_from)
+    scorers = load_scorers()
     rows = {}
     from tqdm.auto import tqdm
 
@@ -186,17 +212,10 @@ def evaluate(methods: list[str] | None, n_subjects: int, k_refs: int, n_contexts
                       "identity_per_subject": [round(i, 4) for i in ids],
                       "clip_i": float(np.mean(clip_i)), "clip_t": float(np.mean(clip_t)),
                       "context": float(np.mean(context)), "context_std": float(np.std(context)),
+                      "context_per_subject": [round(c, 5) for c in context],
                       "personalize_s": float(np.mean(prep)), "sample_s_per_image": float(np.mean(per_image))}
-    return {"methods": with_ratios(rows),
-            "settings": {"subjects": n_subjects, "references": k_refs, "contexts": n_contexts,
-                         "samples_per_prompt": samples_per_prompt, "seed": seed,
-                         "subject_ids": [subj.identity.id for subj in subjects],
-                         "sample_steps": steps, "threads": torch.get_num_threads(),
-                         **({"dev": True} if dev else {}),
-                         **({"split": split} if split != "heldout" else {}),
-                         # contexts drawn from the table's or the development half of the domain's (eval_contexts)
-                         **({"context_draw": context_draw} if context_draw != "random" else {}),
-                         **({"overrides": overrides} if overrides else {})}}
+    result = {"methods": with_ratios(rows), "settings": settings}
+    return result if base_from is None else with_base(result, *base_from)
 
 
 def to_markdown(result: dict) -> str:
@@ -222,7 +241,11 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {name} | {r['identity']:.3f} ± {r['identity_std']:.3f} | {per_class(r)}{r['clip_i']:.3f} | "
                      f"{r['clip_t']:.3f} | {fmt(r.get('clip_t_vs_base'))} | "
                      f"{fmt(r.get('context'), r.get('context_std'))} | "
-                     f"{fmt(r.get('context_vs_base'))} | {r['personalize_s']:.2f} | {r['sample_s_per_image']:.3f} |")
+                     f"{fmt(r.get('context_vs_base'), r.get('context_vs_base_se'))} | {r['personalize_s']:.2f} | "
+                     f"{r['sample_s_per_image']:.3f} |")
+    if any(r.get("context_vs_base_se") is not None for r in result["methods"].values()):
+        lines += ["", "± is the spread over subjects, except after context / base: that ratio's standard error, "
+                      "paired with the base's rows subject by subject."]
     return "\n".join(lines) + "\n"
 
 
@@ -248,6 +271,27 @@ def merge(old: dict, new: dict) -> dict:
 def sampling_of(settings: dict) -> dict:
     """How a table was drawn: the settings that must agree for two tables' subjects to be compared."""
     return {k: settings.get(k) for k in SAMPLING}
+
+
+def check_base(settings: dict, methods: list[str] | None, other: dict, name: str) -> None:
+    """``other`` (table ``name``) can lend its base row to a run of ``settings``: same subjects and draw."""
+    so = other["settings"]
+    if methods is None or "base" in methods:
+        raise ValueError("--base-from reads the base row from another table; name --methods without base")
+    if "base" not in other["methods"]:
+        raise ValueError(f"{name} has no base row (it has {', '.join(other['methods'])})")
+    if so["subject_ids"] != settings["subject_ids"] or sampling_of(so) != sampling_of(settings) \
+            or so.get("dev") != settings.get("dev"):
+        raise ValueError(f"--base-from needs a table of the same subjects and draw: {name} has subjects "
+                         f"{so['subject_ids'][:3]}... {sampling_of(so)}, this run {settings['subject_ids'][:3]}... "
+                         f"{sampling_of(settings)}")
+
+
+def with_base(result: dict, other: dict, name: str) -> dict:
+    """``result`` with the base row of ``other`` (table ``name``), of the same subjects and draw: the base model takes
+    no override, so a run of one InstantBooth setting gets its ratios without running the base again."""
+    rows = {"base": other["methods"]["base"], **result["methods"]}
+    return {"methods": with_ratios(rows), "settings": {**result["settings"], "base_from": name}}
 
 
 def check_alike(tables: list[dict]) -> None:
