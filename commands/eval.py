@@ -132,6 +132,9 @@ def main(argv=None) -> int:
         print(f"{a} against {b}, paired over {r['subjects']} subjects: identity {r['identity_a']:.3f} vs "
               f"{r['identity_b']:.3f}, difference {r['difference']:+.3f} ± {r['difference_se']:.3f} (standard error), "
               f"{a} above on {r['a_above']}")
+        if "context_difference" in r:
+            print(f"context margin {r['context_a']:.4f} vs {r['context_b']:.4f}, difference "
+                  f"{r['context_difference']:+.4f} ± {r['context_difference_se']:.4f} (standard error)")
         print(json.dumps(r))
         return 0
     if args.instantbooth_checks:

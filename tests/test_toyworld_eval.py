@@ -368,6 +368,17 @@ def test_paired_versus_compares_one_method_across_two_tables_of_the_same_subject
     assert r["subjects"] == 4 and r["a_above"] == 3
     assert r["difference"] == pytest.approx(d.mean()) and r["difference_se"] == pytest.approx(d.std(ddof=1) / 2)
     assert paired(new, "instantbooth", "instantbooth")["difference"] == 0, "without versus a row meets itself"
+    assert "context_difference" not in r, "rows without per-subject context margins compare identity only"
+    for t, c in zip(new + old, ([0.10, 0.12], [0.14, 0.10], [0.12, 0.12], [0.13, 0.14])):
+        t["methods"]["instantbooth"]["context_per_subject"] = c
+    rc = paired(new, "instantbooth", "instantbooth", versus=old)
+    dc = np.array([-0.02, 0.0, 0.01, -0.04])
+    assert rc["context_a"] == pytest.approx(0.115) and rc["context_b"] == pytest.approx(0.1275)
+    assert rc["context_difference"] == pytest.approx(dc.mean())
+    assert rc["context_difference_se"] == pytest.approx(dc.std(ddof=1) / 2)
+    assert rc["difference"] == r["difference"]
+    del old[1]["methods"]["instantbooth"]["context_per_subject"]  # one table from before: no context comparison
+    assert "context_difference" not in paired(new, "instantbooth", "instantbooth", versus=old)
     with pytest.raises(ValueError, match="one table per --tables table"):
         paired(new, "instantbooth", "instantbooth", versus=old[:1])
     with pytest.raises(ValueError, match="same subjects and draw"):
@@ -381,7 +392,8 @@ def test_paired_versus_compares_one_method_across_two_tables_of_the_same_subject
     assert eval_main(["--paired", "instantbooth", "instantbooth", "--tables", str(files["new0"]), str(files["new1"]),
                       "--versus", str(files["old0"]), str(files["old1"])]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert json.loads(out[-1]) == r and "old0.json" in out[0] and "+0.150" in out[0]
+    assert json.loads(out[-1]) == paired(new, "instantbooth", "instantbooth", versus=old)
+    assert "old0.json" in out[0] and "+0.150" in out[0]
     with pytest.raises(SystemExit):
         eval_main(["--versus", str(files["old0"])])
     assert "give --paired A B with it" in capsys.readouterr().err

@@ -306,7 +306,8 @@ def check_alike(tables: list[dict]) -> None:
 def paired(tables: list[dict], a: str, b: str, versus: list[dict] | None = None) -> dict:
     """Method ``a`` against ``b``, paired by subject over the subjects of all ``tables`` (eval.json results, e.g. the
     held-out table and a ``--dev`` one): both means, the mean of the per-subject differences a − b with its standard
-    error (their standard deviation / √n), and on how many subjects a scores above b. The tables must not share a
+    error (their standard deviation / √n), and on how many subjects a scores above b; the same for the context margin
+    where both rows have it per subject. The tables must not share a
     subject and must be drawn alike (references, contexts, samples, seed, steps, overrides).
 
     With ``versus`` (one table per table, of the same subjects and draw), ``b`` is read from those: the same method
@@ -314,7 +315,7 @@ def paired(tables: list[dict], a: str, b: str, versus: list[dict] | None = None)
     if versus is not None and len(versus) != len(tables):
         raise ValueError(f"--versus needs one table per --tables table (the same subjects): {len(versus)} against "
                          f"{len(tables)}")
-    xs, ys, seen = [], [], set()
+    xs, ys, cxs, cys, seen = [], [], [], [], set()
     check_alike(tables)
     if versus is not None:
         check_alike(versus)
@@ -337,10 +338,18 @@ def paired(tables: list[dict], a: str, b: str, versus: list[dict] | None = None)
                                  f"(it has {', '.join(row['methods'])})")
         xs += t["methods"][a]["identity_per_subject"]
         ys += u["methods"][b]["identity_per_subject"]
+        ca, cb = t["methods"][a].get("context_per_subject"), u["methods"][b].get("context_per_subject")
+        cxs, cys = (cxs + ca, cys + cb) if cxs is not None and ca and cb else (None, None)
     x, y = np.array(xs), np.array(ys)
     d = x - y
     if len(d) < 2:
         raise ValueError("--paired needs at least two subjects")
-    return {"a": a, "b": b, "subjects": len(d), "identity_a": float(x.mean()), "identity_b": float(y.mean()),
-            "difference": float(d.mean()),
-            "difference_se": float(d.std(ddof=1) / np.sqrt(len(d))), "a_above": int((d > 0).sum())}
+    out = {"a": a, "b": b, "subjects": len(d), "identity_a": float(x.mean()), "identity_b": float(y.mean()),
+           "difference": float(d.mean()),
+           "difference_se": float(d.std(ddof=1) / np.sqrt(len(d))), "a_above": int((d > 0).sum())}
+    if cxs is not None:  # rows written since the per-subject context margins: the margin compared the same way
+        dc = np.array(cxs) - np.array(cys)
+        out |= {"context_a": float(np.mean(cxs)), "context_b": float(np.mean(cys)),
+                "context_difference": float(dc.mean()),
+                "context_difference_se": float(dc.std(ddof=1) / np.sqrt(len(dc)))}
+    return out

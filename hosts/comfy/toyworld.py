@@ -15,8 +15,7 @@ Nothing in ComfyUI is changed; its public classes are used or subclassed:
 - CLIP_VISION: ``comfy.clip_vision.ClipVisionModel`` from the toy CLIP's vision config.
 
 The base family is declared on the model config (``boothkit_family = "toy"``), which is how the pack's nodes accept
-the toy files for it and refuse them for any Stable Diffusion model (and the other way round).
-(Ported from the issue #26 prototype, /work/proto26/toy_comfy.py.)"""
+the toy files for it and refuse them for any Stable Diffusion model (and the other way round)."""
 from __future__ import annotations
 
 import json
