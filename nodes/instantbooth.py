@@ -100,7 +100,7 @@ class InstantBoothApply(io.ComfyNode):
                 ConceptType.Input("concept", tooltip=CONCEPT_TIP),
                 io.Float.Input("beta", default=0.0, min=0.0, max=2.0, step=0.01,
                                tooltip="β, the adapters' weight; 0 = the file's β (its trainer writes the value it "
-                                       "was chosen at; the paper's is 0.3, the toy file's 1.0). Lower keeps more of "
+                                       "was chosen at; the paper's is 0.3, the toy file's 1.5). Lower keeps more of "
                                        "the prompt, higher more of the subject."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Sampling progress at which the adapters start. A file records the value it "
