@@ -108,6 +108,12 @@ def context_alternatives(subject: Subject, contexts) -> list[list[str]]:
             for ctx in contexts]
 
 
+def mean_se(x) -> float:
+    """Standard error of the mean of ``x`` (its standard deviation / √n)."""
+    x = np.asarray(x, dtype=float)
+    return float(x.std(ddof=1) / np.sqrt(len(x)))
+
+
 def ratio_se(a: list[float], b: list[float]) -> float | None:
     """Standard error of mean(a) / mean(b) over subjects measured on both (the delta method, paired: each subject's
     a − R·b; the same contexts and seeds make a and b move together, so the paired error is the smaller one)."""
@@ -115,7 +121,7 @@ def ratio_se(a: list[float], b: list[float]) -> float | None:
     if len(a) < 2 or len(a) != len(b) or b.mean() == 0:
         return None
     d = a - a.mean() / b.mean() * b
-    return float(d.std(ddof=1) / np.sqrt(len(d)) / abs(b.mean()))
+    return mean_se(d) / abs(float(b.mean()))
 
 
 def with_ratios(rows: dict) -> dict:
@@ -346,10 +352,10 @@ def paired(tables: list[dict], a: str, b: str, versus: list[dict] | None = None)
         raise ValueError("--paired needs at least two subjects")
     out = {"a": a, "b": b, "subjects": len(d), "identity_a": float(x.mean()), "identity_b": float(y.mean()),
            "difference": float(d.mean()),
-           "difference_se": float(d.std(ddof=1) / np.sqrt(len(d))), "a_above": int((d > 0).sum())}
+           "difference_se": mean_se(d), "a_above": int((d > 0).sum())}
     if cxs is not None:  # rows written since the per-subject context margins: the margin compared the same way
         dc = np.array(cxs) - np.array(cys)
         out |= {"context_a": float(np.mean(cxs)), "context_b": float(np.mean(cys)),
                 "context_difference": float(dc.mean()),
-                "context_difference_se": float(dc.std(ddof=1) / np.sqrt(len(dc)))}
+                "context_difference_se": mean_se(dc)}
     return out
