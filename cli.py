@@ -14,6 +14,7 @@ COMMANDS = {
                                        "concept); the toy world by default"),
     "eval": (".commands.eval", "score methods on held-out toy-world identities (JSON + Markdown), or compare two over tables"),
     "train": (".commands.train", "train a method: `boothkit train instantbooth|e4t --config FILE`"),
+    "average": (".commands.average", "one InstantBooth file from the mean of several runs' weights (a model soup)"),
     "tune": (".commands.tune", "personalize from photos: quick-tune (embedding + LoRA) or E4T (`--method e4t`); prints "
                                "the generate command"),
     "bench": (".commands.bench", "benchmarks: `boothkit bench --help` lists them (overhead, train, tune, e4t, comfy-*)"),

@@ -3,7 +3,7 @@ with the layout that ties adapters to a denoiser's blocks (the InstantBooth pape
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -261,6 +261,28 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
         if isinstance(e, FormatError):
             raise
         raise FormatError(f"{path}: inconsistent metadata: {e}") from None
+
+
+def average_instantbooth(models: list[InstantBooth]) -> InstantBooth:
+    """The mean of several InstantBooth models' weights (ours, beyond the paper: a "model soup", Wortsman et al.
+    2022). Runs continued from one start with different seeds stay in one basin, so their mean keeps what they
+    share and averages out what each run's batches added. Every setting but the training record must be the same;
+    the result takes the first model's."""
+    if len(models) < 2:
+        raise ValueError(f"averaging needs at least two InstantBooth models, got {len(models)}")
+    first = instantbooth_metadata(models[0].config)
+    first.pop("training")
+    for i, m in enumerate(models[1:], 1):
+        other = instantbooth_metadata(m.config)
+        for key, value in first.items():
+            if other[key] != value:
+                raise ValueError(f"model {i} differs from model 0 in {key!r} ({other[key][:60]} against "
+                                 f"{value[:60]}): only files of one architecture and settings can be averaged")
+    out = InstantBooth(replace(models[0].config, extra=dict(models[0].config.extra)))
+    states = [m.state_dict() for m in models]
+    out.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+                         for k, v in states[0].items()})
+    return out
 
 
 def load_instantbooth(path: str | Path, family: str | None = None, ctx_dim: int | None = None) -> InstantBooth:
