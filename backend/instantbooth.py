@@ -265,9 +265,9 @@ def instantbooth_config_from_metadata(path, metadata: dict[str, str]) -> Instant
 
 def average_instantbooth(models: list[InstantBooth]) -> InstantBooth:
     """The mean of several InstantBooth models' weights (ours, beyond the paper: a "model soup", Wortsman et al.
-    2022). Meant for runs continued from one start with different seeds: on the toy world the mean of four such runs
-    read their mean identity at a context above each of them (docs/instantbooth_toy.md, section 18). Every setting
-    but the training record must be the same; the result takes the first model's."""
+    2022). Meant for runs continued from one start with different seeds: on the toy world's development set the mean
+    of four runs read their mean identity at a context above each of them (docs/instantbooth_toy.md, section 18).
+    Every setting but the training record must be the same; the result takes the first model's."""
     if len(models) < 2:
         raise ValueError(f"averaging needs at least two InstantBooth models, got {len(models)}")
     first = instantbooth_metadata(models[0].config)
