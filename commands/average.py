@@ -11,7 +11,6 @@ Example (two runs of one recipe, then the mean scored like any file):
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 from .args import Parser
@@ -30,20 +29,16 @@ def parse_args(argv=None):
     return args
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ..backend.files import refuse_existing
     from ..backend.instantbooth import average_instantbooth, load_instantbooth, save_instantbooth
+    from ..toyworld.store import sha256_file
 
     out = refuse_existing(args.output, args.overwrite)  # before loading anything
     models = [load_instantbooth(f) for f in args.files]
     mean = average_instantbooth(models)
-    mean.config.extra["averaged_from"] = [{"file": Path(f).name, "sha256": _sha256(f)} for f in args.files]
+    mean.config.extra["averaged_from"] = [{"file": Path(f).name, "sha256": sha256_file(f)} for f in args.files]
     save_instantbooth(out, mean)
     print(f"wrote {out}: the mean of {len(models)} InstantBooth files")
     return 0
